@@ -1,0 +1,1 @@
+//! Ready-made tool-using agents for troupe (empty until the agents issue lands).

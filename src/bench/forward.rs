@@ -1,0 +1,219 @@
+//! `troupe bench forward`: the ragged batched forward on one model, against
+//! candle-transformers' `quantized_llama` and against this machine's f32 GEMM
+//! ceiling, all in one run.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use candle_transformers::models::quantized_llama;
+
+use super::median;
+use crate::kv::{KvCache, KvDtype};
+use crate::model::{GgufFile, LoadOptions, Model, SeqInput, WeightsMode};
+use crate::sampling::argmax;
+use crate::Result;
+
+/// What the forward bench measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ForwardReport {
+    /// The model file.
+    pub model: String,
+    /// Weights mode asked for, and what it resolved to.
+    pub weights: String,
+    /// Threads of the rayon pool (f32 GEMM, attention).
+    pub threads: usize,
+    /// Single-sequence prefill of a 512-token prompt.
+    pub prefill_tok_s: f64,
+    /// Single-sequence decode of 128 tokens.
+    pub decode_tok_s: f64,
+    /// candle-transformers' `quantized_llama`, same decode.
+    pub reference_decode_tok_s: f64,
+    /// Batch size -> generated tokens/s, each sequence holding a 256-token cache.
+    pub batched_decode_tok_s: BTreeMap<usize, f64>,
+    /// f32 GEMM throughput on the model's MLP shape.
+    pub gemm_gflops: f64,
+    /// FLOPs of the linear layers per token.
+    pub flops_per_token: u64,
+    /// `gemm_gflops * 1e9 / flops_per_token`.
+    pub compute_ceiling_tok_s: f64,
+}
+
+/// Options of the bench.
+#[derive(Debug, Clone)]
+pub struct ForwardBench {
+    /// Prompt length of the prefill measure.
+    pub prefill_tokens: usize,
+    /// Tokens decoded in the single-sequence measure.
+    pub decode_tokens: usize,
+    /// Cache length of every sequence in the batched measure.
+    pub batch_context: usize,
+    /// Batch sizes of the batched measure.
+    pub batch_sizes: Vec<usize>,
+    /// Decode steps timed per batch size.
+    pub batch_steps: usize,
+}
+
+impl Default for ForwardBench {
+    fn default() -> Self {
+        Self {
+            prefill_tokens: 512,
+            decode_tokens: 128,
+            batch_context: 256,
+            batch_sizes: vec![1, 2, 4, 8, 16, 32, 64],
+            batch_steps: 6,
+        }
+    }
+}
+
+/// Deterministic ordinary-looking token ids (avoids the specials at the start).
+fn prompt(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| (1000 + i * 7919 % (vocab - 2000)) as u32).collect()
+}
+
+impl ForwardBench {
+    /// Runs every measure; `progress` receives one line per finished measure.
+    pub fn run(
+        &self,
+        path: &Path,
+        weights: WeightsMode,
+        mut progress: impl FnMut(&str),
+    ) -> Result<ForwardReport> {
+        let model = Model::load(path, LoadOptions { weights })?;
+        let cfg = model.config().clone();
+        let vocab = cfg.vocab_size;
+
+        // Prefill.
+        let p = prompt(self.prefill_tokens.min(cfg.context_length / 2), vocab);
+        let mut times = Vec::new();
+        for _ in 0..2 {
+            let mut cache = model.new_cache(KvDtype::F32);
+            let t = Instant::now();
+            model.forward(&mut [SeqInput {
+                tokens: &p,
+                cache: &mut cache,
+            }])?;
+            times.push(t.elapsed().as_secs_f64());
+        }
+        let prefill_tok_s = p.len() as f64 / median(&times);
+        progress(&format!("prefill {} tokens: {prefill_tok_s:.1} tok/s", p.len()));
+
+        // Single-sequence decode after a short prompt.
+        let short = prompt(16, vocab);
+        let decode_tok_s = {
+            let mut cache = model.new_cache(KvDtype::F32);
+            let logits = model.forward(&mut [SeqInput {
+                tokens: &short,
+                cache: &mut cache,
+            }])?;
+            let mut next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+            let t = Instant::now();
+            for _ in 0..self.decode_tokens {
+                let logits = model.forward(&mut [SeqInput {
+                    tokens: &[next],
+                    cache: &mut cache,
+                }])?;
+                next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+            }
+            self.decode_tokens as f64 / t.elapsed().as_secs_f64()
+        };
+        progress(&format!("decode {} tokens: {decode_tok_s:.1} tok/s", self.decode_tokens));
+
+        let reference_decode_tok_s = self.reference_decode(path, &short)?;
+        progress(&format!(
+            "candle-transformers quantized_llama decode: {reference_decode_tok_s:.1} tok/s"
+        ));
+
+        // Batched decode: one prefilled context forked into every sequence.
+        let ctx = prompt(self.batch_context, vocab);
+        let mut base = model.new_cache(KvDtype::F32);
+        model.forward(&mut [SeqInput {
+            tokens: &ctx,
+            cache: &mut base,
+        }])?;
+        let mut batched = BTreeMap::new();
+        for &b in &self.batch_sizes {
+            let mut caches: Vec<KvCache> = (0..b).map(|_| base.fork()).collect();
+            let mut next: Vec<u32> = (0..b).map(|i| (1000 + i * 31) as u32).collect();
+            let mut steps = Vec::new();
+            for _ in 0..self.batch_steps {
+                let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();
+                let mut seqs: Vec<SeqInput<'_>> = caches
+                    .iter_mut()
+                    .zip(&toks)
+                    .map(|(cache, t)| SeqInput { tokens: t, cache })
+                    .collect();
+                let t = Instant::now();
+                let logits = model.forward(&mut seqs)?;
+                let rows: Vec<Vec<f32>> = logits.to_vec2()?;
+                steps.push(t.elapsed().as_secs_f64());
+                next = rows.iter().map(|r| argmax(r)).collect();
+            }
+            let tok_s = b as f64 / median(&steps);
+            progress(&format!("batched decode, batch {b}: {tok_s:.1} tok/s"));
+            batched.insert(b, tok_s);
+        }
+
+        let gemm_gflops = gemm_gflops(cfg.hidden, cfg.intermediate)?;
+        let flops_per_token = cfg.flops_per_token();
+        let compute_ceiling_tok_s = gemm_gflops * 1e9 / flops_per_token as f64;
+        progress(&format!(
+            "f32 GEMM 256x{}x{}: {gemm_gflops:.1} GFLOP/s; {flops_per_token} FLOP/token; ceiling {compute_ceiling_tok_s:.1} tok/s",
+            cfg.hidden, cfg.intermediate
+        ));
+        Ok(ForwardReport {
+            model: path.display().to_string(),
+            weights: model.info().weights_chosen.clone(),
+            threads: rayon::current_num_threads(),
+            prefill_tok_s,
+            decode_tok_s,
+            reference_decode_tok_s,
+            batched_decode_tok_s: batched,
+            gemm_gflops,
+            flops_per_token,
+            compute_ceiling_tok_s,
+        })
+    }
+
+    /// candle-transformers' single-sequence decode on the same file and prompt.
+    fn reference_decode(&self, path: &Path, prompt: &[u32]) -> Result<f64> {
+        let mut file = GgufFile::open(path)?;
+        let content = std::mem::replace(&mut file.content, empty_content());
+        let mut reader = std::io::BufReader::new(std::fs::File::open(path)?);
+        let mut model = quantized_llama::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu)?;
+        let input = Tensor::new(prompt, &Device::Cpu)?.unsqueeze(0)?;
+        let logits = model.forward(&input, 0)?;
+        let mut next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+        let t = Instant::now();
+        for i in 0..self.decode_tokens {
+            let input = Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?;
+            let logits = model.forward(&input, prompt.len() + i)?;
+            next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+        }
+        Ok(self.decode_tokens as f64 / t.elapsed().as_secs_f64())
+    }
+}
+
+fn empty_content() -> candle_core::quantized::gguf_file::Content {
+    candle_core::quantized::gguf_file::Content {
+        magic: candle_core::quantized::gguf_file::VersionedMagic::GgufV3,
+        metadata: Default::default(),
+        tensor_infos: Default::default(),
+        tensor_data_offset: 0,
+    }
+}
+
+/// GFLOP/s of a plain f32 product `[256, k] x [k, n]`, median of several runs.
+pub fn gemm_gflops(k: usize, n: usize) -> Result<f64> {
+    let a = Tensor::randn(0f32, 1.0, (256, k), &Device::Cpu)?;
+    let b = Tensor::randn(0f32, 1.0, (k, n), &Device::Cpu)?;
+    let mut times = Vec::new();
+    for _ in 0..12 {
+        let t = Instant::now();
+        let c = a.matmul(&b)?;
+        std::hint::black_box(&c);
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(2.0 * 256.0 * k as f64 * n as f64 / median(&times[2..]) / 1e9)
+}

@@ -1,0 +1,118 @@
+//! The library's error type: one enum whose variants carry the facts a user needs
+//! to fix the problem (paths, sizes, names), so the CLI can print them as they are.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong in the troupe library.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No model file where one was expected.
+    #[error("model file not found at {path}: run `troupe model fetch` for the default model, or pass --model PATH / set TROUPE_MODEL")]
+    ModelNotFound {
+        /// Where we looked.
+        path: PathBuf,
+    },
+    /// The file does not start with the GGUF magic bytes.
+    #[error("{path} is not a GGUF file (its first bytes are {magic:02x?}, expected \"GGUF\")")]
+    NotGguf {
+        /// The file.
+        path: PathBuf,
+        /// Its first bytes.
+        magic: Vec<u8>,
+    },
+    /// The GGUF header parsed but the tensor data is shorter than the header says.
+    #[error("{path} is truncated: its tensors need {expected} bytes but the file has {actual}")]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// Bytes the header promises.
+        expected: u64,
+        /// Bytes on disk.
+        actual: u64,
+    },
+    /// The GGUF header itself could not be parsed.
+    #[error("{path} is not a valid GGUF file: {reason}")]
+    BadGguf {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        reason: String,
+    },
+    /// A model architecture this crate has no forward pass for.
+    #[error("unsupported model architecture `{arch}` (troupe runs: llama)")]
+    UnsupportedArchitecture {
+        /// `general.architecture` from the file.
+        arch: String,
+    },
+    /// A metadata key the model needs is missing or has the wrong type.
+    #[error("GGUF metadata `{key}`: {reason}")]
+    Metadata {
+        /// The key.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A weight tensor is missing or has an unexpected shape.
+    #[error("weight tensor `{name}`: {reason}")]
+    Tensor {
+        /// Tensor name in the GGUF.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// Building or running the tokenizer failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A token id that the vocabulary does not have.
+    #[error("token id {id} is outside the vocabulary (size {vocab_size})")]
+    TokenOutOfRange {
+        /// The offending id.
+        id: u32,
+        /// Vocabulary size.
+        vocab_size: usize,
+    },
+    /// The chat template could not be compiled or rendered.
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    /// A sequence would grow past the model's context window.
+    #[error("sequence of {needed} tokens exceeds the model's context of {context} tokens")]
+    ContextOverflow {
+        /// Tokens the sequence would hold.
+        needed: usize,
+        /// The model's context length.
+        context: usize,
+    },
+    /// A forward call that makes no sense (no sequences, a sequence with no new tokens…).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    /// A KV cache built for another model shape was passed to the forward.
+    #[error("KV cache layout {found} does not match the model's {expected}")]
+    CacheMismatch {
+        /// The model's layout.
+        expected: String,
+        /// The cache's layout.
+        found: String,
+    },
+    /// Fetching the default model failed.
+    #[error("model fetch: {0}")]
+    Fetch(String),
+    /// The downloaded file's checksum is not the expected one.
+    #[error("model fetch: SHA-256 mismatch for {file}: expected {expected}, got {actual}")]
+    HashMismatch {
+        /// File that was checked.
+        file: String,
+        /// Expected digest (hex).
+        expected: String,
+        /// Computed digest (hex).
+        actual: String,
+    },
+    /// A tensor operation failed inside candle.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+    /// A filesystem or process error.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// The library's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,32 @@
+//! troupe: a runtime for LLM agents built on actors.
+//!
+//! Each agent owns its conversation and its KV cache; one model actor per loaded
+//! model batches the agents' generation requests into a ragged batched forward.
+//!
+//! # Layout
+//! - [`model`]: GGUF loading, the llama-family ragged batched forward, tokenizer,
+//!   chat template, default-model fetch.
+//! - [`kv`]: the per-sequence [`KvCache`].
+//! - [`sampling`]: sampling parameters and the per-sequence sampler.
+//! - [`bench`]: the `troupe bench` measurements.
+//! - [`error`]: the library's [`Error`].
+//!
+//! # Invariants
+//! - A [`KvCache`] is owned by exactly one sequence; the forward borrows it mutably
+//!   and appends the keys and values of the new tokens.
+//! - A sequence's logits do not depend on which other sequences share its batch
+//!   (bitwise with a fixed [`WeightsMode`]).
+#![warn(missing_docs)]
+#![deny(clippy::unwrap_used)]
+
+pub mod bench;
+pub mod error;
+pub mod kv;
+pub mod model;
+pub mod sampling;
+
+pub use error::{Error, Result};
+pub use kv::{KvCache, KvDtype, KvLayout};
+pub use model::chat::{ChatTemplate, Message, Role};
+pub use model::tokenizer::{IncrementalDecoder, Tokenizer};
+pub use model::{Model, ModelInfo, SeqInput, WeightsMode};

@@ -1,0 +1,221 @@
+//! The `troupe` command line: model management, tokenizer and generation helpers,
+//! and benchmarks.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use troupe::bench::forward::ForwardBench;
+use troupe::model::fetch::{self, FetchOutcome};
+use troupe::model::{LoadOptions, Message, Model, WeightsMode};
+use troupe::sampling::{Sampler, SamplingParams};
+use troupe::{IncrementalDecoder, KvDtype};
+
+/// troupe: a Rust runtime for LLM agents built on actors.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// GGUF model file (default: the fetched SmolLM2-135M-Instruct).
+    #[arg(long, global = true, env = "TROUPE_MODEL")]
+    model: Option<PathBuf>,
+    /// How weights are stored and multiplied.
+    #[arg(long, global = true, value_enum, default_value_t = WeightsMode::Auto)]
+    weights: WeightsMode,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Fetch, locate and describe models.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Print the token ids of TEXT as a JSON array (with --decode: TEXT is a JSON
+    /// array of ids, printed back as text).
+    Tokenize {
+        /// Text to tokenize, or a JSON array of ids with --decode.
+        text: String,
+        /// Decode ids instead of encoding text.
+        #[arg(long)]
+        decode: bool,
+    },
+    /// Generate a reply to a prompt.
+    Generate {
+        /// The user message (or the raw prompt with --raw).
+        #[arg(long)]
+        prompt: String,
+        /// A system message.
+        #[arg(long)]
+        system: Option<String>,
+        /// Feed the prompt as is, without the chat template.
+        #[arg(long)]
+        raw: bool,
+        /// Most tokens to generate.
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        /// 0 is greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        /// Seed of the sampler.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Download the default model (SmolLM2-135M-Instruct, Q4_1) into the troupe home.
+    Fetch,
+    /// Print the resolved model file.
+    Path,
+    /// Describe the model: architecture, size, quantization, tokenizer, weights mode.
+    Info {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Prefill, decode and batched decode of the forward, against
+    /// candle-transformers and the machine's f32 GEMM ceiling.
+    Forward {
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let model_path = || -> anyhow::Result<PathBuf> { Ok(fetch::resolve_model_path(cli.model.as_deref())?) };
+    let load = || -> anyhow::Result<Model> {
+        let path = model_path()?;
+        Model::load(&path, LoadOptions { weights: cli.weights }).with_context(|| format!("loading {}", path.display()))
+    };
+    match &cli.command {
+        Command::Model(ModelCommand::Fetch) => match fetch::fetch_default_model()? {
+            FetchOutcome::AlreadyPresent(p) => println!("already present: {}", p.display()),
+            FetchOutcome::Fetched(p) => println!("fetched: {}", p.display()),
+        },
+        Command::Model(ModelCommand::Path) => println!("{}", model_path()?.display()),
+        Command::Model(ModelCommand::Info { json }) => {
+            let model = load()?;
+            let info = model.info();
+            if *json {
+                println!("{}", serde_json::to_string_pretty(info)?);
+            } else {
+                print_info(info);
+            }
+        }
+        Command::Tokenize { text, decode } => {
+            let model = load()?;
+            let tok = model.tokenizer();
+            if *decode {
+                let ids: Vec<u32> = serde_json::from_str(text).context("--decode expects a JSON array of token ids")?;
+                println!("{}", tok.decode(&ids)?);
+            } else {
+                println!("{}", serde_json::to_string(&tok.encode(text)?)?);
+            }
+        }
+        Command::Generate {
+            prompt,
+            system,
+            raw,
+            max_tokens,
+            temperature,
+            seed,
+        } => {
+            let model = load()?;
+            let text = if *raw {
+                prompt.clone()
+            } else {
+                let mut msgs = Vec::new();
+                if let Some(s) = system {
+                    msgs.push(Message::system(s));
+                }
+                msgs.push(Message::user(prompt));
+                model.chat_template().render(&msgs, true)?
+            };
+            let ids = model.tokenizer().encode_prompt(&text)?;
+            let mut sampler = Sampler::new(SamplingParams {
+                temperature: *temperature,
+                seed: *seed,
+                ..Default::default()
+            })?;
+            let mut cache = model.new_cache(KvDtype::F32);
+            let room = model.config().context_length.saturating_sub(ids.len());
+            if room == 0 {
+                bail!("the prompt has {} tokens, the model's context is {}", ids.len(), model.config().context_length);
+            }
+            let mut dec = IncrementalDecoder::new();
+            let mut out = std::io::stdout().lock();
+            model.generate(&mut cache, &ids, (*max_tokens).min(room), &mut sampler, |id| {
+                let piece = dec.push(model.tokenizer(), id)?;
+                out.write_all(piece.as_bytes())?;
+                out.flush()?;
+                Ok(())
+            })?;
+            writeln!(out, "{}", dec.finish())?;
+        }
+        Command::Bench(BenchCommand::Forward { json }) => {
+            let path = model_path()?;
+            let report = ForwardBench::default().run(&path, cli.weights, |line| eprintln!("{line}"))?;
+            print_forward(&report);
+            if let Some(j) = json {
+                std::fs::write(j, serde_json::to_string_pretty(&report)?)?;
+                eprintln!("wrote {}", j.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_info(info: &troupe::ModelInfo) {
+    let c = &info.config;
+    println!("file              {} ({:.1} MiB)", info.path.display(), info.file_bytes as f64 / (1 << 20) as f64);
+    println!("name              {}", info.name.as_deref().unwrap_or("-"));
+    println!("architecture      {}", info.architecture);
+    println!("parameters        {} ({:.1} M)", info.parameters, info.parameters as f64 / 1e6);
+    let types: Vec<String> = info.tensor_types.iter().map(|(t, n)| format!("{t} x{n}")).collect();
+    println!("tensor types      {}", types.join(", "));
+    println!("context length    {}", c.context_length);
+    println!("vocab size        {}", c.vocab_size);
+    println!(
+        "shape             {} layers, width {}, mlp {}, {} heads / {} kv heads of {}",
+        c.n_layers, c.hidden, c.intermediate, c.n_head, c.n_kv_head, c.head_dim
+    );
+    let tok = |t: &(u32, String)| format!("{} {:?}", t.0, t.1);
+    println!("bos               {}", info.bos.as_ref().map(tok).unwrap_or_else(|| "-".into()));
+    println!("eos               {}", info.eos.iter().map(tok).collect::<Vec<_>>().join(", "));
+    println!("pre-tokenizer     {}", info.pretokenizer);
+    println!("chat template     {}", if info.chat_template_embedded { "embedded" } else { "none (ChatML fallback)" });
+    println!("weights           {}", info.weights_chosen);
+}
+
+fn print_forward(r: &troupe::bench::forward::ForwardReport) {
+    println!("model              {}", r.model);
+    println!("weights            {}", r.weights);
+    println!("threads            {}", r.threads);
+    println!("prefill (512)      {:>8.1} tok/s", r.prefill_tok_s);
+    println!(
+        "decode (1 seq)     {:>8.1} tok/s   reference {:.1} tok/s  ({:.2}x)",
+        r.decode_tok_s,
+        r.reference_decode_tok_s,
+        r.decode_tok_s / r.reference_decode_tok_s
+    );
+    println!(
+        "f32 GEMM           {:>8.1} GFLOP/s, {} FLOP/token -> ceiling {:.1} tok/s",
+        r.gemm_gflops, r.flops_per_token, r.compute_ceiling_tok_s
+    );
+    println!("prefill / ceiling  {:>8.2}", r.prefill_tok_s / r.compute_ceiling_tok_s);
+    println!("batch   tok/s     / ceiling");
+    for (b, t) in &r.batched_decode_tok_s {
+        println!("{b:>5} {t:>8.1}   {:>8.2}", t / r.compute_ceiling_tok_s);
+    }
+}

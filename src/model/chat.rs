@@ -1,0 +1,489 @@
+//! Chat messages and chat-template rendering: this module owns the [`Message`] type
+//! and turns a conversation into the prompt text a model expects, by rendering the
+//! GGUF's own `tokenizer.chat_template` (a Hugging Face style Jinja template) with
+//! minijinja, or ChatML when the file carries no template.
+//!
+//! The environment is set up the way Hugging Face transformers compiles chat templates
+//! (`trim_blocks`, `lstrip_blocks`, loop controls, one trailing newline dropped), with
+//! Python string methods (`.strip()`, `.startswith()`, …) and the `raise_exception` and
+//! `strftime_now` globals that templates in the wild call, so a template renders here
+//! exactly as it does there.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use minijinja::{context, Environment, ErrorKind, Value};
+
+use crate::{Error, Result};
+
+/// The name the template is registered under in its environment; error messages quote it.
+const TEMPLATE_NAME: &str = "chat_template";
+
+/// The ChatML template used when a model ships none.
+const CHATML_TEMPLATE: &str = "{% for message in messages %}\
+{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}\
+{% endfor %}\
+{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// Who wrote a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Instructions that frame the conversation.
+    System,
+    /// The person (or program) talking to the model.
+    User,
+    /// The model itself.
+    Assistant,
+    /// The result of a tool call, fed back to the model.
+    Tool,
+}
+
+/// One turn of a conversation, as the chat template sees it (`message['role']`,
+/// `message['content']`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Message {
+    /// Who wrote it.
+    pub role: Role,
+    /// Its text.
+    pub content: String,
+}
+
+impl Message {
+    /// A message with the given role and text.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+        }
+    }
+
+    /// A system message.
+    pub fn system(content: impl Into<String>) -> Self {
+        Self::new(Role::System, content)
+    }
+
+    /// A user message.
+    pub fn user(content: impl Into<String>) -> Self {
+        Self::new(Role::User, content)
+    }
+
+    /// An assistant message.
+    pub fn assistant(content: impl Into<String>) -> Self {
+        Self::new(Role::Assistant, content)
+    }
+
+    /// A tool-result message.
+    pub fn tool(content: impl Into<String>) -> Self {
+        Self::new(Role::Tool, content)
+    }
+}
+
+/// A compiled chat template with the special tokens it may refer to.
+pub struct ChatTemplate {
+    /// Holds the compiled template (registered as [`TEMPLATE_NAME`]) and its globals.
+    env: Environment<'static>,
+    /// The template text, kept for [`ChatTemplate::source`].
+    source: String,
+    /// Passed to the template as `bos_token`.
+    bos_token: String,
+    /// Passed to the template as `eos_token`.
+    eos_token: String,
+}
+
+impl std::fmt::Debug for ChatTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChatTemplate")
+            .field("source", &self.source)
+            .field("bos_token", &self.bos_token)
+            .field("eos_token", &self.eos_token)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ChatTemplate {
+    /// Compile a template; a syntax error -> [`Error::ChatTemplate`] naming the problem.
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self> {
+        let mut env = Environment::new();
+        // Hugging Face compiles with ImmutableSandboxedEnvironment(trim_blocks=True,
+        // lstrip_blocks=True) and Jinja's default of dropping one trailing newline;
+        // templates are written against those rules.
+        env.set_trim_blocks(true);
+        env.set_lstrip_blocks(true);
+        env.set_keep_trailing_newline(false);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", raise_exception);
+        env.add_function("strftime_now", strftime_now);
+        env.add_template_owned(TEMPLATE_NAME, source.to_owned())
+            .map_err(|e| template_error("does not compile", &e))?;
+        Ok(Self {
+            env,
+            source: source.to_owned(),
+            bos_token: bos_token.to_owned(),
+            eos_token: eos_token.to_owned(),
+        })
+    }
+
+    /// The ChatML fallback: `<|im_start|>{role}\n{content}<|im_end|>\n` per message, and
+    /// `<|im_start|>assistant\n` as generation prompt.
+    pub fn chatml() -> Self {
+        // A constant template; the `chatml_*` tests compile and render it.
+        #[allow(clippy::expect_used)]
+        Self::new(CHATML_TEMPLATE, "", "<|im_end|>").expect("the built-in ChatML template compiles")
+    }
+
+    /// The template text.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// Render; a template that fails to render (`raise_exception`, an attribute of an
+    /// undefined value, …) -> [`Error::ChatTemplate`] with minijinja's message.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let template = self
+            .env
+            .get_template(TEMPLATE_NAME)
+            .map_err(|e| template_error("is missing", &e))?;
+        template
+            .render(context! {
+                messages => messages,
+                add_generation_prompt => add_generation_prompt,
+                bos_token => &self.bos_token,
+                eos_token => &self.eos_token,
+            })
+            .map_err(|e| template_error("failed to render", &e))
+    }
+}
+
+/// An [`Error::ChatTemplate`] carrying minijinja's message and the causes behind it.
+fn template_error(what: &str, err: &minijinja::Error) -> Error {
+    let mut message = format!("template {what}: {err}");
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        message.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    Error::ChatTemplate(message)
+}
+
+/// `raise_exception(msg)`: templates call it to reject a conversation they cannot
+/// format (say, roles that do not alternate); rendering fails with `msg`.
+fn raise_exception(message: String) -> std::result::Result<Value, minijinja::Error> {
+    Err(minijinja::Error::new(
+        ErrorKind::InvalidOperation,
+        format!("raise_exception: {message}"),
+    ))
+}
+
+/// `strftime_now(format)`: the current UTC time formatted with the common strftime
+/// codes (`%Y %y %m %d %e %j %H %I %M %S %p %a %A %b %B %%`); Llama 3 style templates
+/// use it to put today's date into the system prompt.
+fn strftime_now(format: &str) -> std::result::Result<String, minijinja::Error> {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?
+        .as_secs();
+    strftime(format, secs)
+}
+
+/// Format `secs` since the Unix epoch (UTC) with the strftime codes [`strftime_now`] knows.
+fn strftime(format: &str, secs: u64) -> std::result::Result<String, minijinja::Error> {
+    const MONTHS: [&str; 12] = [
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ];
+    const WEEKDAYS: [&str; 7] = [
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+    ];
+    let days = (secs / 86_400) as i64;
+    let second_of_day = secs % 86_400;
+    let (hour, minute, second) = (
+        second_of_day / 3600,
+        second_of_day / 60 % 60,
+        second_of_day % 60,
+    );
+    let (year, month, day) = civil_from_days(days);
+    // 1970-01-01 was a Thursday (index 3 from Monday).
+    let weekday = (days + 3).rem_euclid(7) as usize;
+    let day_of_year = days - days_from_civil(year, 1, 1) + 1;
+    let month_name = MONTHS[(month - 1) as usize];
+    let weekday_name = WEEKDAYS[weekday];
+
+    let mut out = String::with_capacity(format.len() + 16);
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        let code = chars.next().ok_or_else(|| {
+            minijinja::Error::new(
+                ErrorKind::InvalidOperation,
+                "strftime_now: format ends with a lone %",
+            )
+        })?;
+        let piece = match code {
+            'Y' => year.to_string(),
+            'y' => format!("{:02}", year.rem_euclid(100)),
+            'm' => format!("{month:02}"),
+            'd' => format!("{day:02}"),
+            'e' => format!("{day:>2}"),
+            'j' => format!("{day_of_year:03}"),
+            'H' => format!("{hour:02}"),
+            'I' => format!("{:02}", (hour + 11) % 12 + 1),
+            'M' => format!("{minute:02}"),
+            'S' => format!("{second:02}"),
+            'p' => (if hour < 12 { "AM" } else { "PM" }).to_owned(),
+            'a' => weekday_name[..3].to_owned(),
+            'A' => weekday_name.to_owned(),
+            'b' | 'h' => month_name[..3].to_owned(),
+            'B' => month_name.to_owned(),
+            '%' => "%".to_owned(),
+            other => {
+                return Err(minijinja::Error::new(
+                    ErrorKind::InvalidOperation,
+                    format!("strftime_now: unsupported format code %{other}"),
+                ))
+            }
+        };
+        out.push_str(&piece);
+    }
+    Ok(out)
+}
+
+/// (year, month 1..=12, day 1..=31) of a day count since 1970-01-01 (proleptic Gregorian).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let mp = (5 * day_of_year + 2) / 153;
+    let day = (day_of_year - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+/// Days since 1970-01-01 of a (year, month, day) date; the inverse of [`civil_from_days`].
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year.rem_euclid(400);
+    let month = i64::from(month);
+    let day_of_year =
+        (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+
+    /// SmolLM2-135M-Instruct's `tokenizer.chat_template`, as embedded in its GGUF.
+    const SMOLLM2_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system
+You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
+' }}{% endif %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant
+' }}{% endif %}";
+
+    fn smollm2() -> ChatTemplate {
+        ChatTemplate::new(SMOLLM2_TEMPLATE, "<|im_start|>", "<|im_end|>").unwrap()
+    }
+
+    /// Renders `messages` with `template` and compares to `expected`.
+    fn check(template: &ChatTemplate, messages: &[Message], generation: bool, expected: &str) {
+        let rendered = template.render(messages, generation).unwrap();
+        assert_eq!(
+            rendered, expected,
+            "rendered:\n{rendered}\nexpected:\n{expected}"
+        );
+    }
+
+    /// Renders a one-off template against one user message `hi`.
+    fn render_source(source: &str) -> Result<String> {
+        ChatTemplate::new(source, "<s>", "</s>")?.render(&[Message::user("hi")], false)
+    }
+
+    #[test]
+    fn smollm2_renders_a_full_conversation() {
+        check(
+            &smollm2(),
+            &[
+                Message::system("Be brief."),
+                Message::user("Hi"),
+                Message::assistant("Hello!"),
+                Message::user("What is 2+2?"),
+            ],
+            true,
+            "<|im_start|>system\nBe brief.<|im_end|>\n\
+             <|im_start|>user\nHi<|im_end|>\n\
+             <|im_start|>assistant\nHello!<|im_end|>\n\
+             <|im_start|>user\nWhat is 2+2?<|im_end|>\n\
+             <|im_start|>assistant\n",
+        );
+    }
+
+    #[test]
+    fn smollm2_injects_its_default_system_prompt() {
+        check(
+            &smollm2(),
+            &[Message::user("Hi")],
+            false,
+            "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n\
+             <|im_start|>user\nHi<|im_end|>\n",
+        );
+    }
+
+    #[test]
+    fn smollm2_with_a_trailing_newline_renders_the_same() {
+        // Jinja drops one trailing newline of the source, as HF does.
+        let with_newline = format!("{SMOLLM2_TEMPLATE}\n");
+        let template = ChatTemplate::new(&with_newline, "", "").unwrap();
+        let messages = [Message::user("Hi")];
+        assert_eq!(
+            template.render(&messages, true).unwrap(),
+            smollm2().render(&messages, true).unwrap()
+        );
+    }
+
+    #[test]
+    fn chatml_fallback_is_exact() {
+        check(
+            &ChatTemplate::chatml(),
+            &[
+                Message::system("S"),
+                Message::user("U"),
+                Message::assistant("A"),
+            ],
+            true,
+            "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n\
+             <|im_start|>assistant\nA<|im_end|>\n<|im_start|>assistant\n",
+        );
+        check(
+            &ChatTemplate::chatml(),
+            &[Message::user("U")],
+            false,
+            "<|im_start|>user\nU<|im_end|>\n",
+        );
+        assert_eq!(ChatTemplate::chatml().source(), CHATML_TEMPLATE);
+    }
+
+    #[test]
+    fn tool_role_renders() {
+        check(
+            &ChatTemplate::chatml(),
+            &[Message::tool("{\"temp\": 21}")],
+            false,
+            "<|im_start|>tool\n{\"temp\": 21}<|im_end|>\n",
+        );
+    }
+
+    #[test]
+    fn special_tokens_reach_the_template() {
+        assert_eq!(
+            render_source("{{ bos_token }}{{ messages[0].content }}{{ eos_token }}").unwrap(),
+            "<s>hi</s>"
+        );
+    }
+
+    #[test]
+    fn blocks_are_trimmed_and_lstripped_like_hf() {
+        let source = "{% for m in messages %}\n    {% if true %}\n[{{ m.content }}]\n    {% endif %}\n{% endfor %}\n";
+        assert_eq!(render_source(source).unwrap(), "[hi]\n");
+    }
+
+    #[test]
+    fn syntax_error_fails_at_new() {
+        let err = ChatTemplate::new("{% for m in messages %}{{ m.content }}", "", "").unwrap_err();
+        let message = err.to_string();
+        assert!(matches!(err, Error::ChatTemplate(_)));
+        assert!(message.contains("does not compile"), "{message}");
+        assert!(message.contains("syntax error"), "{message}");
+        assert!(message.contains("chat_template:1"), "{message}");
+    }
+
+    #[test]
+    fn raise_exception_fails_render_with_its_message() {
+        let err = render_source("{{ raise_exception('roles must alternate') }}").unwrap_err();
+        assert!(matches!(err, Error::ChatTemplate(_)));
+        assert!(err.to_string().contains("roles must alternate"), "{err}");
+    }
+
+    #[test]
+    fn attribute_of_undefined_fails_render() {
+        let err = render_source("{{ nothing.here }}").unwrap_err();
+        assert!(err.to_string().contains("failed to render"), "{err}");
+    }
+
+    #[test]
+    fn python_string_methods_work() {
+        let source = "{{ '  padded  '.strip() }}|{{ messages[0].content.startswith('h') }}|{{ 'a,b'.split(',') | join('+') }}";
+        // Booleans print as Python does, like in Jinja2.
+        assert_eq!(render_source(source).unwrap(), "padded|True|a+b");
+    }
+
+    #[test]
+    fn loop_controls_work() {
+        let source = "{% for i in [1, 2, 3, 4] %}{% if i == 2 %}{% continue %}{% endif %}{% if i == 4 %}{% break %}{% endif %}{{ i }}{% endfor %}";
+        assert_eq!(render_source(source).unwrap(), "13");
+    }
+
+    #[test]
+    fn message_serde_uses_lowercase_roles() {
+        let json = serde_json::to_string(&Message::assistant("ok")).unwrap();
+        assert_eq!(json, r#"{"role":"assistant","content":"ok"}"#);
+        let back: Message = serde_json::from_str(r#"{"role":"tool","content":"x"}"#).unwrap();
+        assert_eq!(back, Message::tool("x"));
+    }
+
+    #[test]
+    fn strftime_formats_known_dates() {
+        // 2024-02-29 13:05:09 UTC, a Thursday.
+        let secs = 1_709_211_909;
+        assert_eq!(
+            strftime("%Y-%m-%d %H:%M:%S", secs).unwrap(),
+            "2024-02-29 13:05:09"
+        );
+        assert_eq!(strftime("%d %b %Y", secs).unwrap(), "29 Feb 2024");
+        assert_eq!(
+            strftime("%A %B %e, %y %I%p day %j %%", secs).unwrap(),
+            "Thursday February 29, 24 01PM day 060 %"
+        );
+        assert_eq!(strftime("%a %d %b", 0).unwrap(), "Thu 01 Jan");
+        assert!(strftime("%Q", 0).is_err());
+    }
+
+    #[test]
+    fn strftime_now_is_callable_from_templates() {
+        let year = render_source("{{ strftime_now('%Y') }}").unwrap();
+        assert_eq!(year.len(), 4);
+        assert!(year.starts_with("20"), "{year}");
+    }
+
+    #[test]
+    fn civil_dates_round_trip() {
+        for days in [-719_468, -1, 0, 59, 365, 11_016, 19_782, 100_000] {
+            let (y, m, d) = civil_from_days(days);
+            assert_eq!(days_from_civil(y, m, d), days, "{y}-{m}-{d}");
+        }
+        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
+    }
+}

@@ -1,0 +1,383 @@
+//! The llama-family forward over a ragged batch: each sequence brings its new tokens
+//! and its own [`KvCache`], at its own position.
+//!
+//! All linear layers run once over the concatenated tokens of every sequence; the
+//! rotary embedding and the attention run per sequence against that sequence's
+//! cache; the output head runs only on each sequence's last token.
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+use super::attention::{attend_head, AttnShape, Rope};
+use super::linear::{Linear, ResolvedMode};
+use super::GgufFile;
+use crate::kv::{KvCache, KvLayout};
+use crate::{Error, Result};
+
+/// Hyper-parameters read from the GGUF metadata.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LlamaConfig {
+    /// Model width.
+    pub hidden: usize,
+    /// MLP inner width.
+    pub intermediate: usize,
+    /// Transformer blocks.
+    pub n_layers: usize,
+    /// Query heads.
+    pub n_head: usize,
+    /// Key/value heads.
+    pub n_kv_head: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Vocabulary size (rows of the embedding).
+    pub vocab_size: usize,
+    /// Context length the model was trained for.
+    pub context_length: usize,
+    /// RMS norm epsilon.
+    pub rms_eps: f64,
+    /// Rotary base frequency.
+    pub rope_base: f32,
+}
+
+impl LlamaConfig {
+    /// Reads and checks the hyper-parameters of a `llama` GGUF.
+    pub fn from_gguf(ct: &gguf_file::Content) -> Result<Self> {
+        let get = |key: &str| -> Result<&gguf_file::Value> {
+            ct.metadata.get(key).ok_or_else(|| Error::Metadata {
+                key: key.to_string(),
+                reason: "missing".into(),
+            })
+        };
+        let usize_of = |key: &str| -> Result<usize> {
+            let v = get(key)?;
+            v.to_u32()
+                .map(|x| x as usize)
+                .or_else(|_| v.to_u64().map(|x| x as usize))
+                .map_err(|e| Error::Metadata {
+                    key: key.to_string(),
+                    reason: e.to_string(),
+                })
+        };
+        let f32_of = |key: &str| -> Result<f32> {
+            get(key)?.to_f32().map_err(|e| Error::Metadata {
+                key: key.to_string(),
+                reason: e.to_string(),
+            })
+        };
+        let hidden = usize_of("llama.embedding_length")?;
+        let n_head = usize_of("llama.attention.head_count")?;
+        let n_kv_head = usize_of("llama.attention.head_count_kv").unwrap_or(n_head);
+        let bad = |key: &str, reason: String| Error::Metadata {
+            key: key.into(),
+            reason,
+        };
+        if n_head == 0 || hidden % n_head != 0 {
+            return Err(bad(
+                "llama.attention.head_count",
+                format!("{n_head} heads do not divide the width {hidden}"),
+            ));
+        }
+        if n_kv_head == 0 || n_head % n_kv_head != 0 {
+            return Err(bad(
+                "llama.attention.head_count_kv",
+                format!("{n_kv_head} KV heads do not divide {n_head} query heads"),
+            ));
+        }
+        let head_dim = hidden / n_head;
+        let rope_dim = usize_of("llama.rope.dimension_count").unwrap_or(head_dim);
+        if rope_dim != head_dim {
+            return Err(bad(
+                "llama.rope.dimension_count",
+                format!("partial rotary ({rope_dim} of {head_dim} dims) is not supported"),
+            ));
+        }
+        if usize_of("llama.expert_count").unwrap_or(0) > 1 {
+            return Err(Error::UnsupportedArchitecture {
+                arch: "llama (mixture of experts)".into(),
+            });
+        }
+        let embd = ct
+            .tensor_infos
+            .get("token_embd.weight")
+            .ok_or_else(|| Error::Tensor {
+                name: "token_embd.weight".into(),
+                reason: "missing".into(),
+            })?;
+        let vocab_size = embd.shape.dims().first().copied().unwrap_or(0);
+        Ok(Self {
+            hidden,
+            intermediate: usize_of("llama.feed_forward_length")?,
+            n_layers: usize_of("llama.block_count")?,
+            n_head,
+            n_kv_head,
+            head_dim,
+            vocab_size,
+            context_length: usize_of("llama.context_length")?,
+            rms_eps: f32_of("llama.attention.layer_norm_rms_epsilon")? as f64,
+            rope_base: f32_of("llama.rope.freq_base").unwrap_or(10_000.0),
+        })
+    }
+
+    /// The KV cache layout of this model.
+    pub fn kv_layout(&self) -> KvLayout {
+        KvLayout {
+            n_layers: self.n_layers,
+            n_kv_heads: self.n_kv_head,
+            head_dim: self.head_dim,
+        }
+    }
+
+    /// Multiply-add FLOPs (2 per MAC) of the linear layers for one token, attention
+    /// scores excluded.
+    pub fn flops_per_token(&self) -> u64 {
+        let d = self.hidden as u64;
+        let qkv = d * (self.n_head + 2 * self.n_kv_head) as u64 * self.head_dim as u64;
+        let o = d * d;
+        let mlp = 3 * d * self.intermediate as u64;
+        2 * (self.n_layers as u64 * (qkv + o + mlp) + d * self.vocab_size as u64)
+    }
+}
+
+/// One new chunk of a sequence: the tokens to feed and the cache they extend.
+#[derive(Debug)]
+pub struct SeqInput<'a> {
+    /// New tokens (at least one), placed at positions `cache.len()..`.
+    pub tokens: &'a [u32],
+    /// The sequence's cache; the forward appends the new tokens' keys and values.
+    pub cache: &'a mut KvCache,
+}
+
+#[derive(Debug, Clone)]
+struct Block {
+    attn_norm: Tensor,
+    qkv: Linear,
+    wo: Linear,
+    ffn_norm: Tensor,
+    gate_up: Linear,
+    down: Linear,
+}
+
+/// The weights of a llama-family model and its batched forward.
+#[derive(Debug, Clone)]
+pub struct Llama {
+    config: LlamaConfig,
+    embedding: Tensor,
+    blocks: Vec<Block>,
+    norm: Tensor,
+    head: Linear,
+    rope: Rope,
+}
+
+impl Llama {
+    /// Loads the weights from an opened GGUF in the given resolved mode.
+    pub(crate) fn load(file: &mut GgufFile, config: LlamaConfig, mode: ResolvedMode) -> Result<Self> {
+        let dev = Device::Cpu;
+        let embd_q = file.tensor("token_embd.weight", &[config.vocab_size, config.hidden])?;
+        let embedding = embd_q.dequantize(&dev)?;
+        let head_q = if file.has_tensor("output.weight") {
+            file.tensor("output.weight", &[config.vocab_size, config.hidden])?
+        } else {
+            embd_q
+        };
+        let norm_of = |file: &mut GgufFile, name: &str| -> Result<Tensor> {
+            Ok(file.tensor(name, &[config.hidden])?.dequantize(&dev)?)
+        };
+        let (h, i) = (config.hidden, config.intermediate);
+        let (qd, kvd) = (config.n_head * config.head_dim, config.n_kv_head * config.head_dim);
+        let mut blocks = Vec::with_capacity(config.n_layers);
+        for l in 0..config.n_layers {
+            let name = |s: &str| format!("blk.{l}.{s}.weight");
+            let qkv = vec![
+                file.tensor(&name("attn_q"), &[qd, h])?,
+                file.tensor(&name("attn_k"), &[kvd, h])?,
+                file.tensor(&name("attn_v"), &[kvd, h])?,
+            ];
+            let gate_up = vec![
+                file.tensor(&name("ffn_gate"), &[i, h])?,
+                file.tensor(&name("ffn_up"), &[i, h])?,
+            ];
+            blocks.push(Block {
+                attn_norm: norm_of(file, &name("attn_norm"))?,
+                qkv: Linear::new(qkv, mode)?,
+                wo: Linear::new(vec![file.tensor(&name("attn_output"), &[h, qd])?], mode)?,
+                ffn_norm: norm_of(file, &name("ffn_norm"))?,
+                gate_up: Linear::new(gate_up, mode)?,
+                down: Linear::new(vec![file.tensor(&name("ffn_down"), &[h, i])?], mode)?,
+            });
+        }
+        Ok(Self {
+            rope: Rope::new(config.head_dim, config.rope_base, config.context_length),
+            norm: norm_of(file, "output_norm.weight")?,
+            head: Linear::new(vec![head_q], mode)?,
+            embedding,
+            blocks,
+            config,
+        })
+    }
+
+    /// The model's hyper-parameters.
+    pub fn config(&self) -> &LlamaConfig {
+        &self.config
+    }
+
+    /// Runs the new tokens of every sequence through the model, appends their keys
+    /// and values to each sequence's cache, and returns the logits of each sequence's
+    /// last token, `[n_sequences, vocab]`.
+    ///
+    /// On error no cache has grown (their `len` is unchanged).
+    pub fn forward(&self, seqs: &mut [SeqInput<'_>]) -> Result<Tensor> {
+        let cfg = &self.config;
+        self.check(seqs)?;
+        let _span = tracing::trace_span!("forward", seqs = seqs.len()).entered();
+        let lens: Vec<usize> = seqs.iter().map(|s| s.tokens.len()).collect();
+        let starts: Vec<usize> = lens
+            .iter()
+            .scan(0, |acc, n| {
+                let s = *acc;
+                *acc += n;
+                Some(s)
+            })
+            .collect();
+        let total: usize = lens.iter().sum();
+        for s in seqs.iter_mut() {
+            let need = s.cache.len() + s.tokens.len();
+            s.cache.reserve(need);
+        }
+        let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let ids = Tensor::from_vec(ids, total, &Device::Cpu)?;
+        let mut x = self.embedding.index_select(&ids, 0)?;
+
+        let shape = AttnShape {
+            n_head: cfg.n_head,
+            n_kv_head: cfg.n_kv_head,
+            head_dim: cfg.head_dim,
+        };
+        let (qd, kvd) = (cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim);
+        for (li, block) in self.blocks.iter().enumerate() {
+            let _span = tracing::trace_span!("block", li).entered();
+            let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, cfg.rms_eps as f32)?;
+            let qkv: Vec<f32> = block.qkv.forward(&h)?.flatten_all()?.to_vec1()?;
+            let width = qd + 2 * kvd;
+            let mut q = Vec::with_capacity(total * qd);
+            let mut k = Vec::with_capacity(total * kvd);
+            let mut v = Vec::with_capacity(total * kvd);
+            for row in qkv.chunks_exact(width) {
+                q.extend_from_slice(&row[..qd]);
+                k.extend_from_slice(&row[qd..qd + kvd]);
+                v.extend_from_slice(&row[qd + kvd..]);
+            }
+            for (si, s) in seqs.iter_mut().enumerate() {
+                let (a, n, pos) = (starts[si], lens[si], s.cache.len());
+                self.rope.apply(&mut q[a * qd..(a + n) * qd], cfg.n_head, pos);
+                self.rope.apply(&mut k[a * kvd..(a + n) * kvd], cfg.n_kv_head, pos);
+                s.cache
+                    .write(li, pos, &k[a * kvd..(a + n) * kvd], &v[a * kvd..(a + n) * kvd]);
+            }
+            let attn = self.attention(seqs, &q, &starts, &lens, li, shape)?;
+            x = (x + block.wo.forward(&attn)?)?;
+
+            let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, cfg.rms_eps as f32)?;
+            let gu = block.gate_up.forward(&h)?;
+            let half = block.gate_up.out_features() / 2;
+            let act = (candle_nn::ops::silu(&gu.narrow(1, 0, half)?)? * gu.narrow(1, half, half)?)?;
+            x = (x + block.down.forward(&act)?)?;
+        }
+        for s in seqs.iter_mut() {
+            s.cache.advance(s.tokens.len());
+        }
+        let last: Vec<u32> = starts
+            .iter()
+            .zip(&lens)
+            .map(|(a, n)| (a + n - 1) as u32)
+            .collect();
+        let last = Tensor::from_vec(last, seqs.len(), &Device::Cpu)?;
+        let x = x.index_select(&last, 0)?;
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, cfg.rms_eps as f32)?;
+        let _span = tracing::trace_span!("head").entered();
+        self.head.forward(&x)
+    }
+
+    /// Attention of every sequence, in parallel over (sequence, head); returns
+    /// `[total_tokens, n_head * head_dim]`.
+    fn attention(
+        &self,
+        seqs: &[SeqInput<'_>],
+        q: &[f32],
+        starts: &[usize],
+        lens: &[usize],
+        layer: usize,
+        shape: AttnShape,
+    ) -> Result<Tensor> {
+        let (nh, d) = (shape.n_head, shape.head_dim);
+        let total: usize = lens.iter().sum();
+        // Head-major per sequence ([n_head, n, d] at the sequence's offset) so that
+        // each (sequence, head) job owns one contiguous chunk.
+        let mut head_major = vec![0f32; total * nh * d];
+        let mut jobs = Vec::with_capacity(seqs.len() * nh);
+        let mut rest: &mut [f32] = &mut head_major;
+        for (si, n) in lens.iter().enumerate() {
+            for head in 0..nh {
+                let (chunk, tail) = rest.split_at_mut(n * d);
+                rest = tail;
+                jobs.push((si, head, chunk));
+            }
+        }
+        jobs.into_par_iter().for_each_init(Vec::new, |scores, (si, head, out)| {
+            let s = &seqs[si];
+            let a = starts[si];
+            let q = &q[a * nh * d..(a + lens[si]) * nh * d];
+            let cache = &*s.cache;
+            attend_head(
+                q,
+                cache.layer(layer),
+                cache.capacity(),
+                cache.len(),
+                shape,
+                head,
+                scores,
+                out,
+            );
+        });
+        let mut out = vec![0f32; total * nh * d];
+        for (si, (&a, &n)) in starts.iter().zip(lens).enumerate() {
+            let _ = si;
+            for head in 0..nh {
+                for t in 0..n {
+                    let src = (a * nh + head * n + t) * d;
+                    let dst = ((a + t) * nh + head) * d;
+                    out[dst..dst + d].copy_from_slice(&head_major[src..src + d]);
+                }
+            }
+        }
+        Ok(Tensor::from_vec(out, (total, nh * d), &Device::Cpu)?)
+    }
+
+    /// Rejects a batch the forward cannot run, before anything is written.
+    fn check(&self, seqs: &[SeqInput<'_>]) -> Result<()> {
+        let cfg = &self.config;
+        if seqs.is_empty() {
+            return Err(Error::InvalidInput("a forward needs at least one sequence".into()));
+        }
+        for (i, s) in seqs.iter().enumerate() {
+            if s.tokens.is_empty() {
+                return Err(Error::InvalidInput(format!("sequence {i} has no new tokens")));
+            }
+            if let Some(&id) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+                return Err(Error::TokenOutOfRange {
+                    id,
+                    vocab_size: cfg.vocab_size,
+                });
+            }
+            s.cache.check_layout(cfg.kv_layout())?;
+            let needed = s.cache.len() + s.tokens.len();
+            if needed > cfg.context_length {
+                return Err(Error::ContextOverflow {
+                    needed,
+                    context: cfg.context_length,
+                });
+            }
+        }
+        Ok(())
+    }
+}

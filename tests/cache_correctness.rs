@@ -1,0 +1,91 @@
+//! Cached decoding equals recomputing the prefix; truncation rolls back exactly;
+//! forked caches evolve independently.
+
+mod common;
+
+use common::*;
+use troupe::model::{Model, WeightsMode};
+
+/// Prefill 100 then decode 20 one by one == prefill all 120 at once (at every one
+/// of the 20 positions).
+fn incremental_equals_full(model: &Model, hi: u32) {
+    let all = tokens(120, 1, 3, hi);
+    let mut inc = cache(model);
+    feed(model, &mut inc, &all[..100]);
+    for i in 100..120 {
+        let step = feed(model, &mut inc, &all[i..=i]);
+        let mut full = cache(model);
+        let whole = feed(model, &mut full, &all[..=i]);
+        let d = max_abs_diff(&step, &whole);
+        assert!(d <= 1e-3, "position {i}: max difference {d}");
+    }
+    assert_eq!(inc.len(), 120);
+}
+
+/// Decode past a point, truncate back, decode other tokens: the same logits as never
+/// having gone past the point.
+fn truncate_rolls_back(model: &Model, hi: u32) {
+    let prefix = tokens(40, 2, 3, hi);
+    let mut c = cache(model);
+    feed(model, &mut c, &prefix);
+    let mut reference = c.fork();
+    feed(model, &mut c, &tokens(15, 3, 3, hi));
+    assert_eq!(c.len(), 55);
+    c.truncate(40);
+    assert_eq!(c.len(), 40);
+    let other = tokens(6, 4, 3, hi);
+    let after_truncate = feed(model, &mut c, &other);
+    let never = feed(model, &mut reference, &other);
+    assert_eq!(after_truncate, never);
+}
+
+/// A fork diverges without touching its parent.
+fn fork_is_independent(model: &Model, hi: u32) {
+    let mut parent = cache(model);
+    feed(model, &mut parent, &tokens(30, 5, 3, hi));
+    let mut child = parent.fork();
+    let mut witness = parent.fork();
+    feed(model, &mut child, &tokens(10, 6, 3, hi));
+    assert_eq!(parent.len(), 30);
+    assert_eq!(child.len(), 40);
+    let next = tokens(3, 7, 3, hi);
+    assert_eq!(feed(model, &mut parent, &next), feed(model, &mut witness, &next));
+}
+
+#[test]
+fn tiny_incremental_equals_full_prefill() {
+    incremental_equals_full(&tiny(WeightsMode::Native), 270);
+    incremental_equals_full(&tiny(WeightsMode::F32), 270);
+}
+
+#[test]
+fn tiny_truncate_and_fork() {
+    let m = tiny(WeightsMode::Native);
+    truncate_rolls_back(&m, 270);
+    fork_is_independent(&m, 270);
+}
+
+#[test]
+fn default_model_incremental_equals_full_prefill() {
+    incremental_equals_full(&real(WeightsMode::Native), 49_000);
+}
+
+#[test]
+fn default_model_truncate_and_fork() {
+    let m = real(WeightsMode::Native);
+    truncate_rolls_back(&m, 49_000);
+    fork_is_independent(&m, 49_000);
+}
+
+#[test]
+fn f16_cache_stays_close_to_f32() {
+    let m = tiny(WeightsMode::Native);
+    let t = tokens(50, 8, 3, 270);
+    let mut a = cache(&m);
+    let mut b = m.new_cache(troupe::KvDtype::F16);
+    let la = feed(&m, &mut a, &t);
+    let lb = feed(&m, &mut b, &t);
+    assert_eq!(b.bytes() * 2, a.bytes());
+    let d = max_abs_diff(&la, &lb);
+    assert!(d < 0.05, "f16 cache drifted by {d}");
+}

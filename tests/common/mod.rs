@@ -1,0 +1,73 @@
+//! Shared helpers of the behaviour tests: the tiny generated model, the real
+//! default model, and logit comparisons.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use troupe::model::fetch;
+use troupe::model::tiny::{write_tiny_model, TinyConfig};
+use troupe::model::{LoadOptions, Model, SeqInput, WeightsMode};
+use troupe::{KvCache, KvDtype};
+
+/// The tiny random-weight model, written once per test binary.
+pub fn tiny_model_path() -> PathBuf {
+    static PATH: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("tiny.gguf");
+        write_tiny_model(&path, &TinyConfig::default()).expect("write tiny model");
+        (dir, path)
+    })
+    .1
+    .clone()
+}
+
+/// The tiny model loaded in `mode`.
+pub fn tiny(mode: WeightsMode) -> Model {
+    Model::load(&tiny_model_path(), LoadOptions { weights: mode }).expect("load tiny model")
+}
+
+/// The default model's file. Tests that need it fail (never skip) when it is
+/// missing: `.ci/run` fetches it first.
+pub fn real_model_path() -> PathBuf {
+    let path = fetch::default_model_path();
+    assert!(
+        path.exists(),
+        "this test needs the default model at {}: run `cargo run -- model fetch` (CI={:?})",
+        path.display(),
+        std::env::var("CI").ok()
+    );
+    path
+}
+
+/// The default model loaded in `mode`.
+pub fn real(mode: WeightsMode) -> Model {
+    Model::load(&real_model_path(), LoadOptions { weights: mode }).expect("load default model")
+}
+
+/// Largest absolute difference of two equally long slices.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Logits of the last token after feeding `tokens` to `cache` (one sequence alone).
+pub fn feed(model: &Model, cache: &mut KvCache, tokens: &[u32]) -> Vec<f32> {
+    let logits = model
+        .forward(&mut [SeqInput { tokens, cache }])
+        .expect("forward");
+    logits.squeeze(0).unwrap().to_vec1().unwrap()
+}
+
+/// Deterministic token ids in `[lo, hi)`.
+pub fn tokens(n: usize, seed: usize, lo: u32, hi: u32) -> Vec<u32> {
+    (0..n)
+        .map(|i| lo + ((i * 7919 + seed * 104_729) % (hi - lo) as usize) as u32)
+        .collect()
+}
+
+/// A new f32 cache for `model`.
+pub fn cache(model: &Model) -> KvCache {
+    model.new_cache(KvDtype::F32)
+}
