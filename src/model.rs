@@ -10,6 +10,7 @@ pub mod chat;
 pub mod fetch;
 pub mod linear;
 pub mod llama;
+mod qgemv;
 pub mod tiny;
 pub mod tokenizer;
 

@@ -79,7 +79,8 @@ fn default_model_truncate_and_fork() {
 
 #[test]
 fn f16_cache_stays_close_to_f32() {
-    let m = tiny(WeightsMode::Native);
+    // Exact weights: with quantized activations any rounding difference is amplified.
+    let m = tiny(WeightsMode::F32);
     let t = tokens(50, 8, 3, 270);
     let mut a = cache(&m);
     let mut b = m.new_cache(troupe::KvDtype::F16);

@@ -13,15 +13,19 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor};
 
+use super::qgemv::QuantRows;
 use crate::Result;
 
 /// How the forward stores and multiplies weight matrices.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum WeightsMode {
-    /// Decide from the model size and the memory available: keep the stored
-    /// quantized weights for steps of at most [`AUTO_QUANT_MAX_ROWS`] rows and an f32
-    /// copy for larger steps (batched decode, prefill) when memory allows.
+    /// Decide from the model size and the memory available: for steps of at most
+    /// [`AUTO_QUANT_MAX_ROWS`] rows, multiply the stored quantized blocks with f32
+    /// activations (our kernel, no activation rounding), and an f32 copy with the GEMM
+    /// for larger steps (batched decode, prefill), when memory allows. Both compute
+    /// the products of the exact dequantized weights, so switching stays within
+    /// float rounding.
     #[default]
     Auto,
     /// The weights as stored in the file, with candle's quantized kernels.
@@ -45,18 +49,18 @@ impl std::fmt::Display for WeightsMode {
     }
 }
 
-/// In `auto`, steps of at most this many rows use the quantized weights.
+/// In `auto`, steps of at most this many rows use the quantized blocks directly.
 pub const AUTO_QUANT_MAX_ROWS: usize = 2;
 
 /// A weight matrix `[out, in]` in the form(s) the chosen mode keeps.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
-    /// Quantized weights (native or requantized), if kept.
+    /// Quantized weights with candle's kernels (native or requantized), if kept.
     quant: Option<QMatMul>,
+    /// The stored blocks for our f32-activation kernel (`auto`'s small steps).
+    exact: Option<QuantRows>,
     /// Dense f32 weights `[out, in]`, if kept.
     dense: Option<Tensor>,
-    /// With both kept: row counts up to this use `quant`.
-    quant_max_rows: usize,
     out_features: usize,
 }
 
@@ -72,29 +76,26 @@ impl Linear {
         let stored = fuse_quantized(parts)?;
         let dense_from = |q: &QTensor| -> Result<Tensor> { Ok(q.dequantize(&Device::Cpu)?) };
         let is_float = matches!(stored.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-        let (quant, dense) = match mode {
+        let (quant, exact, dense) = match mode {
             // Float tensors have no quantized kernel: they are dense in every mode.
-            _ if is_float => (None, Some(dense_from(&stored)?)),
-            ResolvedMode::Native => (Some(qmatmul(stored)), None),
-            ResolvedMode::F32 => (None, Some(dense_from(&stored)?)),
+            _ if is_float => (None, None, Some(dense_from(&stored)?)),
+            ResolvedMode::Native => (Some(qmatmul(stored)), None, None),
+            ResolvedMode::F32 => (None, None, Some(dense_from(&stored)?)),
             ResolvedMode::Q8_0 => {
                 let (_, k) = stored.shape().dims2()?;
                 if stored.dtype() == GgmlDType::Q8_0 || k % 32 != 0 {
-                    (Some(qmatmul(stored)), None)
+                    (Some(qmatmul(stored)), None, None)
                 } else {
                     let w = dense_from(&stored)?;
-                    (Some(qmatmul(QTensor::quantize(&w, GgmlDType::Q8_0)?)), None)
+                    (Some(qmatmul(QTensor::quantize(&w, GgmlDType::Q8_0)?)), None, None)
                 }
             }
-            ResolvedMode::Both => {
-                let w = dense_from(&stored)?;
-                (Some(qmatmul(stored)), Some(w))
-            }
+            ResolvedMode::Both => (None, QuantRows::new(&stored)?, Some(dense_from(&stored)?)),
         };
         Ok(Self {
             quant,
+            exact,
             dense,
-            quant_max_rows: AUTO_QUANT_MAX_ROWS,
             out_features,
         })
     }
@@ -107,11 +108,15 @@ impl Linear {
     /// `x [rows, in] -> [rows, out]`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let rows = x.dim(0)?;
-        match (&self.quant, &self.dense) {
-            (Some(q), None) => Ok(q.forward(x)?),
-            (Some(q), Some(_)) if rows <= self.quant_max_rows => Ok(q.forward(x)?),
-            (_, Some(w)) => dense_forward(w, x, self.out_features),
-            (None, None) => unreachable!("a Linear keeps at least one form of its weights"),
+        match (&self.quant, &self.exact, &self.dense) {
+            (Some(q), _, _) => Ok(q.forward(x)?),
+            (None, Some(e), _) if rows <= AUTO_QUANT_MAX_ROWS => {
+                let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+                let out = e.matmul(&xs, rows);
+                Ok(Tensor::from_vec(out, (rows, self.out_features), &Device::Cpu)?)
+            }
+            (None, _, Some(w)) => dense_forward(w, x, self.out_features),
+            (None, _, None) => unreachable!("a Linear keeps at least one form of its weights"),
         }
     }
 }
