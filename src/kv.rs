@@ -70,6 +70,8 @@ pub(crate) enum KvBuf {
 pub(crate) trait KvElem: Copy + Send + Sync {
     fn to_f32(self) -> f32;
     fn from_f32(x: f32) -> Self;
+    /// The slice itself when the element type is f32 (no conversion needed).
+    fn as_f32_slice(s: &[Self]) -> Option<&[f32]>;
 }
 
 impl KvElem for f32 {
@@ -81,6 +83,10 @@ impl KvElem for f32 {
     fn from_f32(x: f32) -> Self {
         x
     }
+    #[inline(always)]
+    fn as_f32_slice(s: &[Self]) -> Option<&[f32]> {
+        Some(s)
+    }
 }
 
 impl KvElem for f16 {
@@ -91,6 +97,10 @@ impl KvElem for f16 {
     #[inline(always)]
     fn from_f32(x: f32) -> Self {
         f16::from_f32(x)
+    }
+    #[inline(always)]
+    fn as_f32_slice(_: &[Self]) -> Option<&[f32]> {
+        None
     }
 }
 
@@ -135,7 +145,14 @@ impl KvBuf {
     /// Writes `src` rows (`[n_tokens, heads, d]`, token-major as the projections
     /// produce them) at row `pos` of each head.
     fn write_rows(&mut self, src: &[f32], pos: usize, heads: usize, cap: usize, d: usize) {
-        fn go<T: KvElem>(dst: &mut [T], src: &[f32], pos: usize, heads: usize, cap: usize, d: usize) {
+        fn go<T: KvElem>(
+            dst: &mut [T],
+            src: &[f32],
+            pos: usize,
+            heads: usize,
+            cap: usize,
+            d: usize,
+        ) {
             let n_tokens = src.len() / (heads * d);
             for t in 0..n_tokens {
                 for h in 0..heads {
@@ -336,7 +353,10 @@ impl KvCache {
             }
             out
         };
-        self.layers.iter().map(|l| (take(&l.k), take(&l.v))).collect()
+        self.layers
+            .iter()
+            .map(|l| (take(&l.k), take(&l.v)))
+            .collect()
     }
 }
 
@@ -357,7 +377,9 @@ mod tests {
         let pos = c.len();
         c.reserve(pos + n);
         let per = c.layout().n_kv_heads * c.layout().head_dim;
-        let k: Vec<f32> = (0..n * per).map(|i| base + (pos + i / per) as f32).collect();
+        let k: Vec<f32> = (0..n * per)
+            .map(|i| base + (pos + i / per) as f32)
+            .collect();
         for l in 0..c.layout().n_layers {
             c.write(l, pos, &k, &k);
         }
@@ -375,7 +397,10 @@ mod tests {
         }
         caps.dedup();
         assert_eq!(caps, vec![16, 32, 64, 128]);
-        assert_eq!(c.bytes(), 128 * KvCache::bytes_per_token(layout(), KvDtype::F32));
+        assert_eq!(
+            c.bytes(),
+            128 * KvCache::bytes_per_token(layout(), KvDtype::F32)
+        );
         let (k, _) = &c.to_f32_layers()[1];
         // Head 1, token 57: every element is 57.
         assert_eq!(k[(100 + 57) * 4], 57.0);

@@ -88,15 +88,28 @@ enum BenchCommand {
         /// Also write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Batch sizes of the batched decode measure.
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 2, 4, 8, 16, 32, 64])]
+        batch_sizes: Vec<usize>,
+        /// Decode steps timed per batch size.
+        #[arg(long, default_value_t = 6)]
+        batch_steps: usize,
     },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let model_path = || -> anyhow::Result<PathBuf> { Ok(fetch::resolve_model_path(cli.model.as_deref())?) };
+    let model_path =
+        || -> anyhow::Result<PathBuf> { Ok(fetch::resolve_model_path(cli.model.as_deref())?) };
     let load = || -> anyhow::Result<Model> {
         let path = model_path()?;
-        Model::load(&path, LoadOptions { weights: cli.weights }).with_context(|| format!("loading {}", path.display()))
+        Model::load(
+            &path,
+            LoadOptions {
+                weights: cli.weights,
+            },
+        )
+        .with_context(|| format!("loading {}", path.display()))
     };
     match &cli.command {
         Command::Model(ModelCommand::Fetch) => match fetch::fetch_default_model()? {
@@ -117,7 +130,8 @@ fn main() -> anyhow::Result<()> {
             let model = load()?;
             let tok = model.tokenizer();
             if *decode {
-                let ids: Vec<u32> = serde_json::from_str(text).context("--decode expects a JSON array of token ids")?;
+                let ids: Vec<u32> = serde_json::from_str(text)
+                    .context("--decode expects a JSON array of token ids")?;
                 println!("{}", tok.decode(&ids)?);
             } else {
                 println!("{}", serde_json::to_string(&tok.encode(text)?)?);
@@ -151,21 +165,40 @@ fn main() -> anyhow::Result<()> {
             let mut cache = model.new_cache(KvDtype::F32);
             let room = model.config().context_length.saturating_sub(ids.len());
             if room == 0 {
-                bail!("the prompt has {} tokens, the model's context is {}", ids.len(), model.config().context_length);
+                bail!(
+                    "the prompt has {} tokens, the model's context is {}",
+                    ids.len(),
+                    model.config().context_length
+                );
             }
             let mut dec = IncrementalDecoder::new();
             let mut out = std::io::stdout().lock();
-            model.generate(&mut cache, &ids, (*max_tokens).min(room), &mut sampler, |id| {
-                let piece = dec.push(model.tokenizer(), id)?;
-                out.write_all(piece.as_bytes())?;
-                out.flush()?;
-                Ok(())
-            })?;
+            model.generate(
+                &mut cache,
+                &ids,
+                (*max_tokens).min(room),
+                &mut sampler,
+                |id| {
+                    let piece = dec.push(model.tokenizer(), id)?;
+                    out.write_all(piece.as_bytes())?;
+                    out.flush()?;
+                    Ok(())
+                },
+            )?;
             writeln!(out, "{}", dec.finish())?;
         }
-        Command::Bench(BenchCommand::Forward { json }) => {
+        Command::Bench(BenchCommand::Forward {
+            json,
+            batch_sizes,
+            batch_steps,
+        }) => {
             let path = model_path()?;
-            let report = ForwardBench::default().run(&path, cli.weights, |line| eprintln!("{line}"))?;
+            let bench = ForwardBench {
+                batch_sizes: batch_sizes.clone(),
+                batch_steps: *batch_steps,
+                ..Default::default()
+            };
+            let report = bench.run(&path, cli.weights, |line| eprintln!("{line}"))?;
             print_forward(&report);
             if let Some(j) = json {
                 std::fs::write(j, serde_json::to_string_pretty(&report)?)?;
@@ -178,11 +211,23 @@ fn main() -> anyhow::Result<()> {
 
 fn print_info(info: &troupe::ModelInfo) {
     let c = &info.config;
-    println!("file              {} ({:.1} MiB)", info.path.display(), info.file_bytes as f64 / (1 << 20) as f64);
+    println!(
+        "file              {} ({:.1} MiB)",
+        info.path.display(),
+        info.file_bytes as f64 / (1 << 20) as f64
+    );
     println!("name              {}", info.name.as_deref().unwrap_or("-"));
     println!("architecture      {}", info.architecture);
-    println!("parameters        {} ({:.1} M)", info.parameters, info.parameters as f64 / 1e6);
-    let types: Vec<String> = info.tensor_types.iter().map(|(t, n)| format!("{t} x{n}")).collect();
+    println!(
+        "parameters        {} ({:.1} M)",
+        info.parameters,
+        info.parameters as f64 / 1e6
+    );
+    let types: Vec<String> = info
+        .tensor_types
+        .iter()
+        .map(|(t, n)| format!("{t} x{n}"))
+        .collect();
     println!("tensor types      {}", types.join(", "));
     println!("context length    {}", c.context_length);
     println!("vocab size        {}", c.vocab_size);
@@ -191,10 +236,23 @@ fn print_info(info: &troupe::ModelInfo) {
         c.n_layers, c.hidden, c.intermediate, c.n_head, c.n_kv_head, c.head_dim
     );
     let tok = |t: &(u32, String)| format!("{} {:?}", t.0, t.1);
-    println!("bos               {}", info.bos.as_ref().map(tok).unwrap_or_else(|| "-".into()));
-    println!("eos               {}", info.eos.iter().map(tok).collect::<Vec<_>>().join(", "));
+    println!(
+        "bos               {}",
+        info.bos.as_ref().map(tok).unwrap_or_else(|| "-".into())
+    );
+    println!(
+        "eos               {}",
+        info.eos.iter().map(tok).collect::<Vec<_>>().join(", ")
+    );
     println!("pre-tokenizer     {}", info.pretokenizer);
-    println!("chat template     {}", if info.chat_template_embedded { "embedded" } else { "none (ChatML fallback)" });
+    println!(
+        "chat template     {}",
+        if info.chat_template_embedded {
+            "embedded"
+        } else {
+            "none (ChatML fallback)"
+        }
+    );
     println!("weights           {}", info.weights_chosen);
 }
 
@@ -213,7 +271,10 @@ fn print_forward(r: &troupe::bench::forward::ForwardReport) {
         "f32 GEMM           {:>8.1} GFLOP/s, {} FLOP/token -> ceiling {:.1} tok/s",
         r.gemm_gflops, r.flops_per_token, r.compute_ceiling_tok_s
     );
-    println!("prefill / ceiling  {:>8.2}", r.prefill_tok_s / r.compute_ceiling_tok_s);
+    println!(
+        "prefill / ceiling  {:>8.2}",
+        r.prefill_tok_s / r.compute_ceiling_tok_s
+    );
     println!("batch   tok/s     / ceiling");
     for (b, t) in &r.batched_decode_tok_s {
         println!("{b:>5} {t:>8.1}   {:>8.2}", t / r.compute_ceiling_tok_s);

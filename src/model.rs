@@ -23,8 +23,8 @@ use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{Device, Tensor};
 
 pub use chat::{ChatTemplate, Message, Role};
-pub use linear::{WeightsMode, AUTO_QUANT_MAX_ROWS};
 use linear::ResolvedMode;
+pub use linear::{WeightsMode, AUTO_QUANT_MAX_ROWS};
 pub use llama::{Llama, LlamaConfig, SeqInput};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -93,10 +93,14 @@ impl GgufFile {
 
     /// Reads a tensor, checking its shape (`[rows, cols]` as the model uses it).
     pub fn tensor(&mut self, name: &str, dims: &[usize]) -> Result<QTensor> {
-        let info = self.content.tensor_infos.get(name).ok_or_else(|| Error::Tensor {
-            name: name.into(),
-            reason: "missing".into(),
-        })?;
+        let info = self
+            .content
+            .tensor_infos
+            .get(name)
+            .ok_or_else(|| Error::Tensor {
+                name: name.into(),
+                reason: "missing".into(),
+            })?;
         if info.shape.dims() != dims {
             return Err(Error::Tensor {
                 name: name.into(),
@@ -113,7 +117,12 @@ impl GgufFile {
 
     /// A string metadata value.
     pub fn meta_str(&self, key: &str) -> Option<&str> {
-        self.content.metadata.get(key)?.to_string().ok().map(|s| s.as_str())
+        self.content
+            .metadata
+            .get(key)?
+            .to_string()
+            .ok()
+            .map(|s| s.as_str())
     }
 
     /// The file's path.
@@ -188,7 +197,10 @@ impl Model {
         let chat_template = match &embedded {
             Some(src) => ChatTemplate::new(
                 src,
-                &tokenizer.bos_token_id().map(|i| tokenizer.token_text(i)).unwrap_or_default(),
+                &tokenizer
+                    .bos_token_id()
+                    .map(|i| tokenizer.token_text(i))
+                    .unwrap_or_default(),
                 &tokenizer
                     .eos_token_ids()
                     .first()
@@ -205,7 +217,9 @@ impl Model {
             .sum();
         let mut tensor_types = BTreeMap::new();
         for t in file.content.tensor_infos.values() {
-            *tensor_types.entry(format!("{:?}", t.ggml_dtype)).or_insert(0) += 1;
+            *tensor_types
+                .entry(format!("{:?}", t.ggml_dtype))
+                .or_insert(0) += 1;
         }
         let (resolved, weights_chosen) = resolve_mode(opts.weights, parameters, &tensor_types);
         let llama = Llama::load(&mut file, config.clone(), resolved)?;
@@ -217,7 +231,9 @@ impl Model {
             parameters,
             tensor_types,
             config,
-            bos: tokenizer.bos_token_id().map(|i| (i, tokenizer.token_text(i))),
+            bos: tokenizer
+                .bos_token_id()
+                .map(|i| (i, tokenizer.token_text(i))),
             eos: tokenizer
                 .eos_token_ids()
                 .iter()
@@ -284,9 +300,18 @@ fn resolve_mode(
 ) -> (ResolvedMode, String) {
     let stored = types.keys().cloned().collect::<Vec<_>>().join("+");
     match mode {
-        WeightsMode::Native => (ResolvedMode::Native, format!("native: {stored} kernels for every step")),
-        WeightsMode::F32 => (ResolvedMode::F32, "f32: dequantized weights, f32 GEMM for every step".into()),
-        WeightsMode::Q8_0 => (ResolvedMode::Q8_0, "q8_0: weights requantized to Q8_0 for every step".into()),
+        WeightsMode::Native => (
+            ResolvedMode::Native,
+            format!("native: {stored} kernels for every step"),
+        ),
+        WeightsMode::F32 => (
+            ResolvedMode::F32,
+            "f32: dequantized weights, f32 GEMM for every step".into(),
+        ),
+        WeightsMode::Q8_0 => (
+            ResolvedMode::Q8_0,
+            "q8_0: weights requantized to Q8_0 for every step".into(),
+        ),
         WeightsMode::Auto => {
             let f32_bytes = parameters * 4;
             let mib = |b: u64| b / (1 << 20);

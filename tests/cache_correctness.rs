@@ -49,7 +49,10 @@ fn fork_is_independent(model: &Model, hi: u32) {
     assert_eq!(parent.len(), 30);
     assert_eq!(child.len(), 40);
     let next = tokens(3, 7, 3, hi);
-    assert_eq!(feed(model, &mut parent, &next), feed(model, &mut witness, &next));
+    assert_eq!(
+        feed(model, &mut parent, &next),
+        feed(model, &mut witness, &next)
+    );
 }
 
 #[test]

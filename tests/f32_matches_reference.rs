@@ -29,15 +29,27 @@ fn default_model_f32_matches_candle_transformers_dequantized() {
     let mut reference = ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
     let mut c = cache(&ours);
     let mut mine = feed(&ours, &mut c, &prompt);
-    let input = Tensor::new(prompt.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let mut theirs: Vec<f32> = reference.forward(&input, 0).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+    let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mut theirs: Vec<f32> = reference
+        .forward(&input, 0)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     for step in 0..8 {
         let d = max_abs_diff(&mine, &theirs);
         eprintln!("step {step}: max abs difference {d}");
         assert!(d <= 1e-3, "step {step}: max abs difference {d}");
         let next = troupe::sampling::argmax(&theirs);
         mine = feed(&ours, &mut c, &[next]);
-        let input = Tensor::new(&[next], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let input = Tensor::new(&[next], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         theirs = reference
             .forward(&input, prompt.len() + step)
             .unwrap()

@@ -33,7 +33,10 @@ fn truncated_file_is_named() {
     assert!(e.to_string().contains("truncated"), "{e}");
     // Cut inside the header: still a named GGUF error, not a panic.
     let e = load_err(&full[..200]);
-    assert!(matches!(e, Error::BadGguf { .. } | Error::Truncated { .. }), "{e}");
+    assert!(
+        matches!(e, Error::BadGguf { .. } | Error::Truncated { .. }),
+        "{e}"
+    );
 }
 
 #[test]
@@ -44,12 +47,20 @@ fn other_architecture_is_named() {
     let mut bytes = full.clone();
     bytes[pos..pos + 5].copy_from_slice(b"mamba");
     let e = load_err(&bytes);
-    assert!(matches!(e, Error::UnsupportedArchitecture { ref arch } if arch == "mamba"), "{e}");
+    assert!(
+        matches!(e, Error::UnsupportedArchitecture { ref arch } if arch == "mamba"),
+        "{e}"
+    );
 }
 
 #[test]
 fn missing_file_says_how_to_fetch() {
-    let e = Model::load(std::path::Path::new("/nonexistent/model.gguf"), LoadOptions::default()).err().unwrap();
+    let e = Model::load(
+        std::path::Path::new("/nonexistent/model.gguf"),
+        LoadOptions::default(),
+    )
+    .err()
+    .unwrap();
     assert!(e.to_string().contains("troupe model fetch"), "{e}");
 }
 
@@ -61,9 +72,17 @@ fn info_describes_the_default_model() {
     assert_eq!(info.config.vocab_size, 49_152);
     assert_eq!(info.config.n_layers, 30);
     assert_eq!(info.config.hidden, 576);
-    assert!(info.parameters > 130_000_000 && info.parameters < 140_000_000, "{}", info.parameters);
+    assert!(
+        info.parameters > 130_000_000 && info.parameters < 140_000_000,
+        "{}",
+        info.parameters
+    );
     assert_eq!(info.tensor_types.get("Q4_1"), Some(&210));
     assert!(info.chat_template_embedded);
     assert_eq!(info.pretokenizer, "smollm");
-    assert!(info.weights_chosen.starts_with("auto"), "{}", info.weights_chosen);
+    assert!(
+        info.weights_chosen.starts_with("auto"),
+        "{}",
+        info.weights_chosen
+    );
 }

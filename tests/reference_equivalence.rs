@@ -14,22 +14,43 @@ use troupe::model::{LoadOptions, Model, WeightsMode};
 /// Prefill a prompt, then decode 8 tokens; compare the logits at each step, which
 /// must differ by at most `tolerance`.
 fn check(path: &Path, prompt: &[u32], tolerance: f32) {
-    let ours = Model::load(path, LoadOptions { weights: WeightsMode::Native }).unwrap();
+    let ours = Model::load(
+        path,
+        LoadOptions {
+            weights: WeightsMode::Native,
+        },
+    )
+    .unwrap();
     let mut f = std::fs::File::open(path).unwrap();
     let ct = gguf_file::Content::read(&mut f).unwrap();
     let mut reference = ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
 
     let mut c = cache(&ours);
     let mut mine = feed(&ours, &mut c, prompt);
-    let input = Tensor::new(prompt, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-    let mut theirs: Vec<f32> = reference.forward(&input, 0).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+    let input = Tensor::new(prompt, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let mut theirs: Vec<f32> = reference
+        .forward(&input, 0)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     for step in 0..8 {
         let d = max_abs_diff(&mine, &theirs);
         eprintln!("step {step}: ours vs candle-transformers {d}");
-        assert!(d <= tolerance, "step {step}: max abs difference {d} > {tolerance}");
+        assert!(
+            d <= tolerance,
+            "step {step}: max abs difference {d} > {tolerance}"
+        );
         let next = troupe::sampling::argmax(&theirs);
         mine = feed(&ours, &mut c, &[next]);
-        let input = Tensor::new(&[next], &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let input = Tensor::new(&[next], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
         theirs = reference
             .forward(&input, prompt.len() + step)
             .unwrap()
@@ -76,9 +97,20 @@ fn reference_self_spread(path: &Path, prompt: &[u32]) -> f32 {
         let ct = gguf_file::Content::read(&mut f).unwrap();
         ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap()
     };
-    let t = |ids: &[u32]| Tensor::new(ids, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+    let t = |ids: &[u32]| {
+        Tensor::new(ids, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+    };
     let n = prompt.len();
-    let full: Vec<f32> = load().forward(&t(prompt), 0).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+    let full: Vec<f32> = load()
+        .forward(&t(prompt), 0)
+        .unwrap()
+        .squeeze(0)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     // Split the prompt at several points: prefill the head, then feed the tail one
     // token at a time from the cache.
     let mut spread = 0f32;
@@ -87,7 +119,13 @@ fn reference_self_spread(path: &Path, prompt: &[u32]) -> f32 {
         inc.forward(&t(&prompt[..n - tail]), 0).unwrap();
         let mut last = Vec::new();
         for i in n - tail..n {
-            last = inc.forward(&t(&prompt[i..=i]), i).unwrap().squeeze(0).unwrap().to_vec1().unwrap();
+            last = inc
+                .forward(&t(&prompt[i..=i]), i)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
         }
         let d = max_abs_diff(&full, &last);
         eprintln!("candle-transformers, last {tail} prompt tokens decoded from the cache: {d}");

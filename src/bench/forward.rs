@@ -69,7 +69,9 @@ impl Default for ForwardBench {
 
 /// Deterministic ordinary-looking token ids (avoids the specials at the start).
 fn prompt(n: usize, vocab: usize) -> Vec<u32> {
-    (0..n).map(|i| (1000 + i * 7919 % (vocab - 2000)) as u32).collect()
+    (0..n)
+        .map(|i| (1000 + i * 7919 % (vocab - 2000)) as u32)
+        .collect()
 }
 
 impl ForwardBench {
@@ -97,7 +99,10 @@ impl ForwardBench {
             times.push(t.elapsed().as_secs_f64());
         }
         let prefill_tok_s = p.len() as f64 / median(&times);
-        progress(&format!("prefill {} tokens: {prefill_tok_s:.1} tok/s", p.len()));
+        progress(&format!(
+            "prefill {} tokens: {prefill_tok_s:.1} tok/s",
+            p.len()
+        ));
 
         // Single-sequence decode after a short prompt.
         let short = prompt(16, vocab);
@@ -118,7 +123,10 @@ impl ForwardBench {
             }
             self.decode_tokens as f64 / t.elapsed().as_secs_f64()
         };
-        progress(&format!("decode {} tokens: {decode_tok_s:.1} tok/s", self.decode_tokens));
+        progress(&format!(
+            "decode {} tokens: {decode_tok_s:.1} tok/s",
+            self.decode_tokens
+        ));
 
         let reference_decode_tok_s = self.reference_decode(path, &short)?;
         progress(&format!(
@@ -181,7 +189,8 @@ impl ForwardBench {
         let mut file = GgufFile::open(path)?;
         let content = std::mem::replace(&mut file.content, empty_content());
         let mut reader = std::io::BufReader::new(std::fs::File::open(path)?);
-        let mut model = quantized_llama::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu)?;
+        let mut model =
+            quantized_llama::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu)?;
         let input = Tensor::new(prompt, &Device::Cpu)?.unsqueeze(0)?;
         let logits = model.forward(&input, 0)?;
         let mut next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);

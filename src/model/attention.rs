@@ -69,30 +69,40 @@ pub(crate) struct AttnShape {
     pub head_dim: usize,
 }
 
-/// Attention of one query head for `n` new tokens of a sequence whose first new
-/// token sits at `pos0`; the cache already holds the new tokens' keys and values.
+/// Attention of the query heads that share KV head `kv_head`, for `n` new tokens of
+/// a sequence whose first new token sits at `pos0`; the cache already holds the new
+/// tokens' keys and values. Each key and value row is read once for the whole group.
 ///
-/// `q`: the sequence's queries `[n, n_head, d]` after rotation; `out`: this head's
-/// output `[n, d]`; `cap`: rows per head in the cache buffers.
+/// `q`: the sequence's queries `[n, n_head, d]` after rotation; `out`: the group's
+/// output `[group, n, d]`; `cap`: rows per head in the cache buffers.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn attend_head(
+pub(crate) fn attend_group(
     q: &[f32],
     kv: &LayerKv,
     cap: usize,
     pos0: usize,
     shape: AttnShape,
-    head: usize,
-    scores: &mut Vec<f32>,
+    kv_head: usize,
+    scratch: &mut Scratch,
     out: &mut [f32],
 ) {
     match (&kv.k, &kv.v) {
-        (KvBuf::F32(k), KvBuf::F32(v)) => attend_typed(q, k, v, cap, pos0, shape, head, scores, out),
+        (KvBuf::F32(k), KvBuf::F32(v)) => {
+            attend_typed(q, k, v, cap, pos0, shape, kv_head, scratch, out)
+        }
         (KvBuf::F16(k), KvBuf::F16(v)) => {
-            attend_typed::<f16>(q, k, v, cap, pos0, shape, head, scores, out)
+            attend_typed::<f16>(q, k, v, cap, pos0, shape, kv_head, scratch, out)
         }
         // A cache is built with one dtype for keys and values alike.
         _ => unreachable!("keys and values of one cache share a dtype"),
     }
+}
+
+/// Reusable buffers of one attention worker.
+#[derive(Debug, Default)]
+pub(crate) struct Scratch {
+    scores: Vec<f32>,
+    row: Vec<f32>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -103,57 +113,84 @@ fn attend_typed<T: KvElem>(
     cap: usize,
     pos0: usize,
     shape: AttnShape,
-    head: usize,
-    scores: &mut Vec<f32>,
+    kv_head: usize,
+    scratch: &mut Scratch,
     out: &mut [f32],
 ) {
     let d = shape.head_dim;
     let group = shape.n_head / shape.n_kv_head;
-    let kv_head = head / group;
+    let first = kv_head * group;
+    let n = out.len() / (group * d);
     let keys = &k[kv_head * cap * d..(kv_head + 1) * cap * d];
     let values = &v[kv_head * cap * d..(kv_head + 1) * cap * d];
     let scale = (d as f32).sqrt();
-    for (t, o) in out.chunks_exact_mut(d).enumerate() {
-        let qrow = &q[(t * shape.n_head + head) * d..(t * shape.n_head + head + 1) * d];
+    let Scratch { scores, row } = scratch;
+    row.resize(d, 0.0);
+    for t in 0..n {
+        // The group's query rows for this token are contiguous: [group, d].
+        let qs = &q[(t * shape.n_head + first) * d..(t * shape.n_head + first + group) * d];
         // Causal: the token at pos0 + t sees keys 0..=pos0 + t.
         let n_keys = pos0 + t + 1;
         scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        for key in keys[..n_keys * d].chunks_exact(d) {
-            let s = dot(qrow, key) / scale;
-            max = max.max(s);
-            scores.push(s);
+        scores.resize(group * n_keys, 0.0);
+        for (j, key) in keys[..n_keys * d].chunks_exact(d).enumerate() {
+            let key = as_f32(key, row);
+            for (g, qrow) in qs.chunks_exact(d).enumerate() {
+                scores[g * n_keys + j] = dot(qrow, key) / scale;
+            }
         }
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+        for s in scores.chunks_exact_mut(n_keys) {
+            let max = s.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let mut sum = 0f32;
+            for x in s.iter_mut() {
+                *x = (*x - max).exp();
+                sum += *x;
+            }
+            s.iter_mut().for_each(|x| *x /= sum);
         }
-        o.fill(0.0);
-        for (p, val) in scores.iter().zip(values[..n_keys * d].chunks_exact(d)) {
-            let w = p / sum;
-            for (acc, x) in o.iter_mut().zip(val) {
-                *acc += w * x.to_f32();
+        for g in 0..group {
+            out[(g * n + t) * d..(g * n + t + 1) * d].fill(0.0);
+        }
+        for (j, val) in values[..n_keys * d].chunks_exact(d).enumerate() {
+            let val = as_f32(val, row);
+            for g in 0..group {
+                let w = scores[g * n_keys + j];
+                let o = &mut out[(g * n + t) * d..(g * n + t + 1) * d];
+                for (acc, x) in o.iter_mut().zip(val) {
+                    *acc += w * x;
+                }
             }
         }
     }
 }
 
+/// A cache row as f32: the row itself for f32 caches, else converted into `buf`.
+#[inline(always)]
+fn as_f32<'a, T: KvElem>(row: &'a [T], buf: &'a mut [f32]) -> &'a [f32] {
+    if let Some(r) = T::as_f32_slice(row) {
+        return r;
+    }
+    for (b, x) in buf.iter_mut().zip(row) {
+        *b = x.to_f32();
+    }
+    buf
+}
+
 /// Dot product with eight independent accumulators so that it vectorises.
 #[inline]
-fn dot<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let ca = a.chunks_exact(8);
     let cb = b.chunks_exact(8);
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..8 {
-            acc[i] += x[i] * y[i].to_f32();
+            acc[i] += x[i] * y[i];
         }
     }
     let mut s = acc.iter().sum::<f32>();
     for (x, y) in ra.iter().zip(rb) {
-        s += x * y.to_f32();
+        s += x * y;
     }
     s
 }
@@ -185,25 +222,36 @@ mod tests {
         cache.reserve(n);
         cache.write(0, 0, &k, &v);
         cache.advance(n);
-        let mut scores = Vec::new();
-        for head in 0..4 {
-            let mut out = vec![0f32; n * 8];
-            attend_head(&q, cache.layer(0), cache.capacity(), 0, shape, head, &mut scores, &mut out);
-            let kvh = head / 2;
-            for t in 0..n {
-                let qr = &q[(t * 4 + head) * 8..(t * 4 + head + 1) * 8];
-                let s: Vec<f32> = (0..=t)
-                    .map(|j| {
-                        let kr = &k[(j * 2 + kvh) * 8..(j * 2 + kvh + 1) * 8];
-                        qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() / 8f32.sqrt()
-                    })
-                    .collect();
-                let m = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
-                let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
-                let z: f32 = e.iter().sum();
-                for c in 0..8 {
-                    let want: f32 = (0..=t).map(|j| e[j] / z * v[(j * 2 + kvh) * 8 + c]).sum();
-                    assert!((out[t * 8 + c] - want).abs() < 1e-5, "head {head} t {t} c {c}");
+        let mut scratch = Scratch::default();
+        for kvh in 0..2 {
+            let mut out = vec![0f32; 2 * n * 8];
+            attend_group(
+                &q,
+                cache.layer(0),
+                cache.capacity(),
+                0,
+                shape,
+                kvh,
+                &mut scratch,
+                &mut out,
+            );
+            for head in kvh * 2..kvh * 2 + 2 {
+                for t in 0..n {
+                    let qr = &q[(t * 4 + head) * 8..(t * 4 + head + 1) * 8];
+                    let s: Vec<f32> = (0..=t)
+                        .map(|j| {
+                            let kr = &k[(j * 2 + kvh) * 8..(j * 2 + kvh + 1) * 8];
+                            qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() / 8f32.sqrt()
+                        })
+                        .collect();
+                    let m = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
+                    let z: f32 = e.iter().sum();
+                    for c in 0..8 {
+                        let want: f32 = (0..=t).map(|j| e[j] / z * v[(j * 2 + kvh) * 8 + c]).sum();
+                        let got = out[((head - kvh * 2) * n + t) * 8 + c];
+                        assert!((got - want).abs() < 1e-5, "head {head} t {t} c {c}");
+                    }
                 }
             }
         }

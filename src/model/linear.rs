@@ -17,7 +17,17 @@ use super::qgemv::QuantRows;
 use crate::Result;
 
 /// How the forward stores and multiplies weight matrices.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum WeightsMode {
     /// Decide from the model size and the memory available: for steps of at most
@@ -50,7 +60,7 @@ impl std::fmt::Display for WeightsMode {
 }
 
 /// In `auto`, steps of at most this many rows use the quantized blocks directly.
-pub const AUTO_QUANT_MAX_ROWS: usize = 2;
+pub const AUTO_QUANT_MAX_ROWS: usize = 8;
 
 /// A weight matrix `[out, in]` in the form(s) the chosen mode keeps.
 #[derive(Debug, Clone)]
@@ -75,7 +85,10 @@ impl Linear {
             .sum::<candle_core::Result<usize>>()?;
         let stored = fuse_quantized(parts)?;
         let dense_from = |q: &QTensor| -> Result<Tensor> { Ok(q.dequantize(&Device::Cpu)?) };
-        let is_float = matches!(stored.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        let is_float = matches!(
+            stored.dtype(),
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+        );
         let (quant, exact, dense) = match mode {
             // Float tensors have no quantized kernel: they are dense in every mode.
             _ if is_float => (None, None, Some(dense_from(&stored)?)),
@@ -87,7 +100,11 @@ impl Linear {
                     (Some(qmatmul(stored)), None, None)
                 } else {
                     let w = dense_from(&stored)?;
-                    (Some(qmatmul(QTensor::quantize(&w, GgmlDType::Q8_0)?)), None, None)
+                    (
+                        Some(qmatmul(QTensor::quantize(&w, GgmlDType::Q8_0)?)),
+                        None,
+                        None,
+                    )
                 }
             }
             ResolvedMode::Both => (None, QuantRows::new(&stored)?, Some(dense_from(&stored)?)),
@@ -113,7 +130,11 @@ impl Linear {
             (None, Some(e), _) if rows <= AUTO_QUANT_MAX_ROWS => {
                 let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
                 let out = e.matmul(&xs, rows);
-                Ok(Tensor::from_vec(out, (rows, self.out_features), &Device::Cpu)?)
+                Ok(Tensor::from_vec(
+                    out,
+                    (rows, self.out_features),
+                    &Device::Cpu,
+                )?)
             }
             (None, _, Some(w)) => dense_forward(w, x, self.out_features),
             (None, _, None) => unreachable!("a Linear keeps at least one form of its weights"),

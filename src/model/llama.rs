@@ -9,7 +9,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::attention::{attend_head, AttnShape, Rope};
+use super::attention::{attend_group, AttnShape, Rope, Scratch};
 use super::linear::{Linear, ResolvedMode};
 use super::GgufFile;
 use crate::kv::{KvCache, KvLayout};
@@ -171,7 +171,11 @@ pub struct Llama {
 
 impl Llama {
     /// Loads the weights from an opened GGUF in the given resolved mode.
-    pub(crate) fn load(file: &mut GgufFile, config: LlamaConfig, mode: ResolvedMode) -> Result<Self> {
+    pub(crate) fn load(
+        file: &mut GgufFile,
+        config: LlamaConfig,
+        mode: ResolvedMode,
+    ) -> Result<Self> {
         let dev = Device::Cpu;
         let embd_q = file.tensor("token_embd.weight", &[config.vocab_size, config.hidden])?;
         let embedding = embd_q.dequantize(&dev)?;
@@ -184,7 +188,10 @@ impl Llama {
             Ok(file.tensor(name, &[config.hidden])?.dequantize(&dev)?)
         };
         let (h, i) = (config.hidden, config.intermediate);
-        let (qd, kvd) = (config.n_head * config.head_dim, config.n_kv_head * config.head_dim);
+        let (qd, kvd) = (
+            config.n_head * config.head_dim,
+            config.n_kv_head * config.head_dim,
+        );
         let mut blocks = Vec::with_capacity(config.n_layers);
         for l in 0..config.n_layers {
             let name = |s: &str| format!("blk.{l}.{s}.weight");
@@ -269,10 +276,16 @@ impl Llama {
             }
             for (si, s) in seqs.iter_mut().enumerate() {
                 let (a, n, pos) = (starts[si], lens[si], s.cache.len());
-                self.rope.apply(&mut q[a * qd..(a + n) * qd], cfg.n_head, pos);
-                self.rope.apply(&mut k[a * kvd..(a + n) * kvd], cfg.n_kv_head, pos);
-                s.cache
-                    .write(li, pos, &k[a * kvd..(a + n) * kvd], &v[a * kvd..(a + n) * kvd]);
+                self.rope
+                    .apply(&mut q[a * qd..(a + n) * qd], cfg.n_head, pos);
+                self.rope
+                    .apply(&mut k[a * kvd..(a + n) * kvd], cfg.n_kv_head, pos);
+                s.cache.write(
+                    li,
+                    pos,
+                    &k[a * kvd..(a + n) * kvd],
+                    &v[a * kvd..(a + n) * kvd],
+                );
             }
             let attn = self.attention(seqs, &q, &starts, &lens, li, shape)?;
             x = (x + block.wo.forward(&attn)?)?;
@@ -280,7 +293,8 @@ impl Llama {
             let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, cfg.rms_eps as f32)?;
             let gu = block.gate_up.forward(&h)?;
             let half = block.gate_up.out_features() / 2;
-            let act = (candle_nn::ops::silu(&gu.narrow(1, 0, half)?)? * gu.narrow(1, half, half)?)?;
+            let act =
+                (candle_nn::ops::silu(&gu.narrow(1, 0, half)?)? * gu.narrow(1, half, half)?)?;
             x = (x + block.down.forward(&act)?)?;
         }
         for s in seqs.iter_mut() {
@@ -312,33 +326,35 @@ impl Llama {
         let (nh, d) = (shape.n_head, shape.head_dim);
         let total: usize = lens.iter().sum();
         // Head-major per sequence ([n_head, n, d] at the sequence's offset) so that
-        // each (sequence, head) job owns one contiguous chunk.
+        // each (sequence, KV head) job owns one contiguous chunk: its query heads.
+        let group = nh / shape.n_kv_head;
         let mut head_major = vec![0f32; total * nh * d];
-        let mut jobs = Vec::with_capacity(seqs.len() * nh);
+        let mut jobs = Vec::with_capacity(seqs.len() * shape.n_kv_head);
         let mut rest: &mut [f32] = &mut head_major;
         for (si, n) in lens.iter().enumerate() {
-            for head in 0..nh {
-                let (chunk, tail) = rest.split_at_mut(n * d);
+            for kv_head in 0..shape.n_kv_head {
+                let (chunk, tail) = rest.split_at_mut(group * n * d);
                 rest = tail;
-                jobs.push((si, head, chunk));
+                jobs.push((si, kv_head, chunk));
             }
         }
-        jobs.into_par_iter().for_each_init(Vec::new, |scores, (si, head, out)| {
-            let s = &seqs[si];
-            let a = starts[si];
-            let q = &q[a * nh * d..(a + lens[si]) * nh * d];
-            let cache = &*s.cache;
-            attend_head(
-                q,
-                cache.layer(layer),
-                cache.capacity(),
-                cache.len(),
-                shape,
-                head,
-                scores,
-                out,
-            );
-        });
+        jobs.into_par_iter()
+            .for_each_init(Scratch::default, |scratch, (si, kv_head, out)| {
+                let s = &seqs[si];
+                let a = starts[si];
+                let q = &q[a * nh * d..(a + lens[si]) * nh * d];
+                let cache = &*s.cache;
+                attend_group(
+                    q,
+                    cache.layer(layer),
+                    cache.capacity(),
+                    cache.len(),
+                    shape,
+                    kv_head,
+                    scratch,
+                    out,
+                );
+            });
         let mut out = vec![0f32; total * nh * d];
         for (si, (&a, &n)) in starts.iter().zip(lens).enumerate() {
             let _ = si;
@@ -357,11 +373,15 @@ impl Llama {
     fn check(&self, seqs: &[SeqInput<'_>]) -> Result<()> {
         let cfg = &self.config;
         if seqs.is_empty() {
-            return Err(Error::InvalidInput("a forward needs at least one sequence".into()));
+            return Err(Error::InvalidInput(
+                "a forward needs at least one sequence".into(),
+            ));
         }
         for (i, s) in seqs.iter().enumerate() {
             if s.tokens.is_empty() {
-                return Err(Error::InvalidInput(format!("sequence {i} has no new tokens")));
+                return Err(Error::InvalidInput(format!(
+                    "sequence {i} has no new tokens"
+                )));
             }
             if let Some(&id) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
                 return Err(Error::TokenOutOfRange {

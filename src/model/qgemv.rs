@@ -58,6 +58,9 @@ impl QuantRows {
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
         let row_bytes = k / BLOCK * self.block_bytes();
+        // Per row and block, the sum of the activations: the Q4_1 offset `m` of a
+        // block contributes `m * sum(x)`, added once per block instead of per weight.
+        let xsum: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
         // Column-major result: each column's m values are computed together so that a
         // weight block is decoded once for all rows.
         let mut out_t = vec![0f32; n * m];
@@ -67,10 +70,11 @@ impl QuantRows {
             .enumerate()
             .for_each(|(job, chunk)| {
                 let mut acc = vec![[0f32; BLOCK]; m];
+                let mut offs = vec![0f32; m];
                 for (c, out) in chunk.chunks_exact_mut(m).enumerate() {
                     let col = job * cols_per_job + c;
                     let w = &self.data[col * row_bytes..(col + 1) * row_bytes];
-                    self.column(w, x, &mut acc, out);
+                    self.column(w, x, &xsum, &mut acc, &mut offs, out);
                 }
             });
         let mut out = vec![0f32; m * n];
@@ -84,37 +88,49 @@ impl QuantRows {
 
     /// Dot products of one weight row with the `m` activation rows.
     #[inline]
-    fn column(&self, w: &[u8], x: &[f32], acc: &mut [[f32; BLOCK]], out: &mut [f32]) {
+    fn column(
+        &self,
+        w: &[u8],
+        x: &[f32],
+        xsum: &[f32],
+        acc: &mut [[f32; BLOCK]],
+        offs: &mut [f32],
+        out: &mut [f32],
+    ) {
         let k = self.k;
+        let blocks = k / BLOCK;
         acc.iter_mut().for_each(|a| *a = [0.0; BLOCK]);
+        offs.iter_mut().for_each(|o| *o = 0.0);
         let mut wv = [0f32; BLOCK];
         for (b, blk) in w.chunks_exact(self.block_bytes()).enumerate() {
-            decode(self.dtype, blk, &mut wv);
+            let offset = decode(self.dtype, blk, &mut wv);
             for (r, a) in acc.iter_mut().enumerate() {
                 let xs = &x[r * k + b * BLOCK..r * k + (b + 1) * BLOCK];
                 for i in 0..BLOCK {
-                    a[i] += wv[i] * xs[i];
+                    a[i] = wv[i].mul_add(xs[i], a[i]);
                 }
+                offs[r] += offset * xsum[r * blocks + b];
             }
         }
-        for (o, a) in out.iter_mut().zip(acc.iter()) {
-            *o = sum32(a);
+        for ((o, a), off) in out.iter_mut().zip(acc.iter()).zip(offs.iter()) {
+            *o = sum32(a) + off;
         }
     }
 }
 
-/// Dequantizes one block exactly as ggml (and candle) define the format.
+/// Decodes one block into `wv = d * q` and returns the block's offset (`m` for
+/// Q4_1, else 0): the weights are `wv + offset`, as ggml defines the formats.
 #[inline(always)]
-fn decode(dtype: GgmlDType, blk: &[u8], wv: &mut [f32; BLOCK]) {
+fn decode(dtype: GgmlDType, blk: &[u8], wv: &mut [f32; BLOCK]) -> f32 {
     let d = f16::from_le_bytes([blk[0], blk[1]]).to_f32();
     match dtype {
         GgmlDType::Q4_1 => {
-            let mn = f16::from_le_bytes([blk[2], blk[3]]).to_f32();
             let qs = &blk[4..20];
             for i in 0..16 {
-                wv[i] = (qs[i] & 0x0F) as f32 * d + mn;
-                wv[i + 16] = (qs[i] >> 4) as f32 * d + mn;
+                wv[i] = (qs[i] & 0x0F) as f32 * d;
+                wv[i + 16] = (qs[i] >> 4) as f32 * d;
             }
+            f16::from_le_bytes([blk[2], blk[3]]).to_f32()
         }
         GgmlDType::Q4_0 => {
             let qs = &blk[2..18];
@@ -122,12 +138,14 @@ fn decode(dtype: GgmlDType, blk: &[u8], wv: &mut [f32; BLOCK]) {
                 wv[i] = ((qs[i] & 0x0F) as i32 - 8) as f32 * d;
                 wv[i + 16] = ((qs[i] >> 4) as i32 - 8) as f32 * d;
             }
+            0.0
         }
         _ => {
             let qs = &blk[2..34];
             for i in 0..BLOCK {
                 wv[i] = (qs[i] as i8) as f32 * d;
             }
+            0.0
         }
     }
 }
@@ -161,7 +179,11 @@ mod tests {
             let want: Vec<f32> = dense.flatten_all().unwrap().to_vec1().unwrap();
             let rows = QuantRows::new(&q).unwrap().unwrap();
             let got = rows.matmul(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), 3);
-            let diff = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let diff = want
+                .iter()
+                .zip(&got)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
             assert!(diff < 1e-4, "{dtype:?}: {diff}");
         }
     }

@@ -117,7 +117,10 @@ pub fn write_tiny_model(path: &Path, cfg: &TinyConfig) -> Result<()> {
     use gguf_file::Value as V;
     let mut tokens: Vec<String> = TINY_SPECIALS.iter().map(|s| s.to_string()).collect();
     tokens.extend(byte_chars().into_iter().map(String::from));
-    let merges: Vec<String> = TINY_MERGES.iter().map(|(a, b)| format!("{a} {b}")).collect();
+    let merges: Vec<String> = TINY_MERGES
+        .iter()
+        .map(|(a, b)| format!("{a} {b}"))
+        .collect();
     tokens.extend(TINY_MERGES.iter().map(|(a, b)| format!("{a}{b}")));
     let types: Vec<V> = (0..tokens.len())
         .map(|i| V::I32(if i < TINY_SPECIALS.len() { 3 } else { 1 }))
@@ -128,20 +131,41 @@ pub fn write_tiny_model(path: &Path, cfg: &TinyConfig) -> Result<()> {
     let mut meta: Vec<(String, V)> = vec![
         ("general.architecture".into(), V::String("llama".into())),
         ("general.name".into(), V::String("troupe-tiny".into())),
-        ("llama.context_length".into(), V::U32(cfg.context_length as u32)),
+        (
+            "llama.context_length".into(),
+            V::U32(cfg.context_length as u32),
+        ),
         ("llama.embedding_length".into(), V::U32(cfg.hidden as u32)),
-        ("llama.feed_forward_length".into(), V::U32(cfg.intermediate as u32)),
+        (
+            "llama.feed_forward_length".into(),
+            V::U32(cfg.intermediate as u32),
+        ),
         ("llama.block_count".into(), V::U32(cfg.n_layers as u32)),
-        ("llama.attention.head_count".into(), V::U32(cfg.n_head as u32)),
-        ("llama.attention.head_count_kv".into(), V::U32(cfg.n_kv_head as u32)),
+        (
+            "llama.attention.head_count".into(),
+            V::U32(cfg.n_head as u32),
+        ),
+        (
+            "llama.attention.head_count_kv".into(),
+            V::U32(cfg.n_kv_head as u32),
+        ),
         ("llama.rope.dimension_count".into(), V::U32(head_dim as u32)),
         ("llama.rope.freq_base".into(), V::F32(10_000.0)),
-        ("llama.attention.layer_norm_rms_epsilon".into(), V::F32(1e-5)),
+        (
+            "llama.attention.layer_norm_rms_epsilon".into(),
+            V::F32(1e-5),
+        ),
         ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
         ("tokenizer.ggml.pre".into(), V::String("smollm".into())),
-        ("tokenizer.ggml.tokens".into(), V::Array(tokens.into_iter().map(V::String).collect())),
+        (
+            "tokenizer.ggml.tokens".into(),
+            V::Array(tokens.into_iter().map(V::String).collect()),
+        ),
         ("tokenizer.ggml.token_type".into(), V::Array(types)),
-        ("tokenizer.ggml.merges".into(), V::Array(merges.into_iter().map(V::String).collect())),
+        (
+            "tokenizer.ggml.merges".into(),
+            V::Array(merges.into_iter().map(V::String).collect()),
+        ),
         ("tokenizer.ggml.bos_token_id".into(), V::U32(1)),
         ("tokenizer.ggml.eos_token_id".into(), V::U32(2)),
     ];
@@ -158,7 +182,10 @@ pub fn write_tiny_model(path: &Path, cfg: &TinyConfig) -> Result<()> {
     };
     let norm = |rng: &mut Rng| -> Result<QTensor> {
         let v: Vec<f32> = (0..h).map(|_| 1.0 + 0.1 * rng.next_f32()).collect();
-        Ok(QTensor::quantize(&Tensor::from_vec(v, h, &Device::Cpu)?, GgmlDType::F32)?)
+        Ok(QTensor::quantize(
+            &Tensor::from_vec(v, h, &Device::Cpu)?,
+            GgmlDType::F32,
+        )?)
     };
     tensors.push((
         "token_embd.weight".into(),

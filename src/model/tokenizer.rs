@@ -31,7 +31,13 @@ const REGEX_QWEN2: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'
 
 /// Token texts that end a turn in common chat formats, treated as end-of-generation
 /// when the vocabulary has them as control tokens (as llama.cpp does).
-const END_OF_TURN: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"];
+const END_OF_TURN: &[&str] = &[
+    "<|im_end|>",
+    "<|eot_id|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+];
 
 /// A byte-level BPE tokenizer read from a GGUF.
 #[derive(Clone)]
@@ -67,9 +73,13 @@ fn meta_u32(ct: &gguf_file::Content, key: &str) -> Option<u32> {
 /// GPT-2 prefix space.
 fn pre_tokenizer(pre: &str) -> Result<(PreTokenizerWrapper, bool)> {
     let split = |re: &str| -> Result<PreTokenizerWrapper> {
-        Ok(Split::new(SplitPattern::Regex(re.into()), SplitDelimiterBehavior::Isolated, false)
-            .map_err(|e| Error::Tokenizer(format!("pre-tokenizer regex: {e}")))?
-            .into())
+        Ok(Split::new(
+            SplitPattern::Regex(re.into()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| Error::Tokenizer(format!("pre-tokenizer regex: {e}")))?
+        .into())
     };
     let no_regex = ByteLevel::new(false, false, false);
     Ok(match pre {
@@ -149,7 +159,16 @@ impl Tokenizer {
             .metadata
             .get("tokenizer.ggml.token_type")
             .and_then(|v| v.to_vec().ok())
-            .map(|a| a.iter().map(|v| v.to_i32().map(|x| x as u32).or_else(|_| v.to_u32()).unwrap_or(1)).collect())
+            .map(|a| {
+                a.iter()
+                    .map(|v| {
+                        v.to_i32()
+                            .map(|x| x as u32)
+                            .or_else(|_| v.to_u32())
+                            .unwrap_or(1)
+                    })
+                    .collect()
+            })
             .unwrap_or_else(|| vec![1; texts.len()]);
         let special: HashSet<u32> = inner.get_added_tokens_decoder().keys().copied().collect();
         let map = unicode_to_byte();
