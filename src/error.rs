@@ -82,6 +82,31 @@ pub enum Error {
         /// The model's context length.
         context: usize,
     },
+    /// A generation request that can never fit the model's context.
+    #[error("request needs {cached} cached + {new} new + {max_tokens} max_tokens = {} tokens, more than the model's context of {context}", cached + new + max_tokens)]
+    RequestTooLong {
+        /// Tokens already in the cache.
+        cached: usize,
+        /// New tokens to feed.
+        new: usize,
+        /// Tokens to generate at most.
+        max_tokens: usize,
+        /// The model's context length.
+        context: usize,
+    },
+    /// A request whose cache alone would exceed the KV memory budget.
+    #[error("request needs a KV cache of {needed} bytes ({tokens} tokens), more than the whole KV budget of {budget} bytes")]
+    KvBudgetExceeded {
+        /// Bytes its cache would hold.
+        needed: usize,
+        /// Tokens it would hold.
+        tokens: usize,
+        /// The budget.
+        budget: usize,
+    },
+    /// The engine thread is gone (the model actor stopped).
+    #[error("the model engine stopped")]
+    EngineStopped,
     /// A forward call that makes no sense (no sequences, a sequence with no new tokens…).
     #[error("invalid input: {0}")]
     InvalidInput(String),

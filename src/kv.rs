@@ -285,10 +285,20 @@ impl KvCache {
     /// Makes room for `total` tokens, doubling the capacity when it must grow so that
     /// appending one token at a time costs amortised O(1).
     pub fn reserve(&mut self, total: usize) {
-        if total <= self.capacity {
-            return;
+        if total > self.capacity {
+            self.grow_to(total.max(self.capacity * 2).max(16));
         }
-        let new_cap = total.max(self.capacity * 2).max(16);
+    }
+
+    /// Makes room for exactly `total` tokens when the capacity is smaller (one
+    /// reallocation for a whole generation whose length is bounded in advance).
+    pub fn reserve_exact(&mut self, total: usize) {
+        if total > self.capacity {
+            self.grow_to(total);
+        }
+    }
+
+    fn grow_to(&mut self, new_cap: usize) {
         let heads = self.layout.n_kv_heads;
         let d = self.layout.head_dim;
         if self.layers.is_empty() {

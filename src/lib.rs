@@ -8,6 +8,8 @@
 //!   chat template, default-model fetch.
 //! - [`kv`]: the per-sequence [`KvCache`].
 //! - [`sampling`]: sampling parameters and the per-sequence sampler.
+//! - [`engine`]: the [`ModelActor`](engine::ModelActor): continuous batching, sampling,
+//!   streaming, cancellation and the KV budget, on a dedicated engine thread.
 //! - [`bench`]: the `troupe bench` measurements.
 //! - [`error`]: the library's [`Error`].
 //!
@@ -20,6 +22,7 @@
 #![deny(clippy::unwrap_used)]
 
 pub mod bench;
+pub mod engine;
 pub mod error;
 pub mod kv;
 pub mod model;

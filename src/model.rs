@@ -362,14 +362,16 @@ impl Model {
         mut on_token: impl FnMut(u32) -> Result<()>,
     ) -> Result<(Vec<u32>, Finish)> {
         let mut out = Vec::new();
+        sampler.observe_prompt(prompt);
         let mut next: Vec<u32> = prompt.to_vec();
         while out.len() < max_tokens {
             let logits = self.forward(&mut [SeqInput {
                 tokens: &next,
                 cache,
             }])?;
-            let row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
-            let id = sampler.sample(&row);
+            let mut row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
+            let id = sampler.sample(&mut row);
+            sampler.observe_generated(id);
             if self.tokenizer.eos_token_ids().contains(&id) {
                 return Ok((out, Finish::Stop));
             }

@@ -1,8 +1,11 @@
 //! Sampling: turning one sequence's logits into its next token.
 //!
-//! Greedy at temperature 0; otherwise temperature, then top-k and top-p filtering,
-//! drawn with the request's own seeded generator, so a sampled output depends only
-//! on the request, never on what else shares its batch.
+//! Penalties first (repetition over the request's tokens, presence and frequency over
+//! what it generated), then greedy at temperature 0; otherwise temperature, top-k,
+//! top-p and min-p filtering, drawn with the request's own seeded generator, so that a
+//! sampled output depends only on the request, never on what else shares its batch.
+
+use std::collections::HashMap;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -11,6 +14,7 @@ use crate::{Error, Result};
 
 /// How a request's tokens are chosen.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct SamplingParams {
     /// 0 picks the most likely token (greedy).
     pub temperature: f32,
@@ -18,6 +22,15 @@ pub struct SamplingParams {
     pub top_k: usize,
     /// Keep the smallest set of tokens whose probability reaches p (1.0: all).
     pub top_p: f32,
+    /// Drop tokens less likely than `min_p` times the most likely one (0: none).
+    pub min_p: f32,
+    /// Divide positive logits (multiply negative ones) of tokens already seen in the
+    /// request, prompt and generation (1.0: off).
+    pub repetition_penalty: f32,
+    /// Subtracted from the logit of every token generated at least once (0: off).
+    pub presence_penalty: f32,
+    /// Subtracted from a token's logit once per time it was generated (0: off).
+    pub frequency_penalty: f32,
     /// Seed of the request's generator.
     pub seed: u64,
 }
@@ -28,35 +41,67 @@ impl Default for SamplingParams {
             temperature: 0.0,
             top_k: 0,
             top_p: 1.0,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
 }
 
 impl SamplingParams {
-    /// Rejects parameters that make no sense.
+    /// Greedy decoding.
+    pub fn greedy() -> Self {
+        Self::default()
+    }
+
+    /// Sampling at `temperature` with `seed`.
+    pub fn with_temperature(temperature: f32, seed: u64) -> Self {
+        Self {
+            temperature,
+            seed,
+            ..Self::default()
+        }
+    }
+
+    /// Rejects parameters that make no sense, naming the parameter.
     pub fn validate(&self) -> Result<()> {
+        let bad = |name: &str, want: &str, got: f32| {
+            Err(Error::InvalidInput(format!("{name} must be {want}, got {got}")))
+        };
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(Error::InvalidInput(format!(
-                "temperature must be a finite number >= 0, got {}",
-                self.temperature
-            )));
+            return bad("temperature", "a finite number >= 0", self.temperature);
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(Error::InvalidInput(format!(
-                "top_p must be in (0, 1], got {}",
-                self.top_p
-            )));
+            return bad("top_p", "in (0, 1]", self.top_p);
+        }
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return bad("min_p", "in [0, 1]", self.min_p);
+        }
+        if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
+            return bad("repetition_penalty", "a finite number > 0", self.repetition_penalty);
+        }
+        if !self.presence_penalty.is_finite() {
+            return bad("presence_penalty", "finite", self.presence_penalty);
+        }
+        if !self.frequency_penalty.is_finite() {
+            return bad("frequency_penalty", "finite", self.frequency_penalty);
         }
         Ok(())
     }
 }
 
-/// The sampler of one sequence: its parameters and its generator.
+/// The sampler of one sequence: its parameters, its generator and the token counts
+/// the penalties need.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
+    /// Tokens of the request (prompt and generated), for the repetition penalty.
+    seen: HashMap<u32, u32>,
+    /// Generated tokens and their counts, for presence and frequency penalties.
+    generated: HashMap<u32, u32>,
 }
 
 impl Sampler {
@@ -64,11 +109,32 @@ impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
         params.validate()?;
         let rng = StdRng::seed_from_u64(params.seed);
-        Ok(Self { params, rng })
+        Ok(Self {
+            params,
+            rng,
+            seen: HashMap::new(),
+            generated: HashMap::new(),
+        })
     }
 
-    /// Picks the next token from `logits` (one row, vocabulary wide).
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    /// Records prompt tokens (they count for the repetition penalty only).
+    pub fn observe_prompt(&mut self, tokens: &[u32]) {
+        for &t in tokens {
+            *self.seen.entry(t).or_default() += 1;
+        }
+    }
+
+    /// Records a generated token.
+    pub fn observe_generated(&mut self, token: u32) {
+        *self.seen.entry(token).or_default() += 1;
+        *self.generated.entry(token).or_default() += 1;
+    }
+
+    /// Picks the next token from `logits` (one row, vocabulary wide; modified in
+    /// place by the penalties). Logits of -inf (masked by a grammar) are never picked
+    /// unless every logit is -inf.
+    pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
+        self.apply_penalties(logits);
         if self.params.temperature == 0.0 {
             return argmax(logits);
         }
@@ -90,6 +156,11 @@ impl Sampler {
         let mut probs: Vec<f32> = cand.iter().map(|(_, l)| (l - max).exp()).collect();
         let sum: f32 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= sum);
+        if self.params.min_p > 0.0 {
+            let floor = self.params.min_p * probs[0];
+            let keep = probs.iter().take_while(|&&p| p >= floor).count().max(1);
+            probs.truncate(keep);
+        }
         if self.params.top_p < 1.0 {
             let mut acc = 0.0;
             let keep = probs
@@ -111,6 +182,28 @@ impl Sampler {
         }
         cand[probs.len() - 1].0
     }
+
+    fn apply_penalties(&self, logits: &mut [f32]) {
+        let p = &self.params;
+        if p.repetition_penalty != 1.0 {
+            for &t in self.seen.keys() {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l > 0.0 {
+                        *l / p.repetition_penalty
+                    } else {
+                        *l * p.repetition_penalty
+                    };
+                }
+            }
+        }
+        if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+            for (&t, &n) in &self.generated {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= p.presence_penalty + p.frequency_penalty * n as f32;
+                }
+            }
+        }
+    }
 }
 
 /// Index of the largest logit (the first on ties).
@@ -122,4 +215,75 @@ pub fn argmax(logits: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampler(p: SamplingParams) -> Sampler {
+        Sampler::new(p).unwrap()
+    }
+
+    #[test]
+    fn greedy_takes_the_largest_and_seeds_reproduce() {
+        let logits = vec![0.1, 2.0, 1.9, -1.0];
+        assert_eq!(sampler(SamplingParams::greedy()).sample(&mut logits.clone()), 1);
+        let draw = |seed| {
+            let mut s = sampler(SamplingParams::with_temperature(1.0, seed));
+            (0..50).map(|_| s.sample(&mut logits.clone())).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(3), draw(3));
+        assert_ne!(draw(3), draw(4));
+    }
+
+    #[test]
+    fn filters_restrict_the_candidates() {
+        let logits = vec![3.0, 2.9, 0.0, -5.0];
+        let mut s = sampler(SamplingParams {
+            top_k: 2,
+            ..SamplingParams::with_temperature(5.0, 1)
+        });
+        assert!((0..200).all(|_| s.sample(&mut logits.clone()) < 2));
+        let mut s = sampler(SamplingParams {
+            min_p: 0.5,
+            ..SamplingParams::with_temperature(1.0, 1)
+        });
+        assert!((0..200).all(|_| s.sample(&mut logits.clone()) < 2));
+        let mut s = sampler(SamplingParams {
+            top_p: 0.1,
+            ..SamplingParams::with_temperature(1.0, 1)
+        });
+        assert!((0..200).all(|_| s.sample(&mut logits.clone()) == 0));
+    }
+
+    #[test]
+    fn penalties_move_seen_tokens_down() {
+        let mut s = sampler(SamplingParams {
+            repetition_penalty: 2.0,
+            ..SamplingParams::greedy()
+        });
+        s.observe_prompt(&[0]);
+        assert_eq!(s.sample(&mut vec![3.0, 2.0]), 1);
+        let mut s = sampler(SamplingParams {
+            frequency_penalty: 0.6,
+            ..SamplingParams::greedy()
+        });
+        s.observe_generated(0);
+        assert_eq!(s.sample(&mut vec![2.5, 2.0]), 0);
+        s.observe_generated(0);
+        assert_eq!(s.sample(&mut vec![2.5, 2.0]), 1);
+    }
+
+    #[test]
+    fn bad_parameters_are_named() {
+        let e = Sampler::new(SamplingParams::with_temperature(-1.0, 0)).unwrap_err();
+        assert!(e.to_string().contains("temperature"), "{e}");
+        let e = Sampler::new(SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("top_p"), "{e}");
+    }
 }

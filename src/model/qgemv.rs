@@ -107,7 +107,7 @@ impl QuantRows {
             for (r, a) in acc.iter_mut().enumerate() {
                 let xs = &x[r * k + b * BLOCK..r * k + (b + 1) * BLOCK];
                 for i in 0..BLOCK {
-                    a[i] = wv[i].mul_add(xs[i], a[i]);
+                    a[i] = fma(wv[i], xs[i], a[i]);
                 }
                 offs[r] += offset * xsum[r * blocks + b];
             }
@@ -147,6 +147,17 @@ fn decode(dtype: GgmlDType, blk: &[u8], wv: &mut [f32; BLOCK]) -> f32 {
             }
             0.0
         }
+    }
+}
+
+/// `a * b + c`: one fused instruction where the build targets FMA (see
+/// `.cargo/config.toml`); without it `mul_add` would be a slow library call.
+#[inline(always)]
+fn fma(a: f32, b: f32, c: f32) -> f32 {
+    if cfg!(target_feature = "fma") {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
     }
 }
 

@@ -74,3 +74,25 @@ pub fn tokens(n: usize, seed: usize, lo: u32, hi: u32) -> Vec<u32> {
 pub fn cache(model: &Model) -> KvCache {
     model.new_cache(KvDtype::F32)
 }
+
+/// Spawns a model actor over `model` with `config`.
+pub fn actor(
+    model: Model,
+    config: troupe::engine::EngineConfig,
+) -> kameo::actor::ActorRef<troupe::engine::ModelActor> {
+    use kameo::actor::Spawn;
+    let a = troupe::engine::ModelActor::new(std::sync::Arc::new(model), config).expect("engine");
+    troupe::engine::ModelActor::spawn(a)
+}
+
+/// An engine config with the given limits.
+pub fn engine_config(max_step_tokens: usize, max_running: usize, kv_budget_bytes: usize) -> troupe::engine::EngineConfig {
+    troupe::engine::EngineConfig {
+        scheduler: troupe::engine::SchedulerConfig {
+            max_step_tokens,
+            max_running,
+            kv_budget_bytes,
+        },
+        ..Default::default()
+    }
+}

@@ -1,0 +1,316 @@
+//! The model actor and its engine: continuous batching of many sequences' generation
+//! requests over one loaded model.
+//!
+//! A requester moves its [`KvCache`] into a [`Generate`] message with the new tokens
+//! to append; the [`ModelActor`] checks the request and hands it to the engine
+//! thread, which alone runs the forward (never on a tokio worker). Each step mixes
+//! one decode token of every running sequence with chunks of pending prefills
+//! ([`Scheduler`]). The requester reads a [`GenerationStream`] of [`Event`]s: each
+//! token as it is sampled, then [`Done`] with the cache moved back. Dropping the
+//! stream cancels the request at the next step.
+
+mod actor;
+pub mod scheduler;
+mod stop;
+mod worker;
+
+use std::time::Duration;
+
+pub use actor::{GetStats, HoldCache, ModelActor, ReleaseCache};
+pub use scheduler::{HolderId, Scheduler, SchedulerConfig, SeqId, StepPlan};
+
+use crate::kv::{KvCache, KvDtype};
+use crate::sampling::SamplingParams;
+use crate::{Error, Result};
+
+/// A constraint on the tokens a sequence may produce (a grammar): it masks logits
+/// before sampling and follows the chosen tokens.
+pub trait TokenConstraint: Send {
+    /// Sets the logits of forbidden tokens to `-inf`.
+    fn mask(&mut self, logits: &mut [f32]) -> Result<()>;
+    /// Advances past the sampled token; returns whether the constraint is complete
+    /// (the generation should end with [`FinishReason::Grammar`]).
+    fn commit(&mut self, token: u32) -> Result<bool>;
+}
+
+/// Settings of one model actor's engine.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Step token budget, running-sequence limit and KV budget.
+    pub scheduler: SchedulerConfig,
+    /// Element type of caches the engine creates (callers bring their own).
+    pub kv_dtype: KvDtype,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            scheduler: SchedulerConfig::default(),
+            kv_dtype: KvDtype::F32,
+        }
+    }
+}
+
+/// A generation request: append `tokens` to `cache`, then generate.
+pub struct Generate {
+    /// The requester's cache, moved in; it comes back in [`Done`] (or in the
+    /// rejection).
+    pub cache: KvCache,
+    /// New tokens to feed after what the cache holds.
+    pub tokens: Vec<u32>,
+    /// How tokens are chosen.
+    pub sampling: SamplingParams,
+    /// Optional grammar constraining the output.
+    pub constraint: Option<Box<dyn TokenConstraint>>,
+    /// Strings that end the generation (not part of the returned text).
+    pub stop: Vec<String>,
+    /// Most tokens to generate (at least 1).
+    pub max_tokens: usize,
+    /// Keep generating past end-of-generation tokens (benchmarks).
+    pub ignore_eos: bool,
+}
+
+impl Generate {
+    /// A greedy request for up to `max_tokens` tokens.
+    pub fn new(cache: KvCache, tokens: Vec<u32>, max_tokens: usize) -> Self {
+        Self {
+            cache,
+            tokens,
+            sampling: SamplingParams::default(),
+            constraint: None,
+            stop: Vec::new(),
+            max_tokens,
+            ignore_eos: false,
+        }
+    }
+}
+
+impl std::fmt::Debug for Generate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generate")
+            .field("cache_len", &self.cache.len())
+            .field("tokens", &self.tokens.len())
+            .field("sampling", &self.sampling)
+            .field("constrained", &self.constraint.is_some())
+            .field("stop", &self.stop)
+            .field("max_tokens", &self.max_tokens)
+            .finish()
+    }
+}
+
+/// A request the actor refused at once; the cache is handed back untouched.
+#[derive(Debug)]
+pub struct Rejected {
+    /// Why.
+    pub error: Error,
+    /// The requester's cache.
+    pub cache: KvCache,
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for Rejected {}
+
+/// A generation that failed after it was accepted.
+#[derive(Debug)]
+pub struct GenerationError {
+    /// What went wrong.
+    pub error: Error,
+    /// The requester's cache, when the engine could hand it back.
+    pub cache: Option<KvCache>,
+}
+
+impl std::fmt::Display for GenerationError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl std::error::Error for GenerationError {}
+
+/// Called by the engine to ask an idle cache holder to drop its cache.
+pub type EvictFn = std::sync::Arc<dyn Fn() + Send + Sync>;
+
+/// Why a generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` were generated.
+    Length,
+    /// The grammar reached an accepting end.
+    Grammar,
+    /// The requester went away.
+    Cancelled,
+}
+
+/// Token counts of one request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Usage {
+    /// Tokens of context before generation: already cached plus new.
+    pub prompt_tokens: usize,
+    /// Tokens that were already in the cache (not recomputed).
+    pub cached_tokens: usize,
+    /// Tokens this request ran through the model (new prompt tokens and generated
+    /// tokens fed back).
+    pub computed_tokens: usize,
+    /// Tokens generated.
+    pub generated_tokens: usize,
+}
+
+/// Where the time of one request went.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Timings {
+    /// From submission to admission into the running batch.
+    pub queue: Duration,
+    /// From submission to the first generated token.
+    pub time_to_first_token: Duration,
+    /// From the first generated token to the end.
+    pub decode: Duration,
+    /// The engine's step counter when the request was admitted.
+    pub admitted_at_step: u64,
+}
+
+/// The end of a generation.
+#[derive(Debug)]
+pub struct Done {
+    /// The requester's cache: it holds the context and every generated token except
+    /// the last one, which was sampled but never fed (a requester's next turn feeds
+    /// it with its new tokens, as it is the first token past `cache.len()`).
+    pub cache: KvCache,
+    /// Generated token ids (end-of-generation token included when it ended the
+    /// generation).
+    pub tokens: Vec<u32>,
+    /// The generated text (stop string and end-of-generation token excluded).
+    pub text: String,
+    /// Why it ended.
+    pub finish: FinishReason,
+    /// Token counts.
+    pub usage: Usage,
+    /// Time spent.
+    pub timings: Timings,
+}
+
+/// What a generation stream yields.
+#[derive(Debug)]
+pub enum Event {
+    /// A generated token and the text it completes (possibly empty: text that may
+    /// still be part of a stop string, or of a multi-byte character, is held back).
+    Token {
+        /// Token id.
+        id: u32,
+        /// Text released with it.
+        text: String,
+    },
+    /// Text released at the end that no token carried: what was held back for a
+    /// possible stop string or an incomplete character.
+    Text {
+        /// The text.
+        text: String,
+    },
+    /// The generation ended.
+    Done(Box<Done>),
+    /// The generation failed; the cache is handed back (rolled back to where it was
+    /// when the request arrived).
+    Failed {
+        /// What went wrong.
+        error: Error,
+        /// The requester's cache.
+        cache: Box<KvCache>,
+    },
+}
+
+/// The events of one generation. Dropping it cancels the generation.
+#[derive(Debug)]
+pub struct GenerationStream {
+    rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+}
+
+impl GenerationStream {
+    /// The next event; `None` after the last one.
+    pub async fn next(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+
+    /// Waits for the end; returns [`Done`], or the error with the cache when the
+    /// engine handed it back.
+    pub async fn finish(mut self) -> std::result::Result<Done, GenerationError> {
+        while let Some(ev) = self.next().await {
+            match ev {
+                Event::Token { .. } | Event::Text { .. } => {}
+                Event::Done(d) => return Ok(*d),
+                Event::Failed { error, cache } => {
+                    return Err(GenerationError {
+                        error,
+                        cache: Some(*cache),
+                    })
+                }
+            }
+        }
+        Err(GenerationError {
+            error: Error::EngineStopped,
+            cache: None,
+        })
+    }
+}
+
+impl futures::Stream for GenerationStream {
+    type Item = Event;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Event>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+/// Counters of the engine, as the [`GetStats`] message returns them.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Stats {
+    /// Sequences in the running batch.
+    pub running: usize,
+    /// Sequences waiting for admission.
+    pub waiting: usize,
+    /// Forward steps run.
+    pub steps: u64,
+    /// `batch_sizes[n]`: steps that carried `n` sequences.
+    pub batch_sizes: Vec<u64>,
+    /// Largest token count of one step.
+    pub max_step_tokens: usize,
+    /// Tokens run through the model.
+    pub tokens_computed: u64,
+    /// Tokens generated.
+    pub tokens_generated: u64,
+    /// KV bytes of live caches now (waiting, running, idle holders).
+    pub kv_live_bytes: usize,
+    /// Highest `kv_live_bytes` seen.
+    pub kv_peak_bytes: usize,
+    /// Evictions requested from idle holders.
+    pub evictions_requested: u64,
+    /// Requests finished (any reason).
+    pub finished: u64,
+    /// Requests cancelled by their requester.
+    pub cancelled: u64,
+}
+
+impl Stats {
+    /// Mean sequences per step.
+    pub fn mean_batch(&self) -> f64 {
+        let steps: u64 = self.batch_sizes.iter().sum();
+        if steps == 0 {
+            return 0.0;
+        }
+        let seqs: u64 = self.batch_sizes.iter().enumerate().map(|(n, c)| n as u64 * c).sum();
+        seqs as f64 / steps as f64
+    }
+
+    /// Largest number of sequences in one step.
+    pub fn max_batch(&self) -> usize {
+        self.batch_sizes.iter().rposition(|&c| c > 0).unwrap_or(0)
+    }
+}

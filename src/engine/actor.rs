@@ -1,0 +1,212 @@
+//! The kameo actor in front of the engine thread: it checks each request against the
+//! model and the budget (so a bad request fails at once, with its cache handed
+//! back), then passes it on. Its handlers never run the forward.
+
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kameo::message::{Context, Message};
+use kameo::Actor;
+
+use super::worker::{self, Command, Submission};
+use super::{EngineConfig, EvictFn, Generate, GenerationStream, Rejected, Stats};
+use crate::kv::KvCache;
+use crate::model::Model;
+use crate::sampling::Sampler;
+use crate::{Error, Result};
+
+/// One per loaded model, shared by any number of requesters.
+pub struct ModelActor {
+    model: Arc<Model>,
+    config: EngineConfig,
+    engine: Sender<Command>,
+    next_id: u64,
+}
+
+impl std::fmt::Debug for ModelActor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModelActor")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl ModelActor {
+    /// Starts the engine thread for `model`; spawn the returned value with
+    /// `kameo::actor::Spawn::spawn`.
+    pub fn new(model: Arc<Model>, config: EngineConfig) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        worker::spawn(model.clone(), config.clone(), rx)?;
+        Ok(Self {
+            model,
+            config,
+            engine: tx,
+            next_id: 0,
+        })
+    }
+
+    /// The model this actor serves.
+    pub fn model(&self) -> &Arc<Model> {
+        &self.model
+    }
+
+    /// Checks a request; on success returns the tokens its cache must have room for
+    /// and their bytes.
+    fn check(&self, g: &Generate) -> Result<(usize, usize)> {
+        let cfg = self.model.config();
+        g.cache.check_layout(cfg.kv_layout())?;
+        if g.tokens.is_empty() {
+            return Err(Error::InvalidInput(if g.cache.is_empty() {
+                "empty prompt: a generation needs at least one token".into()
+            } else {
+                "no new tokens: a generation needs at least one token past the cache".into()
+            }));
+        }
+        if let Some(&id) = g.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(Error::TokenOutOfRange {
+                id,
+                vocab_size: cfg.vocab_size,
+            });
+        }
+        if g.max_tokens == 0 {
+            return Err(Error::InvalidInput("max_tokens must be at least 1".into()));
+        }
+        g.sampling.validate()?;
+        let tokens = g.cache.len() + g.tokens.len() + g.max_tokens;
+        if tokens > cfg.context_length {
+            return Err(Error::RequestTooLong {
+                cached: g.cache.len(),
+                new: g.tokens.len(),
+                max_tokens: g.max_tokens,
+                context: cfg.context_length,
+            });
+        }
+        let per_token = KvCache::bytes_per_token(cfg.kv_layout(), g.cache.dtype());
+        let bytes = g.cache.bytes().max(per_token * tokens);
+        let budget = self.config.scheduler.kv_budget_bytes;
+        if bytes > budget {
+            return Err(Error::KvBudgetExceeded {
+                needed: bytes,
+                tokens,
+                budget,
+            });
+        }
+        Ok((tokens, bytes))
+    }
+}
+
+impl Actor for ModelActor {
+    type Args = Self;
+    type Error = std::convert::Infallible;
+
+    async fn on_start(
+        args: Self::Args,
+        _: kameo::actor::ActorRef<Self>,
+    ) -> std::result::Result<Self, Self::Error> {
+        Ok(args)
+    }
+}
+
+impl Message<Generate> for ModelActor {
+    type Reply = std::result::Result<GenerationStream, Rejected>;
+
+    async fn handle(&mut self, g: Generate, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        let (needed_tokens, needed_bytes) = match self.check(&g) {
+            Ok(n) => n,
+            Err(error) => return Err(Rejected { error, cache: g.cache }),
+        };
+        let sampler = match Sampler::new(g.sampling.clone()) {
+            Ok(s) => s,
+            Err(error) => return Err(Rejected { error, cache: g.cache }),
+        };
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        self.next_id += 1;
+        let sub = Submission {
+            id: self.next_id,
+            request: g,
+            sampler,
+            tx,
+            submitted: Instant::now(),
+            needed_tokens,
+            needed_bytes,
+        };
+        if let Err(std::sync::mpsc::SendError(Command::Submit(sub))) =
+            self.engine.send(Command::Submit(Box::new(sub)))
+        {
+            return Err(Rejected {
+                error: Error::EngineStopped,
+                cache: sub.request.cache,
+            });
+        }
+        Ok(GenerationStream { rx })
+    }
+}
+
+/// Asks for the engine's [`Stats`].
+#[derive(Debug, Clone, Copy)]
+pub struct GetStats;
+
+impl Message<GetStats> for ModelActor {
+    type Reply = std::result::Result<Stats, Error>;
+
+    async fn handle(&mut self, _: GetStats, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.engine
+            .send(Command::Stats(tx))
+            .map_err(|_| Error::EngineStopped)?;
+        rx.await.map_err(|_| Error::EngineStopped)
+    }
+}
+
+/// Registers an idle cache held outside the engine (an agent between turns): it
+/// counts against the KV budget, and when admitting work would exceed the budget the
+/// engine calls `evict` on the least recently active holders (tool-call holders
+/// last). Registering again refreshes the holder's recency.
+pub struct HoldCache {
+    /// Who holds it.
+    pub holder: u64,
+    /// Bytes it holds.
+    pub bytes: usize,
+    /// The holder is in the middle of a tool call (asked last).
+    pub in_tool_call: bool,
+    /// Asks the holder to drop its cache; the holder then sends [`ReleaseCache`].
+    pub evict: EvictFn,
+}
+
+impl std::fmt::Debug for HoldCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HoldCache")
+            .field("holder", &self.holder)
+            .field("bytes", &self.bytes)
+            .finish()
+    }
+}
+
+impl Message<HoldCache> for ModelActor {
+    type Reply = ();
+
+    async fn handle(&mut self, h: HoldCache, _: &mut Context<Self, Self::Reply>) {
+        let _ = self.engine.send(Command::Hold {
+            holder: h.holder,
+            bytes: h.bytes,
+            last: h.in_tool_call,
+            evict: h.evict,
+        });
+    }
+}
+
+/// The holder took its idle cache back (into a request) or dropped it.
+#[derive(Debug, Clone, Copy)]
+pub struct ReleaseCache {
+    /// Who held it.
+    pub holder: u64,
+}
+
+impl Message<ReleaseCache> for ModelActor {
+    type Reply = ();
+
+    async fn handle(&mut self, r: ReleaseCache, _: &mut Context<Self, Self::Reply>) {
+        let _ = self.engine.send(Command::Release { holder: r.holder });
+    }
+}

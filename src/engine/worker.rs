@@ -1,0 +1,425 @@
+//! The engine thread: the only place the forward runs. It drains commands, lets the
+//! [`Scheduler`] plan a step, runs the ragged batch, samples, and streams events.
+
+use std::collections::HashMap;
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::scheduler::{HolderId, Scheduler, SeqId};
+use super::stop::StopMatcher;
+use super::{
+    Done, EngineConfig, Event, EvictFn, FinishReason, Generate, Stats, Timings, TokenConstraint,
+    Usage,
+};
+use crate::kv::KvCache;
+use crate::model::{IncrementalDecoder, Model, SeqInput};
+use crate::sampling::Sampler;
+use crate::Error;
+
+/// What the actor sends the engine thread.
+pub(crate) enum Command {
+    /// A checked request.
+    Submit(Box<Submission>),
+    /// Reply with the counters.
+    Stats(tokio::sync::oneshot::Sender<Stats>),
+    /// An idle cache held outside the engine.
+    Hold {
+        holder: HolderId,
+        bytes: usize,
+        last: bool,
+        evict: EvictFn,
+    },
+    /// The holder took its cache back or dropped it.
+    Release { holder: HolderId },
+}
+
+/// A request the actor accepted.
+pub(crate) struct Submission {
+    pub id: SeqId,
+    pub request: Generate,
+    pub sampler: Sampler,
+    pub tx: UnboundedSender<Event>,
+    pub submitted: Instant,
+    /// Tokens the cache must hold room for: context, new tokens and `max_tokens`.
+    pub needed_tokens: usize,
+    pub needed_bytes: usize,
+}
+
+/// A request inside the engine.
+struct Seq {
+    cache: KvCache,
+    /// Tokens not yet fed: the prompt's remainder, or the last sampled token.
+    feed: Vec<u32>,
+    sampler: Sampler,
+    constraint: Option<Box<dyn TokenConstraint>>,
+    stop: StopMatcher,
+    decoder: IncrementalDecoder,
+    generated: Vec<u32>,
+    text: String,
+    /// A stop string ended the generation (what it held back is dropped).
+    stop_hit: bool,
+    max_tokens: usize,
+    ignore_eos: bool,
+    tx: UnboundedSender<Event>,
+    needed_tokens: usize,
+    start_len: usize,
+    usage: Usage,
+    submitted: Instant,
+    admitted: Option<Instant>,
+    admitted_at_step: u64,
+    first_token: Option<Instant>,
+}
+
+struct Worker {
+    model: Arc<Model>,
+    sched: Scheduler,
+    seqs: HashMap<SeqId, Seq>,
+    holders: HashMap<HolderId, EvictFn>,
+    stats: Stats,
+}
+
+/// Starts the engine thread; it stops when every command sender is gone and its work
+/// is done.
+pub(crate) fn spawn(
+    model: Arc<Model>,
+    cfg: EngineConfig,
+    rx: Receiver<Command>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("troupe-engine".into())
+        .spawn(move || {
+            let mut w = Worker {
+                model,
+                sched: Scheduler::new(cfg.scheduler),
+                seqs: HashMap::new(),
+                holders: HashMap::new(),
+                stats: Stats::default(),
+            };
+            w.run(rx);
+        })
+}
+
+impl Worker {
+    fn run(&mut self, rx: Receiver<Command>) {
+        let mut waiting_on_evictions = false;
+        loop {
+            if self.sched.is_idle() || waiting_on_evictions {
+                // Nothing to run (or only requests blocked on the KV budget): wait.
+                let timeout = if waiting_on_evictions {
+                    Duration::from_millis(5)
+                } else {
+                    Duration::from_secs(3600)
+                };
+                match rx.recv_timeout(timeout) {
+                    Ok(c) => self.command(c),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => {
+                        if self.sched.is_idle() {
+                            return;
+                        }
+                    }
+                }
+            }
+            loop {
+                match rx.try_recv() {
+                    Ok(c) => self.command(c),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        if self.sched.is_idle() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+            self.drop_cancelled();
+            waiting_on_evictions = !self.step();
+        }
+    }
+
+    fn command(&mut self, c: Command) {
+        match c {
+            Command::Submit(s) => self.submit(*s),
+            Command::Stats(reply) => {
+                let _ = reply.send(self.stats());
+            }
+            Command::Hold {
+                holder,
+                bytes,
+                last,
+                evict,
+            } => {
+                self.sched.hold(holder, bytes, last);
+                self.holders.insert(holder, evict);
+                self.note_kv();
+            }
+            Command::Release { holder } => {
+                self.sched.release(holder);
+                self.holders.remove(&holder);
+            }
+        }
+    }
+
+    fn submit(&mut self, s: Submission) {
+        let Submission {
+            id,
+            request,
+            mut sampler,
+            tx,
+            submitted,
+            needed_tokens,
+            needed_bytes,
+        } = s;
+        let start_len = request.cache.len();
+        sampler.observe_prompt(&request.tokens);
+        self.sched.submit(id, request.cache.bytes(), needed_bytes);
+        self.seqs.insert(
+            id,
+            Seq {
+                usage: Usage {
+                    prompt_tokens: start_len + request.tokens.len(),
+                    cached_tokens: start_len,
+                    ..Usage::default()
+                },
+                cache: request.cache,
+                feed: request.tokens,
+                sampler,
+                constraint: request.constraint,
+                stop: StopMatcher::new(&request.stop),
+                decoder: IncrementalDecoder::new(),
+                generated: Vec::new(),
+                text: String::new(),
+                stop_hit: false,
+                max_tokens: request.max_tokens,
+                ignore_eos: request.ignore_eos,
+                tx,
+                needed_tokens,
+                start_len,
+                submitted,
+                admitted: None,
+                admitted_at_step: 0,
+                first_token: None,
+            },
+        );
+        self.note_kv();
+    }
+
+    /// Removes the sequences whose requester dropped its stream; their caches are
+    /// dropped with them.
+    fn drop_cancelled(&mut self) {
+        let gone: Vec<SeqId> = self
+            .seqs
+            .iter()
+            .filter(|(_, s)| s.tx.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.sched.remove(id);
+            self.seqs.remove(&id);
+            self.stats.cancelled += 1;
+        }
+    }
+
+    /// Plans and runs one step. Returns false when nothing could run (the queue waits
+    /// for evictions), true otherwise.
+    fn step(&mut self) -> bool {
+        let seqs = &self.seqs;
+        let plan = self.sched.plan(|id| seqs.get(&id).map_or(0, |s| s.feed.len()));
+        let now = Instant::now();
+        for id in &plan.admitted {
+            if let Some(s) = self.seqs.get_mut(id) {
+                s.cache.reserve_exact(s.needed_tokens);
+                s.admitted = Some(now);
+                s.admitted_at_step = self.stats.steps;
+            }
+        }
+        for h in &plan.evict {
+            if let Some(evict) = self.holders.get(h) {
+                evict();
+                self.stats.evictions_requested += 1;
+            }
+        }
+        self.note_kv();
+        if plan.items.is_empty() {
+            return self.sched.is_idle();
+        }
+
+        let wanted: HashMap<SeqId, usize> = plan.items.iter().copied().collect();
+        let mut order = Vec::with_capacity(wanted.len());
+        let mut inputs = Vec::with_capacity(wanted.len());
+        for (&id, s) in self.seqs.iter_mut() {
+            if let Some(&n) = wanted.get(&id) {
+                order.push((id, n));
+                inputs.push(SeqInput {
+                    tokens: &s.feed[..n],
+                    cache: &mut s.cache,
+                });
+            }
+        }
+        let _span = tracing::trace_span!("step", seqs = inputs.len()).entered();
+        let result = self
+            .model
+            .forward(&mut inputs)
+            .and_then(|l| Ok(l.to_vec2::<f32>()?));
+        drop(inputs);
+        self.stats.steps += 1;
+        let n_seqs = order.len();
+        if self.stats.batch_sizes.len() <= n_seqs {
+            self.stats.batch_sizes.resize(n_seqs + 1, 0);
+        }
+        self.stats.batch_sizes[n_seqs] += 1;
+        let n_tokens: usize = order.iter().map(|(_, n)| n).sum();
+        self.stats.max_step_tokens = self.stats.max_step_tokens.max(n_tokens);
+        match result {
+            Ok(rows) => {
+                self.stats.tokens_computed += n_tokens as u64;
+                for ((id, n), row) in order.into_iter().zip(rows) {
+                    self.advance(id, n, row);
+                }
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for (id, _) in order {
+                    self.fail(id, Error::InvalidInput(format!("forward failed: {msg}")));
+                }
+            }
+        }
+        true
+    }
+
+    /// Takes one sequence past a step that fed it `n` tokens.
+    fn advance(&mut self, id: SeqId, n: usize, mut logits: Vec<f32>) {
+        let eos = self.model.tokenizer().eos_token_ids().to_vec();
+        let Some(s) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        s.feed.drain(..n);
+        s.usage.computed_tokens += n;
+        if !s.feed.is_empty() {
+            // A prefill chunk: the logits of a mid-prompt token are not needed.
+            self.sched.set_to_feed(id, s.feed.len());
+            return;
+        }
+        if let Some(c) = s.constraint.as_mut() {
+            if let Err(e) = c.mask(&mut logits) {
+                self.fail(id, e);
+                return;
+            }
+        }
+        let token = s.sampler.sample(&mut logits);
+        s.sampler.observe_generated(token);
+        s.generated.push(token);
+        s.usage.generated_tokens += 1;
+        self.stats.tokens_generated += 1;
+        let now = Instant::now();
+        if s.first_token.is_none() {
+            s.first_token = Some(now);
+        }
+        let grammar_done = match s.constraint.as_mut().map(|c| c.commit(token)) {
+            Some(Ok(done)) => done,
+            Some(Err(e)) => {
+                self.fail(id, e);
+                return;
+            }
+            None => false,
+        };
+        let mut finish = None;
+        if eos.contains(&token) && !s.ignore_eos {
+            finish = Some(FinishReason::Stop);
+        } else {
+            let piece = match s.decoder.push(self.model.tokenizer(), token) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.fail(id, e);
+                    return;
+                }
+            };
+            let released = s.stop.push(&piece);
+            s.text.push_str(&released.text);
+            let _ = s.tx.send(Event::Token {
+                id: token,
+                text: released.text,
+            });
+            if released.stopped {
+                s.stop_hit = true;
+                finish = Some(FinishReason::Stop);
+            }
+        }
+        if finish.is_none() && grammar_done {
+            finish = Some(FinishReason::Grammar);
+        }
+        if finish.is_none() && s.generated.len() >= s.max_tokens {
+            finish = Some(FinishReason::Length);
+        }
+        match finish {
+            Some(f) => self.finish(id, f),
+            None => {
+                s.feed.push(token);
+                self.sched.set_to_feed(id, 1);
+            }
+        }
+    }
+
+    fn finish(&mut self, id: SeqId, finish: FinishReason) {
+        self.sched.remove(id);
+        let Some(mut s) = self.seqs.remove(&id) else {
+            return;
+        };
+        if !s.stop_hit {
+            // Release what was held back for a possible stop string or character.
+            let tail = s.decoder.finish();
+            let tail = s.stop.push(&tail).text + &s.stop.flush();
+            if !tail.is_empty() {
+                s.text.push_str(&tail);
+                let _ = s.tx.send(Event::Text { text: tail });
+            }
+        }
+        let now = Instant::now();
+        let first = s.first_token.unwrap_or(now);
+        let done = Done {
+            cache: s.cache,
+            tokens: s.generated,
+            text: s.text,
+            finish,
+            usage: s.usage,
+            timings: Timings {
+                queue: s.admitted.unwrap_or(now) - s.submitted,
+                time_to_first_token: first - s.submitted,
+                decode: now - first,
+                admitted_at_step: s.admitted_at_step,
+            },
+        };
+        self.stats.finished += 1;
+        let _ = s.tx.send(Event::Done(Box::new(done)));
+    }
+
+    fn fail(&mut self, id: SeqId, error: Error) {
+        self.sched.remove(id);
+        if let Some(mut s) = self.seqs.remove(&id) {
+            s.cache.truncate(s.start_len);
+            let _ = s.tx.send(Event::Failed {
+                error,
+                cache: Box::new(s.cache),
+            });
+        }
+    }
+
+    fn note_kv(&mut self) {
+        let live = self.sched.live_bytes();
+        self.stats.kv_live_bytes = live;
+        self.stats.kv_peak_bytes = self.stats.kv_peak_bytes.max(live);
+    }
+
+    fn stats(&self) -> Stats {
+        let (running, waiting) = self.sched.counts();
+        Stats {
+            running,
+            waiting,
+            kv_live_bytes: self.sched.live_bytes(),
+            ..self.stats.clone()
+        }
+    }
+}

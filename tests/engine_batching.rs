@@ -1,0 +1,135 @@
+//! Through the model actor, concurrent requests produce exactly what each produces
+//! alone (greedy and seeded sampling), with a fixed weights mode; requests really
+//! share steps; stop strings and the returned cache behave.
+
+mod common;
+
+use common::*;
+use troupe::engine::{Event, FinishReason, Generate};
+use troupe::model::WeightsMode;
+use troupe::sampling::SamplingParams;
+
+fn request(model: &troupe::model::Model, i: usize, sampling: SamplingParams, vocab_hi: u32) -> Generate {
+    let mut g = Generate::new(cache(model), tokens(5 + 3 * i, i, 3, vocab_hi), 12 + i % 5);
+    g.sampling = sampling;
+    g.ignore_eos = true;
+    g
+}
+
+/// 16 concurrent requests against each alone (one at a time through a
+/// single-sequence actor).
+async fn concurrent_equals_alone(make: impl Fn() -> troupe::model::Model, vocab_hi: u32, sampling: impl Fn(usize) -> SamplingParams) {
+    let model = make();
+    let reqs: Vec<Generate> = (0..16).map(|i| request(&model, i, sampling(i), vocab_hi)).collect();
+    let alone_reqs: Vec<Generate> = (0..16).map(|i| request(&model, i, sampling(i), vocab_hi)).collect();
+    let batched = actor(model, engine_config(256, 16, usize::MAX));
+    let mut streams = Vec::new();
+    for r in reqs {
+        streams.push(batched.ask(r).await.unwrap());
+    }
+    let mut together = Vec::new();
+    for s in streams {
+        together.push(s.finish().await.unwrap());
+    }
+    let stats = batched.ask(troupe::engine::GetStats).await.unwrap();
+    assert!(stats.max_batch() >= 8, "requests did not share steps: {stats:?}");
+    let single = actor(make(), engine_config(256, 1, usize::MAX));
+    for (i, r) in alone_reqs.into_iter().enumerate() {
+        let alone = single.ask(r).await.unwrap().finish().await.unwrap();
+        assert_eq!(alone.tokens, together[i].tokens, "request {i}");
+        assert_eq!(alone.text, together[i].text, "request {i}");
+        assert_eq!(alone.finish, FinishReason::Length);
+    }
+    let one = single.ask(troupe::engine::GetStats).await.unwrap();
+    assert_eq!(one.max_batch(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_greedy_batched_equals_alone() {
+    concurrent_equals_alone(|| tiny(WeightsMode::Native), 270, |_| SamplingParams::greedy()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_seeded_sampling_batched_equals_alone() {
+    concurrent_equals_alone(
+        || tiny(WeightsMode::F32),
+        270,
+        |i| SamplingParams {
+            top_p: 0.9,
+            ..SamplingParams::with_temperature(0.8, 100 + i as u64)
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_model_batched_equals_alone() {
+    concurrent_equals_alone(|| real(WeightsMode::Native), 49_000, |i| {
+        if i % 2 == 0 {
+            SamplingParams::greedy()
+        } else {
+            SamplingParams::with_temperature(0.7, i as u64)
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_strings_cut_the_text_across_tokens() {
+    let model = tiny(WeightsMode::Native);
+    let prompt = model.tokenizer().encode("the cat sat on the mat").unwrap();
+    let make = |stop: Vec<String>, model: &troupe::model::Model| {
+        let mut g = Generate::new(cache(model), prompt.clone(), 40);
+        g.ignore_eos = true;
+        g.stop = stop;
+        g
+    };
+    let free_req = make(vec![], &model);
+    let a = actor(model, engine_config(256, 8, usize::MAX));
+    let free = a.ask(free_req).await.unwrap().finish().await.unwrap();
+    assert!(free.text.chars().count() > 10, "{:?}", free.text);
+    // A stop string taken from the middle of the free text, three characters long.
+    let chars: Vec<char> = free.text.chars().collect();
+    let start = chars.len() / 2;
+    let stop: String = chars[start..start + 3].iter().collect();
+    let cut = free.text.find(&stop).unwrap();
+    let model2 = tiny(WeightsMode::Native);
+    let mut stream = a.ask(make(vec![stop.clone()], &model2)).await.unwrap();
+    let mut streamed = String::new();
+    let done = loop {
+        match stream.next().await.unwrap() {
+            Event::Token { text, .. } | Event::Text { text } => streamed.push_str(&text),
+            Event::Done(d) => break d,
+            Event::Failed { error, .. } => panic!("{error}"),
+        }
+    };
+    assert_eq!(done.finish, FinishReason::Stop);
+    assert_eq!(done.text, free.text[..cut], "stop {stop:?}");
+    assert_eq!(streamed, done.text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn done_returns_the_cache_and_usage_counts_reuse() {
+    let model = tiny(WeightsMode::Native);
+    let first = tokens(20, 1, 3, 270);
+    let c = cache(&model);
+    let a = actor(model, engine_config(256, 8, usize::MAX));
+    let mut g = Generate::new(c, first.clone(), 6);
+    g.ignore_eos = true;
+    let d = a.ask(g).await.unwrap().finish().await.unwrap();
+    assert_eq!(d.usage.prompt_tokens, 20);
+    assert_eq!(d.usage.cached_tokens, 0);
+    assert_eq!(d.usage.generated_tokens, 6);
+    // The last sampled token is not in the cache yet.
+    assert_eq!(d.cache.len(), 20 + 6 - 1);
+    // Next turn: the unfed token plus 4 new ones; only those are computed.
+    let mut next = vec![*d.tokens.last().unwrap()];
+    next.extend(tokens(4, 2, 3, 270));
+    let mut g = Generate::new(d.cache, next, 3);
+    g.ignore_eos = true;
+    let d2 = a.ask(g).await.unwrap().finish().await.unwrap();
+    assert_eq!(d2.usage.cached_tokens, 25);
+    assert_eq!(d2.usage.prompt_tokens, 30);
+    assert_eq!(d2.usage.computed_tokens, 5 + 2);
+    assert_eq!(d2.cache.len(), 30 + 3 - 1);
+}
