@@ -305,7 +305,12 @@ impl Stats {
         if steps == 0 {
             return 0.0;
         }
-        let seqs: u64 = self.batch_sizes.iter().enumerate().map(|(n, c)| n as u64 * c).sum();
+        let seqs: u64 = self
+            .batch_sizes
+            .iter()
+            .enumerate()
+            .map(|(n, c)| n as u64 * c)
+            .sum();
         seqs as f64 / steps as f64
     }
 

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use troupe::bench::engine::EngineBench;
 use troupe::bench::forward::ForwardBench;
 use troupe::model::fetch::{self, FetchOutcome};
 use troupe::model::{LoadOptions, Message, Model, WeightsMode};
@@ -94,6 +95,15 @@ enum BenchCommand {
         /// Decode steps timed per batch size.
         #[arg(long, default_value_t = 6)]
         batch_steps: usize,
+    },
+    /// Concurrent generations through the model actor, batched and unbatched.
+    Engine {
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Concurrency levels.
+        #[arg(long, value_delimiter = ',', default_values_t = [1, 4, 16, 64])]
+        concurrency: Vec<usize>,
     },
 }
 
@@ -187,6 +197,23 @@ fn main() -> anyhow::Result<()> {
             )?;
             writeln!(out, "{}", dec.finish())?;
         }
+        Command::Bench(BenchCommand::Engine { json, concurrency }) => {
+            let path = model_path()?;
+            let bench = EngineBench {
+                concurrency: concurrency.clone(),
+                ..Default::default()
+            };
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let report = rt.block_on(bench.run(&path, cli.weights, |line| eprintln!("{line}")))?;
+            print_engine(&report);
+            if let Some(j) = json {
+                std::fs::write(j, serde_json::to_string_pretty(&report)?)?;
+                eprintln!("wrote {}", j.display());
+            }
+        }
         Command::Bench(BenchCommand::Forward {
             json,
             batch_sizes,
@@ -207,6 +234,31 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_engine(r: &troupe::bench::engine::EngineReport) {
+    println!("model     {}", r.model);
+    println!("weights   {}", r.weights);
+    println!(
+        "workload  {} prompt tokens, {} new tokens per request",
+        r.prompt_tokens, r.new_tokens
+    );
+    println!(
+        "decode, one sequence: direct forward {:.1} tok/s, through the actor {:.1} tok/s (overhead {:+.1}%)",
+        r.direct_decode_tok_s,
+        r.actor_decode_tok_s,
+        (r.direct_decode_tok_s / r.actor_decode_tok_s - 1.0) * 100.0
+    );
+    println!("   N |  batched tok/s  ttft p50/p95 ms  itl p50/p95 ms | unbatched tok/s  ttft p50/p95 ms  itl p50/p95 ms | speed-up");
+    for (n, b) in &r.by_concurrency {
+        let u = &r.unbatched_by_concurrency[n];
+        println!(
+            "{n:>4} | {:>14.1} {:>8.0}/{:<8.0} {:>6.1}/{:<6.1} | {:>15.1} {:>8.0}/{:<8.0} {:>6.1}/{:<6.1} | {:>5.2}x",
+            b.tok_s, b.ttft_ms_p50, b.ttft_ms_p95, b.itl_ms_p50, b.itl_ms_p95,
+            u.tok_s, u.ttft_ms_p50, u.ttft_ms_p95, u.itl_ms_p50, u.itl_ms_p95,
+            b.tok_s / u.tok_s
+        );
+    }
 }
 
 fn print_info(info: &troupe::ModelInfo) {

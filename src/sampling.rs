@@ -68,7 +68,9 @@ impl SamplingParams {
     /// Rejects parameters that make no sense, naming the parameter.
     pub fn validate(&self) -> Result<()> {
         let bad = |name: &str, want: &str, got: f32| {
-            Err(Error::InvalidInput(format!("{name} must be {want}, got {got}")))
+            Err(Error::InvalidInput(format!(
+                "{name} must be {want}, got {got}"
+            )))
         };
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return bad("temperature", "a finite number >= 0", self.temperature);
@@ -80,7 +82,11 @@ impl SamplingParams {
             return bad("min_p", "in [0, 1]", self.min_p);
         }
         if !(self.repetition_penalty > 0.0 && self.repetition_penalty.is_finite()) {
-            return bad("repetition_penalty", "a finite number > 0", self.repetition_penalty);
+            return bad(
+                "repetition_penalty",
+                "a finite number > 0",
+                self.repetition_penalty,
+            );
         }
         if !self.presence_penalty.is_finite() {
             return bad("presence_penalty", "finite", self.presence_penalty);
@@ -228,10 +234,15 @@ mod tests {
     #[test]
     fn greedy_takes_the_largest_and_seeds_reproduce() {
         let logits = vec![0.1, 2.0, 1.9, -1.0];
-        assert_eq!(sampler(SamplingParams::greedy()).sample(&mut logits.clone()), 1);
+        assert_eq!(
+            sampler(SamplingParams::greedy()).sample(&mut logits.clone()),
+            1
+        );
         let draw = |seed| {
             let mut s = sampler(SamplingParams::with_temperature(1.0, seed));
-            (0..50).map(|_| s.sample(&mut logits.clone())).collect::<Vec<_>>()
+            (0..50)
+                .map(|_| s.sample(&mut logits.clone()))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(3), draw(3));
         assert_ne!(draw(3), draw(4));
@@ -266,7 +277,7 @@ mod tests {
         s.observe_prompt(&[0]);
         assert_eq!(s.sample(&mut vec![3.0, 2.0]), 1);
         let mut s = sampler(SamplingParams {
-            frequency_penalty: 0.6,
+            frequency_penalty: 0.3,
             ..SamplingParams::greedy()
         });
         s.observe_generated(0);

@@ -9,7 +9,12 @@ use troupe::engine::{Event, FinishReason, Generate};
 use troupe::model::WeightsMode;
 use troupe::sampling::SamplingParams;
 
-fn request(model: &troupe::model::Model, i: usize, sampling: SamplingParams, vocab_hi: u32) -> Generate {
+fn request(
+    model: &troupe::model::Model,
+    i: usize,
+    sampling: SamplingParams,
+    vocab_hi: u32,
+) -> Generate {
     let mut g = Generate::new(cache(model), tokens(5 + 3 * i, i, 3, vocab_hi), 12 + i % 5);
     g.sampling = sampling;
     g.ignore_eos = true;
@@ -18,10 +23,18 @@ fn request(model: &troupe::model::Model, i: usize, sampling: SamplingParams, voc
 
 /// 16 concurrent requests against each alone (one at a time through a
 /// single-sequence actor).
-async fn concurrent_equals_alone(make: impl Fn() -> troupe::model::Model, vocab_hi: u32, sampling: impl Fn(usize) -> SamplingParams) {
+async fn concurrent_equals_alone(
+    make: impl Fn() -> troupe::model::Model,
+    vocab_hi: u32,
+    sampling: impl Fn(usize) -> SamplingParams,
+) {
     let model = make();
-    let reqs: Vec<Generate> = (0..16).map(|i| request(&model, i, sampling(i), vocab_hi)).collect();
-    let alone_reqs: Vec<Generate> = (0..16).map(|i| request(&model, i, sampling(i), vocab_hi)).collect();
+    let reqs: Vec<Generate> = (0..16)
+        .map(|i| request(&model, i, sampling(i), vocab_hi))
+        .collect();
+    let alone_reqs: Vec<Generate> = (0..16)
+        .map(|i| request(&model, i, sampling(i), vocab_hi))
+        .collect();
     let batched = actor(model, engine_config(256, 16, usize::MAX));
     let mut streams = Vec::new();
     for r in reqs {
@@ -32,7 +45,10 @@ async fn concurrent_equals_alone(make: impl Fn() -> troupe::model::Model, vocab_
         together.push(s.finish().await.unwrap());
     }
     let stats = batched.ask(troupe::engine::GetStats).await.unwrap();
-    assert!(stats.max_batch() >= 8, "requests did not share steps: {stats:?}");
+    assert!(
+        stats.max_batch() >= 8,
+        "requests did not share steps: {stats:?}"
+    );
     let single = actor(make(), engine_config(256, 1, usize::MAX));
     for (i, r) in alone_reqs.into_iter().enumerate() {
         let alone = single.ask(r).await.unwrap().finish().await.unwrap();
@@ -46,7 +62,12 @@ async fn concurrent_equals_alone(make: impl Fn() -> troupe::model::Model, vocab_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tiny_greedy_batched_equals_alone() {
-    concurrent_equals_alone(|| tiny(WeightsMode::Native), 270, |_| SamplingParams::greedy()).await;
+    concurrent_equals_alone(
+        || tiny(WeightsMode::Native),
+        270,
+        |_| SamplingParams::greedy(),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,13 +85,17 @@ async fn tiny_seeded_sampling_batched_equals_alone() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_model_batched_equals_alone() {
-    concurrent_equals_alone(|| real(WeightsMode::Native), 49_000, |i| {
-        if i % 2 == 0 {
-            SamplingParams::greedy()
-        } else {
-            SamplingParams::with_temperature(0.7, i as u64)
-        }
-    })
+    concurrent_equals_alone(
+        || real(WeightsMode::Native),
+        49_000,
+        |i| {
+            if i % 2 == 0 {
+                SamplingParams::greedy()
+            } else {
+                SamplingParams::with_temperature(0.7, i as u64)
+            }
+        },
+    )
     .await;
 }
 

@@ -50,7 +50,10 @@ async fn bad_requests_fail_at_once_and_the_actor_keeps_serving() {
     let fresh = || cache(&tiny(WeightsMode::Native));
     let a = actor(model, engine_config(64, 8, 1 << 30));
     // A good request in flight while the bad ones arrive.
-    let running = a.ask(greedy(fresh(), tokens(10, 1, 3, 270), 30)).await.unwrap();
+    let running = a
+        .ask(greedy(fresh(), tokens(10, 1, 3, 270), 30))
+        .await
+        .unwrap();
 
     let check = |g: Generate, expect: &'static str| {
         let a = a.clone();
@@ -58,7 +61,10 @@ async fn bad_requests_fail_at_once_and_the_actor_keeps_serving() {
             let len = g.cache.len();
             let rejected = match a.ask(g).await {
                 Err(kameo::error::SendError::HandlerError(r)) => r,
-                other => panic!("expected a rejection naming {expect:?}, got {:?}", other.map(|_| ())),
+                other => panic!(
+                    "expected a rejection naming {expect:?}, got {:?}",
+                    other.map(|_| ())
+                ),
             };
             let msg = rejected.error.to_string();
             assert!(msg.contains(expect), "{msg:?} should name {expect:?}");
@@ -66,7 +72,11 @@ async fn bad_requests_fail_at_once_and_the_actor_keeps_serving() {
         }
     };
     check(greedy(fresh(), vec![], 5), "empty prompt").await;
-    check(greedy(fresh(), vec![5, vocab + 7], 5), "outside the vocabulary").await;
+    check(
+        greedy(fresh(), vec![5, vocab + 7], 5),
+        "outside the vocabulary",
+    )
+    .await;
     check(greedy(fresh(), vec![5, 6], 0), "max_tokens").await;
     let mut g = greedy(fresh(), vec![5, 6], 5);
     g.sampling = SamplingParams::with_temperature(-0.5, 1);
@@ -75,7 +85,13 @@ async fn bad_requests_fail_at_once_and_the_actor_keeps_serving() {
 
     let done = running.finish().await.unwrap();
     assert_eq!(done.usage.generated_tokens, 30);
-    let after = a.ask(greedy(fresh(), vec![5, 6, 7], 4)).await.unwrap().finish().await.unwrap();
+    let after = a
+        .ask(greedy(fresh(), vec![5, 6, 7], 4))
+        .await
+        .unwrap()
+        .finish()
+        .await
+        .unwrap();
     assert_eq!(after.usage.generated_tokens, 4);
 }
 
@@ -86,13 +102,22 @@ async fn a_request_larger_than_the_budget_fails_and_names_the_numbers() {
     let fresh = || cache(&tiny(WeightsMode::Native));
     // Room for 100 tokens.
     let a = actor(model, engine_config(64, 8, 100 * per_token));
-    let ok = a.ask(greedy(fresh(), tokens(10, 1, 3, 270), 20)).await.unwrap();
+    let ok = a
+        .ask(greedy(fresh(), tokens(10, 1, 3, 270), 20))
+        .await
+        .unwrap();
     let err = match a.ask(greedy(fresh(), tokens(60, 2, 3, 270), 60)).await {
         Err(kameo::error::SendError::HandlerError(r)) => r.error,
         other => panic!("expected a rejection, got {:?}", other.map(|_| ())),
     };
-    assert!(matches!(err, Error::KvBudgetExceeded { tokens: 120, .. }), "{err}");
-    assert!(err.to_string().contains(&(100 * per_token).to_string()), "{err}");
+    assert!(
+        matches!(err, Error::KvBudgetExceeded { tokens: 120, .. }),
+        "{err}"
+    );
+    assert!(
+        err.to_string().contains(&(100 * per_token).to_string()),
+        "{err}"
+    );
     assert_eq!(ok.finish().await.unwrap().usage.generated_tokens, 20);
 }
 
@@ -111,14 +136,21 @@ fn run_budget_workload(lens: Vec<(usize, usize)>, budget_tokens: usize, max_runn
         let mut streams = Vec::new();
         let mut expected = 0;
         for ((prompt, max_tokens), c) in lens.iter().zip(fresh) {
-            match a.ask(greedy(c, tokens(*prompt, *prompt, 3, 270), *max_tokens)).await {
+            match a
+                .ask(greedy(c, tokens(*prompt, *prompt, 3, 270), *max_tokens))
+                .await
+            {
                 Ok(s) => {
                     expected += 1;
                     streams.push(s);
                 }
                 Err(kameo::error::SendError::HandlerError(r)) => {
                     // Only requests that can never fit are refused.
-                    assert!(matches!(r.error, Error::KvBudgetExceeded { .. }), "{}", r.error);
+                    assert!(
+                        matches!(r.error, Error::KvBudgetExceeded { .. }),
+                        "{}",
+                        r.error
+                    );
                     assert!((prompt + max_tokens) * per_token > budget);
                 }
                 Err(e) => panic!("{e:?}"),
@@ -131,7 +163,11 @@ fn run_budget_workload(lens: Vec<(usize, usize)>, budget_tokens: usize, max_runn
         }
         assert_eq!(finished, expected);
         let stats = a.ask(GetStats).await.unwrap();
-        assert!(stats.kv_peak_bytes <= budget, "peak {} > budget {budget}", stats.kv_peak_bytes);
+        assert!(
+            stats.kv_peak_bytes <= budget,
+            "peak {} > budget {budget}",
+            stats.kv_peak_bytes
+        );
         assert_eq!(stats.kv_live_bytes, 0);
     });
 }

@@ -105,7 +105,13 @@ impl ForwardBench {
         ));
 
         // Single-sequence decode after a short prompt.
-        let short = prompt(16, vocab);
+        let short = prompt(
+            std::env::var("TROUPE_BENCH_PROMPT")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(16),
+            vocab,
+        );
         let decode_tok_s = {
             let mut cache = model.new_cache(KvDtype::F32);
             let logits = model.forward(&mut [SeqInput {

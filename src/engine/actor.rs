@@ -114,11 +114,21 @@ impl Message<Generate> for ModelActor {
     async fn handle(&mut self, g: Generate, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
         let (needed_tokens, needed_bytes) = match self.check(&g) {
             Ok(n) => n,
-            Err(error) => return Err(Rejected { error, cache: g.cache }),
+            Err(error) => {
+                return Err(Rejected {
+                    error,
+                    cache: g.cache,
+                })
+            }
         };
         let sampler = match Sampler::new(g.sampling.clone()) {
             Ok(s) => s,
-            Err(error) => return Err(Rejected { error, cache: g.cache }),
+            Err(error) => {
+                return Err(Rejected {
+                    error,
+                    cache: g.cache,
+                })
+            }
         };
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         self.next_id += 1;

@@ -226,7 +226,9 @@ impl Scheduler {
         if pending >= need {
             return Vec::new();
         }
-        let mut order: Vec<usize> = (0..self.idle.len()).filter(|&i| !self.idle[i].asked).collect();
+        let mut order: Vec<usize> = (0..self.idle.len())
+            .filter(|&i| !self.idle[i].asked)
+            .collect();
         order.sort_by_key(|&i| (self.idle[i].last, self.idle[i].order));
         let mut freed = pending;
         let mut asked = Vec::new();
@@ -275,7 +277,11 @@ mod tests {
             for id in 0..4 {
                 assert!(p.items.contains(&(id, 1)), "decoder {id} skipped: {p:?}");
             }
-            let chunk = p.items.iter().find(|(id, _)| *id == 9).map_or(0, |(_, n)| *n);
+            let chunk = p
+                .items
+                .iter()
+                .find(|(id, _)| *id == 9)
+                .map_or(0, |(_, n)| *n);
             assert_eq!(chunk, 60.min(4000 - prefilled));
             prefilled += chunk;
             s.set_to_feed(9, 4000 - prefilled);

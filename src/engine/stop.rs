@@ -36,10 +36,18 @@ impl StopMatcher {
                 stopped: false,
             };
         }
-        if let Some(at) = self.stops.iter().filter_map(|s| self.pending.find(s.as_str())).min() {
+        if let Some(at) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()))
+            .min()
+        {
             let text = self.pending[..at].to_string();
             self.pending.clear();
-            return Released { text, stopped: true };
+            return Released {
+                text,
+                stopped: true,
+            };
         }
         // Hold back the longest tail that is the start of some stop string.
         let hold = self

@@ -227,7 +227,9 @@ impl Worker {
     /// for evictions), true otherwise.
     fn step(&mut self) -> bool {
         let seqs = &self.seqs;
-        let plan = self.sched.plan(|id| seqs.get(&id).map_or(0, |s| s.feed.len()));
+        let plan = self
+            .sched
+            .plan(|id| seqs.get(&id).map_or(0, |s| s.feed.len()));
         let now = Instant::now();
         for id in &plan.admitted {
             if let Some(s) = self.seqs.get_mut(id) {

@@ -60,7 +60,7 @@ impl std::fmt::Display for WeightsMode {
 }
 
 /// In `auto`, steps of at most this many rows use the quantized blocks directly.
-pub const AUTO_QUANT_MAX_ROWS: usize = 8;
+pub const AUTO_QUANT_MAX_ROWS: usize = 16;
 
 /// A weight matrix `[out, in]` in the form(s) the chosen mode keeps.
 #[derive(Debug, Clone)]

@@ -97,6 +97,42 @@ impl QuantRows {
         offs: &mut [f32],
         out: &mut [f32],
     ) {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+        if self.dtype != GgmlDType::Q4_0 {
+            // Rows in groups that keep their accumulators in registers; the weight row
+            // stays in L1 across groups.
+            let (k, blocks) = (self.k, self.k / BLOCK);
+            for (g, out) in out.chunks_mut(simd::MAX_ROWS).enumerate() {
+                let r0 = g * simd::MAX_ROWS;
+                let rows = out.len();
+                // SAFETY: the build targets AVX-512F (cfg above); `w` is one weight row
+                // of this matrix and the x and xsum slices hold exactly `rows` rows.
+                unsafe {
+                    simd::column(
+                        self.dtype,
+                        w,
+                        &x[r0 * k..(r0 + rows) * k],
+                        k,
+                        &xsum[r0 * blocks..(r0 + rows) * blocks],
+                        out,
+                    )
+                };
+            }
+            return;
+        }
+        self.column_portable(w, x, xsum, acc, offs, out);
+    }
+
+    /// [`column`](Self::column) in portable Rust.
+    fn column_portable(
+        &self,
+        w: &[u8],
+        x: &[f32],
+        xsum: &[f32],
+        acc: &mut [[f32; BLOCK]],
+        offs: &mut [f32],
+        out: &mut [f32],
+    ) {
         let k = self.k;
         let blocks = k / BLOCK;
         acc.iter_mut().for_each(|a| *a = [0.0; BLOCK]);
@@ -114,6 +150,76 @@ impl QuantRows {
         }
         for ((o, a), off) in out.iter_mut().zip(acc.iter()).zip(offs.iter()) {
             *o = sum32(a) + off;
+        }
+    }
+}
+
+/// The AVX-512 kernel: nibbles become floats through a 16-entry table lookup
+/// (`vpermps` reads the low four bits of each index), so a block of 32 weights costs a
+/// handful of instructions and is shared by every activation row.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+mod simd {
+    use std::arch::x86_64::*;
+
+    use candle_core::quantized::GgmlDType;
+    use half::f16;
+
+    /// Most activation rows one call handles.
+    pub(super) const MAX_ROWS: usize = 8;
+
+    /// # Safety
+    /// Needs AVX-512F; `w` holds `k / 32` blocks of `dtype` (Q4_1 or Q8_0), `x` holds
+    /// `out.len()` rows of `k` floats, `xsum` their per-block sums.
+    pub(super) unsafe fn column(
+        dtype: GgmlDType,
+        w: &[u8],
+        x: &[f32],
+        k: usize,
+        xsum: &[f32],
+        out: &mut [f32],
+    ) {
+        let m = out.len();
+        let blocks = k / 32;
+        // Two accumulators per row (low and high half of each block) so that the
+        // fused multiply-adds of one row do not wait on each other.
+        let mut acc_lo = [_mm512_setzero_ps(); MAX_ROWS];
+        let mut acc_hi = [_mm512_setzero_ps(); MAX_ROWS];
+        let table = _mm512_setr_ps(
+            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+        );
+        let xp = x.as_ptr();
+        let _ = xsum;
+        for b in 0..blocks {
+            // The block's 32 weights as floats: q * d + m (Q4_1) or q * d (Q8_0).
+            let (lo, hi) = match dtype {
+                GgmlDType::Q4_1 => {
+                    let blk = w.as_ptr().add(b * 20);
+                    let d = _mm512_set1_ps(f16::from_le_bytes([*blk, *blk.add(1)]).to_f32());
+                    let mn =
+                        _mm512_set1_ps(f16::from_le_bytes([*blk.add(2), *blk.add(3)]).to_f32());
+                    let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(4) as *const __m128i));
+                    let lo = _mm512_permutexvar_ps(idx, table);
+                    let hi = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(idx), table);
+                    (_mm512_fmadd_ps(lo, d, mn), _mm512_fmadd_ps(hi, d, mn))
+                }
+                _ => {
+                    let blk = w.as_ptr().add(b * 34);
+                    let d = _mm512_set1_ps(f16::from_le_bytes([*blk, *blk.add(1)]).to_f32());
+                    let q0 = _mm_loadu_si128(blk.add(2) as *const __m128i);
+                    let q1 = _mm_loadu_si128(blk.add(18) as *const __m128i);
+                    let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0));
+                    let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1));
+                    (_mm512_mul_ps(lo, d), _mm512_mul_ps(hi, d))
+                }
+            };
+            for r in 0..m {
+                let xr = xp.add(r * k + b * 32);
+                acc_lo[r] = _mm512_fmadd_ps(lo, _mm512_loadu_ps(xr), acc_lo[r]);
+                acc_hi[r] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xr.add(16)), acc_hi[r]);
+            }
+        }
+        for r in 0..m {
+            out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc_lo[r], acc_hi[r]));
         }
     }
 }

@@ -86,7 +86,11 @@ pub fn actor(
 }
 
 /// An engine config with the given limits.
-pub fn engine_config(max_step_tokens: usize, max_running: usize, kv_budget_bytes: usize) -> troupe::engine::EngineConfig {
+pub fn engine_config(
+    max_step_tokens: usize,
+    max_running: usize,
+    kv_budget_bytes: usize,
+) -> troupe::engine::EngineConfig {
     troupe::engine::EngineConfig {
         scheduler: troupe::engine::SchedulerConfig {
             max_step_tokens,
