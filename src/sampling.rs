@@ -275,15 +275,15 @@ mod tests {
             ..SamplingParams::greedy()
         });
         s.observe_prompt(&[0]);
-        assert_eq!(s.sample(&mut vec![3.0, 2.0]), 1);
+        assert_eq!(s.sample(&mut [3.0, 2.0]), 1);
         let mut s = sampler(SamplingParams {
             frequency_penalty: 0.3,
             ..SamplingParams::greedy()
         });
         s.observe_generated(0);
-        assert_eq!(s.sample(&mut vec![2.5, 2.0]), 0);
+        assert_eq!(s.sample(&mut [2.5, 2.0]), 0);
         s.observe_generated(0);
-        assert_eq!(s.sample(&mut vec![2.5, 2.0]), 1);
+        assert_eq!(s.sample(&mut [2.5, 2.0]), 1);
     }
 
     #[test]
