@@ -31,6 +31,19 @@ pub trait TokenConstraint: Send {
     /// Advances past the sampled token; returns whether the constraint is complete
     /// (the generation should end with [`FinishReason::Grammar`]).
     fn commit(&mut self, token: u32) -> Result<bool>;
+    /// Tokens the constraint forces next (only one continuation is possible),
+    /// already committed; the engine appends them without a decode step each.
+    fn forced(&mut self) -> Vec<u32> {
+        Vec::new()
+    }
+    /// Whether the constraint reached its end (after forced tokens too).
+    fn is_complete(&self) -> bool {
+        false
+    }
+    /// Time of each mask computation so far, in microseconds.
+    fn mask_times(&self) -> &[f64] {
+        &[]
+    }
 }
 
 /// Settings of one model actor's engine.

@@ -107,6 +107,14 @@ pub enum Error {
     /// The engine thread is gone (the model actor stopped).
     #[error("the model engine stopped")]
     EngineStopped,
+    /// A grammar that does not compile, or a generation it cannot continue.
+    #[error("{kind}: {message}")]
+    Grammar {
+        /// Which kind of grammar (regex, JSON Schema, Lark grammar, choice).
+        kind: &'static str,
+        /// llguidance's message.
+        message: String,
+    },
     /// A forward call that makes no sense (no sequences, a sequence with no new tokens…).
     #[error("invalid input: {0}")]
     InvalidInput(String),

@@ -10,12 +10,16 @@
 //! - [`sampling`]: sampling parameters and the per-sequence sampler.
 //! - [`engine`]: the [`ModelActor`](engine::ModelActor): continuous batching, sampling,
 //!   streaming, cancellation and the KV budget, on a dedicated engine thread.
+//! - [`grammar`]: output grammars (regex, JSON Schema, Lark, choice) compiled by
+//!   llguidance, applied per sequence while decoding.
 //! - [`bench`]: the `troupe bench` measurements.
 //! - [`error`]: the library's [`Error`].
 //!
 //! # Invariants
-//! - A [`KvCache`] is owned by exactly one sequence; the forward borrows it mutably
-//!   and appends the keys and values of the new tokens.
+//! - A [`KvCache`] is owned by exactly one agent or one in-flight request; the
+//!   forward borrows it mutably and appends the keys and values of the new tokens.
+//! - Under a model actor, only its engine thread runs the forward, never a tokio
+//!   worker.
 //! - A sequence's logits do not depend on which other sequences share its batch
 //!   (bitwise with a fixed [`WeightsMode`]).
 #![warn(missing_docs)]
@@ -24,10 +28,15 @@
 pub mod bench;
 pub mod engine;
 pub mod error;
+pub mod grammar;
 pub mod kv;
 pub mod model;
 pub mod sampling;
 
+pub use engine::{
+    Done, EngineConfig, Event, FinishReason, Generate, GenerationStream, GetStats, ModelActor,
+    Stats, Usage,
+};
 pub use error::{Error, Result};
 pub use kv::{KvCache, KvDtype, KvLayout};
 pub use model::chat::{ChatTemplate, Message, Role};

@@ -46,9 +46,9 @@ pub struct EngineReport {
     pub by_concurrency: BTreeMap<usize, LevelReport>,
     /// N -> figures, batch limited to one sequence.
     pub unbatched_by_concurrency: BTreeMap<usize, LevelReport>,
-    /// One sequence decoding by calling the forward directly.
+    /// One sequence decoding by calling the forward directly (median time per token).
     pub direct_decode_tok_s: f64,
-    /// One sequence decoding through the actor (N = 1, decode phase only).
+    /// One sequence decoding through the actor (N = 1, median inter-token latency).
     pub actor_decode_tok_s: f64,
 }
 
@@ -101,8 +101,7 @@ impl EngineBench {
         for &n in &self.concurrency {
             let (level, traces) = self.level(&model, &batched, n).await?;
             if n == 1 {
-                let itl = traces[0].itl.iter().sum::<f64>() / traces[0].itl.len().max(1) as f64;
-                actor_decode_tok_s = 1.0 / itl;
+                actor_decode_tok_s = 1.0 / super::median(&traces[0].itl);
             }
             progress(&format!("batched   N={n:>3}: {:.1} tok/s", level.tok_s));
             by.insert(n, level);
@@ -144,7 +143,8 @@ impl EngineBench {
             .collect()
     }
 
-    /// One sequence: prefill, then decode `new_tokens` calling the forward directly.
+    /// One sequence: prefill, then decode `new_tokens` calling the forward directly;
+    /// tokens/s from the median time per token (as the actor figure is).
     fn direct_decode(&self, model: &Model) -> Result<f64> {
         let mut cache = model.new_cache(KvDtype::F32);
         let p = self.prompt(0, model.config().vocab_size);
@@ -153,15 +153,17 @@ impl EngineBench {
             cache: &mut cache,
         }])?;
         let mut next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
-        let t = Instant::now();
+        let mut times = Vec::with_capacity(self.new_tokens);
         for _ in 0..self.new_tokens {
+            let t = Instant::now();
             let logits = model.forward(&mut [SeqInput {
                 tokens: &[next],
                 cache: &mut cache,
             }])?;
             next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+            times.push(t.elapsed().as_secs_f64());
         }
-        Ok(self.new_tokens as f64 / t.elapsed().as_secs_f64())
+        Ok(1.0 / super::median(&times))
     }
 
     /// `n` concurrent generations through `actor`.

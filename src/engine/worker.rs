@@ -294,7 +294,8 @@ impl Worker {
 
     /// Takes one sequence past a step that fed it `n` tokens.
     fn advance(&mut self, id: SeqId, n: usize, mut logits: Vec<f32>) {
-        let eos = self.model.tokenizer().eos_token_ids().to_vec();
+        let model = self.model.clone();
+        let eos = model.tokenizer().eos_token_ids();
         let Some(s) = self.seqs.get_mut(&id) else {
             return;
         };
@@ -313,26 +314,41 @@ impl Worker {
         }
         let token = s.sampler.sample(&mut logits);
         s.sampler.observe_generated(token);
-        s.generated.push(token);
-        s.usage.generated_tokens += 1;
-        self.stats.tokens_generated += 1;
+        let mut tokens = vec![token];
+        let mut grammar_done = false;
+        if let Some(c) = s.constraint.as_mut() {
+            match c.commit(token) {
+                Ok(done) => grammar_done = done,
+                Err(e) => {
+                    self.fail(id, e);
+                    return;
+                }
+            }
+            if !grammar_done {
+                // Fast-forward: tokens the grammar forces join this one, and are fed
+                // together in the next step instead of a decode step each.
+                let forced = c.forced();
+                for &t in &forced {
+                    s.sampler.observe_generated(t);
+                }
+                tokens.extend(forced);
+                grammar_done = c.is_complete();
+            }
+        }
         let now = Instant::now();
         if s.first_token.is_none() {
             s.first_token = Some(now);
         }
-        let grammar_done = match s.constraint.as_mut().map(|c| c.commit(token)) {
-            Some(Ok(done)) => done,
-            Some(Err(e)) => {
-                self.fail(id, e);
-                return;
-            }
-            None => false,
-        };
         let mut finish = None;
-        if eos.contains(&token) && !s.ignore_eos {
-            finish = Some(FinishReason::Stop);
-        } else {
-            let piece = match s.decoder.push(self.model.tokenizer(), token) {
+        for &t in &tokens {
+            s.generated.push(t);
+            s.usage.generated_tokens += 1;
+            self.stats.tokens_generated += 1;
+            if eos.contains(&t) && !s.ignore_eos {
+                finish = Some(FinishReason::Stop);
+                break;
+            }
+            let piece = match s.decoder.push(model.tokenizer(), t) {
                 Ok(p) => p,
                 Err(e) => {
                     self.fail(id, e);
@@ -342,25 +358,28 @@ impl Worker {
             let released = s.stop.push(&piece);
             s.text.push_str(&released.text);
             let _ = s.tx.send(Event::Token {
-                id: token,
+                id: t,
                 text: released.text,
             });
             if released.stopped {
                 s.stop_hit = true;
                 finish = Some(FinishReason::Stop);
+                break;
+            }
+            if s.generated.len() >= s.max_tokens {
+                finish = Some(FinishReason::Length);
+                break;
             }
         }
-        if finish.is_none() && grammar_done {
+        if grammar_done && !s.stop_hit {
             finish = Some(FinishReason::Grammar);
-        }
-        if finish.is_none() && s.generated.len() >= s.max_tokens {
-            finish = Some(FinishReason::Length);
         }
         match finish {
             Some(f) => self.finish(id, f),
             None => {
-                s.feed.push(token);
-                self.sched.set_to_feed(id, 1);
+                s.feed.extend(tokens);
+                let n = s.feed.len();
+                self.sched.set_to_feed(id, n);
             }
         }
     }

@@ -1,0 +1,300 @@
+//! Output grammars: a [`Grammar`] spec (regex, JSON Schema, Lark, choice list) is
+//! compiled by llguidance once, when it is configured, and each generation gets its
+//! own matcher that masks the logits at every step and follows the sampled tokens.
+//!
+//! One [`GrammarCompiler`] per tokenizer holds llguidance's `ParserFactory` (built
+//! from our tokenizer's token bytes) and a cache of compiled grammars, so a thousand
+//! agents sharing one schema compile it once.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::{Matcher, ParserFactory};
+use toktrie::{InferenceCapabilities, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+
+use crate::engine::TokenConstraint;
+use crate::model::Tokenizer;
+use crate::{Error, Result};
+
+/// What an output must look like.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grammar {
+    /// The whole output matches this regular expression (Rust regex syntax).
+    Regex(String),
+    /// The output is JSON valid against this schema.
+    JsonSchema(serde_json::Value),
+    /// The output parses by this Lark grammar (llguidance's dialect).
+    Lark(String),
+    /// The output is exactly one of these strings.
+    Choice(Vec<String>),
+}
+
+impl Grammar {
+    /// The kind, as errors name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Grammar::Regex(_) => "regex",
+            Grammar::JsonSchema(_) => "JSON Schema",
+            Grammar::Lark(_) => "Lark grammar",
+            Grammar::Choice(_) => "choice",
+        }
+    }
+
+    fn to_llguidance(&self) -> Result<TopLevelGrammar> {
+        Ok(match self {
+            Grammar::Regex(r) => TopLevelGrammar::from_regex(r),
+            Grammar::JsonSchema(s) => TopLevelGrammar::from_json_schema(s.clone()),
+            Grammar::Lark(l) => TopLevelGrammar::from_lark(l.clone()),
+            Grammar::Choice(options) => {
+                if options.is_empty() {
+                    return Err(self.error("a choice needs at least one option"));
+                }
+                // JSON string literals are valid Lark string literals.
+                let alts: Vec<String> = options
+                    .iter()
+                    .map(|o| serde_json::to_string(o).unwrap_or_default())
+                    .collect();
+                TopLevelGrammar::from_lark(format!("start: {}", alts.join(" | ")))
+            }
+        })
+    }
+
+    fn error(&self, message: impl Into<String>) -> Error {
+        Error::Grammar {
+            kind: self.kind(),
+            message: message.into(),
+        }
+    }
+}
+
+/// llguidance's view of our tokenizer: token bytes, special tokens marked, and our
+/// own encoder for the bytes it forces.
+struct TokenizerBridge {
+    trie: TokTrie,
+    tokenizer: Tokenizer,
+}
+
+impl TokenizerEnv for TokenizerBridge {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
+        match std::str::from_utf8(s) {
+            Ok(text) => self
+                .tokenizer
+                .encode(text)
+                .unwrap_or_else(|_| self.trie.greedy_tokenize(s)),
+            Err(_) => self.trie.greedy_tokenize(s),
+        }
+    }
+}
+
+/// Compiles grammars for one tokenizer, caching them by spec.
+pub struct GrammarCompiler {
+    factory: Arc<ParserFactory>,
+    cache: Mutex<HashMap<String, Arc<CompiledGrammar>>>,
+    compiles: AtomicU64,
+    eos: Vec<u32>,
+}
+
+impl std::fmt::Debug for GrammarCompiler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrammarCompiler")
+            .field("compiles", &self.compile_count())
+            .finish()
+    }
+}
+
+impl GrammarCompiler {
+    /// Builds llguidance's parser factory from the tokenizer's vocabulary (done once
+    /// per loaded model: it walks the whole vocabulary).
+    pub fn new(tokenizer: &Tokenizer) -> Result<Self> {
+        let mut words = Vec::with_capacity(tokenizer.vocab_size());
+        for id in 0..tokenizer.vocab_size() as u32 {
+            let mut bytes = tokenizer.token_bytes(id)?.to_vec();
+            if tokenizer.is_special(id) {
+                bytes.insert(0, TokTrie::SPECIAL_TOKEN_MARKER);
+            }
+            words.push(bytes);
+        }
+        let eos = tokenizer.eos_token_ids().to_vec();
+        let first_eos = *eos
+            .first()
+            .ok_or_else(|| Error::Tokenizer("grammars need an end-of-sequence token".into()))?;
+        let info = TokRxInfo::new(words.len() as u32, first_eos);
+        let trie = TokTrie::from(&info, &words).with_eos_tokens(&eos);
+        let env: TokEnv = Arc::new(TokenizerBridge {
+            trie,
+            tokenizer: tokenizer.clone(),
+        });
+        let mut factory = ParserFactory::new(
+            &env,
+            InferenceCapabilities {
+                ff_tokens: true,
+                ..Default::default()
+            },
+            &llguidance::earley::SlicedBiasComputer::general_slices(),
+        )
+        .map_err(|e| Error::Tokenizer(format!("llguidance parser factory: {e}")))?;
+        factory.set_stderr_log_level(0);
+        factory.limits_mut().verbose_errors = false;
+        Ok(Self {
+            factory: Arc::new(factory),
+            cache: Mutex::new(HashMap::new()),
+            compiles: AtomicU64::new(0),
+            eos,
+        })
+    }
+
+    /// Compiles `grammar`, or returns the cached compilation of an equal spec. A bad
+    /// grammar fails here, naming its kind and llguidance's message.
+    pub fn compile(&self, grammar: &Grammar) -> Result<Arc<CompiledGrammar>> {
+        let key = serde_json::to_string(grammar).map_err(|e| grammar.error(e.to_string()))?;
+        if let Some(c) = self.lock().get(&key) {
+            return Ok(c.clone());
+        }
+        let parser = self
+            .factory
+            .create_parser(grammar.to_llguidance()?)
+            .map_err(|e| grammar.error(e.to_string()))?;
+        self.compiles.fetch_add(1, Ordering::Relaxed);
+        let compiled = Arc::new(CompiledGrammar {
+            kind: grammar.kind(),
+            template: Mutex::new(Matcher::new(Ok(parser))),
+            eos: self.eos.clone(),
+        });
+        self.lock().insert(key, compiled.clone());
+        Ok(compiled)
+    }
+
+    /// How many grammars were actually compiled (cache misses).
+    pub fn compile_count(&self) -> u64 {
+        self.compiles.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<CompiledGrammar>>> {
+        // A panic while holding the lock cannot leave the map half-written.
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A compiled grammar; [`constraint`](Self::constraint) gives each generation its
+/// own matcher (a cheap clone sharing the compiled grammar).
+pub struct CompiledGrammar {
+    kind: &'static str,
+    template: Mutex<Matcher>,
+    eos: Vec<u32>,
+}
+
+impl std::fmt::Debug for CompiledGrammar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CompiledGrammar").field("kind", &self.kind).finish()
+    }
+}
+
+impl CompiledGrammar {
+    /// A fresh matcher for one generation.
+    pub fn constraint(&self) -> GrammarConstraint {
+        let matcher = self
+            .template
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .deep_clone();
+        GrammarConstraint {
+            matcher,
+            kind: self.kind,
+            eos: self.eos.clone(),
+            mask_micros: Vec::new(),
+        }
+    }
+
+    /// The grammar's kind.
+    pub fn kind(&self) -> &'static str {
+        self.kind
+    }
+}
+
+/// One generation's grammar state.
+pub struct GrammarConstraint {
+    matcher: Matcher,
+    kind: &'static str,
+    eos: Vec<u32>,
+    /// Time of each mask computation, in microseconds.
+    mask_micros: Vec<f64>,
+}
+
+impl std::fmt::Debug for GrammarConstraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GrammarConstraint").field("kind", &self.kind).finish()
+    }
+}
+
+impl GrammarConstraint {
+    fn fail(&self, what: &str, e: impl std::fmt::Display) -> Error {
+        Error::Grammar {
+            kind: self.kind,
+            message: format!("{what}: {e}"),
+        }
+    }
+
+    /// Whether `bytes` is a complete output of this grammar (from the start).
+    pub fn accepts_tokens(mut self, tokens: &[u32]) -> bool {
+        for &t in tokens {
+            if self.matcher.is_stopped() {
+                return self.eos.contains(&t);
+            }
+            if self.matcher.consume_token(t).is_err() {
+                return false;
+            }
+        }
+        self.matcher.is_stopped() || self.matcher.is_accepting().unwrap_or(false)
+    }
+
+    /// Mask computation times so far (µs).
+    pub fn mask_micros(&self) -> &[f64] {
+        &self.mask_micros
+    }
+}
+
+impl TokenConstraint for GrammarConstraint {
+    fn mask(&mut self, logits: &mut [f32]) -> Result<()> {
+        let t = std::time::Instant::now();
+        let mask = self
+            .matcher
+            .compute_mask()
+            .map_err(|e| self.fail("cannot continue", e))?;
+        self.mask_micros.push(t.elapsed().as_secs_f64() * 1e6);
+        for (i, l) in logits.iter_mut().enumerate() {
+            if !mask.is_allowed(i as u32) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, token: u32) -> Result<bool> {
+        self.matcher
+            .consume_token(token)
+            .map_err(|e| self.fail("token rejected", e))?;
+        Ok(self.matcher.is_stopped())
+    }
+
+    fn forced(&mut self) -> Vec<u32> {
+        if self.matcher.is_stopped() {
+            return Vec::new();
+        }
+        self.matcher.consume_ff_tokens()
+    }
+
+    fn is_complete(&self) -> bool {
+        self.matcher.is_stopped()
+    }
+
+    fn mask_times(&self) -> &[f64] {
+        &self.mask_micros
+    }
+}
