@@ -16,7 +16,7 @@ mod worker;
 
 use std::time::Duration;
 
-pub use actor::{GetStats, HoldCache, ModelActor, ReleaseCache};
+pub use actor::{CompileGrammar, GetStats, HoldCache, ModelActor, ReleaseCache};
 pub use scheduler::{HolderId, Scheduler, SchedulerConfig, SeqId, StepPlan};
 
 use crate::kv::{KvCache, KvDtype};
@@ -73,7 +73,10 @@ pub struct Generate {
     pub tokens: Vec<u32>,
     /// How tokens are chosen.
     pub sampling: SamplingParams,
-    /// Optional grammar constraining the output.
+    /// Optional grammar spec; the actor compiles it (cached) and constrains the
+    /// output with it. A bad grammar rejects the request at once.
+    pub grammar: Option<crate::grammar::Grammar>,
+    /// Optional custom constraint (used when `grammar` is `None`).
     pub constraint: Option<Box<dyn TokenConstraint>>,
     /// Strings that end the generation (not part of the returned text).
     pub stop: Vec<String>,
@@ -90,6 +93,7 @@ impl Generate {
             cache,
             tokens,
             sampling: SamplingParams::default(),
+            grammar: None,
             constraint: None,
             stop: Vec::new(),
             max_tokens,
@@ -104,6 +108,7 @@ impl std::fmt::Debug for Generate {
             .field("cache_len", &self.cache.len())
             .field("tokens", &self.tokens.len())
             .field("sampling", &self.sampling)
+            .field("grammar", &self.grammar)
             .field("constrained", &self.constraint.is_some())
             .field("stop", &self.stop)
             .field("max_tokens", &self.max_tokens)

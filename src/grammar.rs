@@ -192,7 +192,9 @@ pub struct CompiledGrammar {
 
 impl std::fmt::Debug for CompiledGrammar {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CompiledGrammar").field("kind", &self.kind).finish()
+        f.debug_struct("CompiledGrammar")
+            .field("kind", &self.kind)
+            .finish()
     }
 }
 
@@ -229,7 +231,9 @@ pub struct GrammarConstraint {
 
 impl std::fmt::Debug for GrammarConstraint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GrammarConstraint").field("kind", &self.kind).finish()
+        f.debug_struct("GrammarConstraint")
+            .field("kind", &self.kind)
+            .finish()
     }
 }
 

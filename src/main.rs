@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use troupe::bench::engine::EngineBench;
 use troupe::bench::forward::ForwardBench;
+use troupe::grammar::{Grammar, GrammarCompiler};
 use troupe::model::fetch::{self, FetchOutcome};
 use troupe::model::{LoadOptions, Message, Model, WeightsMode};
 use troupe::sampling::{Sampler, SamplingParams};
@@ -61,6 +62,18 @@ enum Command {
         /// Seed of the sampler.
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Constrain the output to JSON valid against the schema in FILE.
+        #[arg(long, value_name = "FILE", group = "grammar")]
+        json_schema: Option<PathBuf>,
+        /// Constrain the output to match this regular expression.
+        #[arg(long, value_name = "REGEX", group = "grammar")]
+        regex: Option<String>,
+        /// Constrain the output to the Lark grammar in FILE.
+        #[arg(long, value_name = "FILE", group = "grammar")]
+        lark: Option<PathBuf>,
+        /// Constrain the output to one of these comma-separated choices.
+        #[arg(long, value_name = "A,B,C", value_delimiter = ',', group = "grammar")]
+        choice: Option<Vec<String>>,
     },
     /// Benchmarks.
     #[command(subcommand)]
@@ -154,8 +167,36 @@ fn main() -> anyhow::Result<()> {
             max_tokens,
             temperature,
             seed,
+            json_schema,
+            regex,
+            lark,
+            choice,
         } => {
+            let grammar = if let Some(f) = json_schema {
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("reading {}", f.display()))?;
+                let schema = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not JSON", f.display()))?;
+                Some(Grammar::JsonSchema(schema))
+            } else if let Some(r) = regex {
+                Some(Grammar::Regex(r.clone()))
+            } else if let Some(f) = lark {
+                Some(Grammar::Lark(
+                    std::fs::read_to_string(f)
+                        .with_context(|| format!("reading {}", f.display()))?,
+                ))
+            } else {
+                choice.as_ref().map(|c| Grammar::Choice(c.clone()))
+            };
             let model = load()?;
+            let mut constraint = match &grammar {
+                Some(g) => Some(
+                    GrammarCompiler::new(model.tokenizer())?
+                        .compile(g)?
+                        .constraint(),
+                ),
+                None => None,
+            };
             let text = if *raw {
                 prompt.clone()
             } else {
@@ -183,11 +224,15 @@ fn main() -> anyhow::Result<()> {
             }
             let mut dec = IncrementalDecoder::new();
             let mut out = std::io::stdout().lock();
+            let c = constraint
+                .as_mut()
+                .map(|c| c as &mut dyn troupe::engine::TokenConstraint);
             model.generate(
                 &mut cache,
                 &ids,
                 (*max_tokens).min(room),
                 &mut sampler,
+                c,
                 |id| {
                     let piece = dec.push(model.tokenizer(), id)?;
                     out.write_all(piece.as_bytes())?;

@@ -345,20 +345,24 @@ pub enum Finish {
     Stop,
     /// `max_tokens` were generated.
     Length,
+    /// The grammar reached its end.
+    Grammar,
 }
 
 impl Model {
     /// Generates up to `max_tokens` tokens after `prompt` for one sequence, alone:
     /// prefills the prompt into `cache`, then decodes token by token, calling
     /// `on_token` with each new id. End-of-generation tokens stop it and are not
-    /// returned. (Batched serving is the model actor's job; this is the plain loop
-    /// the CLI and the tests use.)
+    /// returned. With a `constraint`, logits are masked before sampling and forced
+    /// tokens are fed together. (Batched serving is the model actor's job; this is
+    /// the plain loop the CLI and the tests use.)
     pub fn generate(
         &self,
         cache: &mut KvCache,
         prompt: &[u32],
         max_tokens: usize,
         sampler: &mut crate::sampling::Sampler,
+        mut constraint: Option<&mut dyn crate::engine::TokenConstraint>,
         mut on_token: impl FnMut(u32) -> Result<()>,
     ) -> Result<(Vec<u32>, Finish)> {
         let mut out = Vec::new();
@@ -370,14 +374,34 @@ impl Model {
                 cache,
             }])?;
             let mut row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
+            if let Some(c) = constraint.as_deref_mut() {
+                c.mask(&mut row)?;
+            }
             let id = sampler.sample(&mut row);
             sampler.observe_generated(id);
-            if self.tokenizer.eos_token_ids().contains(&id) {
-                return Ok((out, Finish::Stop));
-            }
-            on_token(id)?;
-            out.push(id);
             next = vec![id];
+            let mut done = false;
+            if let Some(c) = constraint.as_deref_mut() {
+                done = c.commit(id)?;
+                if !done {
+                    next.extend(c.forced());
+                    done = c.is_complete();
+                }
+            }
+            for &t in &next {
+                if self.tokenizer.eos_token_ids().contains(&t) {
+                    let finish = if done { Finish::Grammar } else { Finish::Stop };
+                    return Ok((out, finish));
+                }
+                on_token(t)?;
+                out.push(t);
+                if out.len() >= max_tokens {
+                    break;
+                }
+            }
+            if done {
+                return Ok((out, Finish::Grammar));
+            }
         }
         Ok((out, Finish::Length))
     }

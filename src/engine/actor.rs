@@ -11,6 +11,7 @@ use kameo::Actor;
 
 use super::worker::{self, Command, Submission};
 use super::{EngineConfig, EvictFn, Generate, GenerationStream, Rejected, Stats};
+use crate::grammar::{CompiledGrammar, Grammar, GrammarCompiler};
 use crate::kv::KvCache;
 use crate::model::Model;
 use crate::sampling::Sampler;
@@ -19,6 +20,7 @@ use crate::{Error, Result};
 /// One per loaded model, shared by any number of requesters.
 pub struct ModelActor {
     model: Arc<Model>,
+    grammars: Arc<GrammarCompiler>,
     config: EngineConfig,
     engine: Sender<Command>,
     next_id: u64,
@@ -39,6 +41,7 @@ impl ModelActor {
         let (tx, rx) = std::sync::mpsc::channel();
         worker::spawn(model.clone(), config.clone(), rx)?;
         Ok(Self {
+            grammars: Arc::new(GrammarCompiler::new(model.tokenizer())?),
             model,
             config,
             engine: tx,
@@ -49,6 +52,11 @@ impl ModelActor {
     /// The model this actor serves.
     pub fn model(&self) -> &Arc<Model> {
         &self.model
+    }
+
+    /// The grammar compiler of this model's tokenizer (shared, cached).
+    pub fn grammars(&self) -> &Arc<GrammarCompiler> {
+        &self.grammars
     }
 
     /// Checks a request; on success returns the tokens its cache must have room for
@@ -111,7 +119,18 @@ impl Actor for ModelActor {
 impl Message<Generate> for ModelActor {
     type Reply = std::result::Result<GenerationStream, Rejected>;
 
-    async fn handle(&mut self, g: Generate, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+    async fn handle(&mut self, mut g: Generate, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        if let Some(spec) = g.grammar.take() {
+            match self.grammars.compile(&spec) {
+                Ok(c) => g.constraint = Some(Box::new(c.constraint())),
+                Err(error) => {
+                    return Err(Rejected {
+                        error,
+                        cache: g.cache,
+                    })
+                }
+            }
+        }
         let (needed_tokens, needed_bytes) = match self.check(&g) {
             Ok(n) => n,
             Err(error) => {
@@ -150,6 +169,23 @@ impl Message<Generate> for ModelActor {
             });
         }
         Ok(GenerationStream { rx })
+    }
+}
+
+/// Compiles a grammar with the actor's (cached) compiler, so that a bad grammar
+/// fails when an agent is configured rather than at its first request.
+#[derive(Debug, Clone)]
+pub struct CompileGrammar(pub Grammar);
+
+impl Message<CompileGrammar> for ModelActor {
+    type Reply = std::result::Result<Arc<CompiledGrammar>, Error>;
+
+    async fn handle(
+        &mut self,
+        c: CompileGrammar,
+        _: &mut Context<Self, Self::Reply>,
+    ) -> Self::Reply {
+        self.grammars.compile(&c.0)
     }
 }
 
