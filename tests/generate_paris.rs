@@ -18,7 +18,7 @@ fn default_model_f32_answers_paris() {
     let mut sampler = Sampler::new(SamplingParams::default()).unwrap();
     let mut c = cache(&model);
     let (out, _) = model
-        .generate(&mut c, &ids, 24, &mut sampler, |_| Ok(()))
+        .generate(&mut c, &ids, 24, &mut sampler, None, |_| Ok(()))
         .unwrap();
     let text = model.tokenizer().decode(&out).unwrap();
     assert!(text.contains("Paris"), "reply: {text:?}");
