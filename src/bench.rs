@@ -3,6 +3,7 @@
 
 pub mod engine;
 pub mod forward;
+pub mod grammar;
 
 /// Median of a list of samples (0 when empty).
 pub fn median(samples: &[f64]) -> f64 {

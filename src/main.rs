@@ -109,6 +109,12 @@ enum BenchCommand {
         #[arg(long, default_value_t = 6)]
         batch_steps: usize,
     },
+    /// Grammar mask time per kind, and constrained against unconstrained throughput.
+    Grammar {
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Concurrent generations through the model actor, batched and unbatched.
     Engine {
         /// Also write the report as JSON here.
@@ -241,6 +247,34 @@ fn main() -> anyhow::Result<()> {
                 },
             )?;
             writeln!(out, "{}", dec.finish())?;
+        }
+        Command::Bench(BenchCommand::Grammar { json }) => {
+            let path = model_path()?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let r = rt.block_on(troupe::bench::grammar::run(&path, cli.weights, |line| {
+                eprintln!("{line}")
+            }))?;
+            println!("model        {}", r.model);
+            println!("kind         mask p50 µs   mask p99 µs   masks");
+            for (k, q) in &r.mask_us {
+                println!(
+                    "{k:<12} {:>11.0} {:>13.0} {:>7}",
+                    q.p50, q.p99, r.masks_measured[k]
+                );
+            }
+            println!(
+                "16 concurrent: JSON-Schema-constrained {:.1} tok/s, unconstrained {:.1} tok/s ({:.2}x)",
+                r.constrained_tok_s,
+                r.unconstrained_tok_s,
+                r.constrained_tok_s / r.unconstrained_tok_s
+            );
+            if let Some(j) = json {
+                std::fs::write(j, serde_json::to_string_pretty(&r)?)?;
+                eprintln!("wrote {}", j.display());
+            }
         }
         Command::Bench(BenchCommand::Engine { json, concurrency }) => {
             let path = model_path()?;

@@ -1,0 +1,177 @@
+//! `troupe bench grammar`: per-token mask time of each grammar kind on the model's
+//! vocabulary, and the throughput of constrained against unconstrained concurrent
+//! generations in the same run.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use kameo::actor::Spawn;
+use serde_json::json;
+
+use super::percentile;
+use crate::engine::{EngineConfig, Generate, ModelActor, SchedulerConfig, TokenConstraint};
+use crate::grammar::{Grammar, GrammarCompiler};
+use crate::kv::KvDtype;
+use crate::model::{LoadOptions, Message, Model, WeightsMode};
+use crate::sampling::{Sampler, SamplingParams};
+use crate::{Error, Result};
+
+/// p50 and p99 of a measure.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Quantiles {
+    /// Median.
+    pub p50: f64,
+    /// 99th percentile.
+    pub p99: f64,
+}
+
+/// What the grammar bench measured.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct GrammarReport {
+    /// The model file.
+    pub model: String,
+    /// Grammar kind -> mask computation time per token (µs).
+    pub mask_us: BTreeMap<String, Quantiles>,
+    /// Masks measured per kind.
+    pub masks_measured: BTreeMap<String, usize>,
+    /// Generated tokens/s of 16 concurrent JSON-Schema-constrained generations.
+    pub constrained_tok_s: f64,
+    /// Generated tokens/s of 16 concurrent unconstrained generations.
+    pub unconstrained_tok_s: f64,
+}
+
+/// The nested JSON Schema of the bench.
+pub fn nested_schema() -> serde_json::Value {
+    json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "address": {"type": "object", "properties": {
+                "street": {"type": "string", "maxLength": 30},
+                "city": {"type": "string", "maxLength": 20},
+                "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                "required": ["street", "city", "zip"], "additionalProperties": false},
+            "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 3}
+        },
+        "required": ["name", "age", "address", "tags"],
+        "additionalProperties": false
+    })
+}
+
+fn chat(model: &Model, user: &str) -> Result<Vec<u32>> {
+    let text = model.chat_template().render(&[Message::user(user)], true)?;
+    model.tokenizer().encode_prompt(&text)
+}
+
+/// Runs the bench; `progress` gets a line per measure.
+pub async fn run(
+    path: &Path,
+    weights: WeightsMode,
+    mut progress: impl FnMut(&str),
+) -> Result<GrammarReport> {
+    let model = Arc::new(Model::load(path, LoadOptions { weights })?);
+    let compiler = GrammarCompiler::new(model.tokenizer())?;
+    let kinds = [
+        ("regex", Grammar::Regex(r"[A-Z][a-z]+ (is|was) [a-z ,]{5,60}\.".into()), "Describe the sea."),
+        ("json_schema", Grammar::JsonSchema(nested_schema()), "Describe a person as JSON."),
+        (
+            "lark",
+            Grammar::Lark(
+                "start: sentence (\" \" sentence){0,3}\nsentence: WORD (\" \" WORD){1,8} \".\"\nWORD: /[a-zA-Z]{1,12}/"
+                    .into(),
+            ),
+            "Write about cats.",
+        ),
+    ];
+    let mut mask_us = BTreeMap::new();
+    let mut counts = BTreeMap::new();
+    for (name, grammar, prompt) in &kinds {
+        let compiled = compiler.compile(grammar)?;
+        let mut times = Vec::new();
+        for seed in 0..4 {
+            let mut c = compiled.constraint();
+            let mut cache = model.new_cache(KvDtype::F32);
+            let mut sampler = Sampler::new(SamplingParams::with_temperature(0.8, seed))?;
+            let ids = chat(&model, prompt)?;
+            model.generate(&mut cache, &ids, 64, &mut sampler, Some(&mut c), |_| Ok(()))?;
+            times.extend_from_slice(c.mask_times());
+        }
+        let q = Quantiles {
+            p50: percentile(&times, 50.0),
+            p99: percentile(&times, 99.0),
+        };
+        progress(&format!(
+            "{name}: mask p50 {:.0} µs, p99 {:.0} µs over {} masks",
+            q.p50,
+            q.p99,
+            times.len()
+        ));
+        counts.insert(name.to_string(), times.len());
+        mask_us.insert(name.to_string(), q);
+    }
+
+    let actor = ModelActor::spawn(ModelActor::new(
+        model.clone(),
+        EngineConfig {
+            scheduler: SchedulerConfig {
+                max_step_tokens: 512,
+                max_running: 32,
+                kv_budget_bytes: 8 << 30,
+            },
+            ..EngineConfig::default()
+        },
+    )?);
+    let mut rates = Vec::new();
+    for constrained in [true, false] {
+        let start = Instant::now();
+        let mut streams = Vec::new();
+        for i in 0..16u64 {
+            let mut g = Generate::new(
+                model.new_cache(KvDtype::F32),
+                chat(&model, "Describe a person as JSON.")?,
+                64,
+            );
+            g.sampling = SamplingParams::with_temperature(0.8, i);
+            if constrained {
+                g.grammar = Some(Grammar::JsonSchema(nested_schema()));
+            } else {
+                g.ignore_eos = true;
+            }
+            streams.push(
+                actor
+                    .ask(g)
+                    .await
+                    .map_err(|e| Error::InvalidInput(format!("request refused: {e}")))?,
+            );
+        }
+        let mut generated = 0;
+        for s in streams {
+            generated += s
+                .finish()
+                .await
+                .map_err(|e| e.error)?
+                .usage
+                .generated_tokens;
+        }
+        let rate = generated as f64 / start.elapsed().as_secs_f64();
+        progress(&format!(
+            "16 concurrent {}: {generated} tokens, {rate:.1} tok/s",
+            if constrained {
+                "JSON-Schema-constrained"
+            } else {
+                "unconstrained"
+            }
+        ));
+        rates.push(rate);
+    }
+    Ok(GrammarReport {
+        model: path.display().to_string(),
+        mask_us,
+        masks_measured: counts,
+        constrained_tok_s: rates[0],
+        unconstrained_tok_s: rates[1],
+    })
+}
