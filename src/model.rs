@@ -298,7 +298,13 @@ fn resolve_mode(
     parameters: u64,
     types: &BTreeMap<String, usize>,
 ) -> (ResolvedMode, String) {
-    let stored = types.keys().cloned().collect::<Vec<_>>().join("+");
+    // The storage types of the weight matrices (norms are always f32).
+    let stored = types
+        .keys()
+        .filter(|t| !matches!(t.as_str(), "F32" | "F16" | "BF16"))
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("+");
     match mode {
         WeightsMode::Native => (
             ResolvedMode::Native,
@@ -319,7 +325,7 @@ fn resolve_mode(
                 Some(avail) if f32_bytes <= avail / 2 => (
                     ResolvedMode::Both,
                     format!(
-                        "auto: {stored} kernels for steps of at most {AUTO_QUANT_MAX_ROWS} rows, an f32 copy ({} MiB) for larger steps ({} MiB available)",
+                        "auto: stored {stored} blocks x f32 activations for steps of at most {AUTO_QUANT_MAX_ROWS} rows, an f32 copy ({} MiB) with GEMM for larger steps ({} MiB available)",
                         mib(f32_bytes),
                         mib(avail)
                     ),

@@ -406,12 +406,19 @@ async fn forced_stretches_are_fed_without_a_decode_step_each() {
     let a = actor(model, engine_config(512, 4, usize::MAX));
     let mut g = Generate::new(cache(&real(WeightsMode::Native)), prompt, 64);
     // After the sampled digit, " is the answer to everything you asked" is forced.
-    g.grammar = Some(Grammar::Regex(r"[0-9] is the answer to everything you asked".into()));
+    g.grammar = Some(Grammar::Regex(
+        r"[0-9] is the answer to everything you asked".into(),
+    ));
     let before = a.ask(GetStats).await.unwrap().steps;
     let done = a.ask(g).await.unwrap().finish().await.unwrap();
     let steps = a.ask(GetStats).await.unwrap().steps - before;
     assert_eq!(done.finish, FinishReason::Grammar);
-    assert!(done.text.ends_with(" is the answer to everything you asked"), "{:?}", done.text);
+    assert!(
+        done.text
+            .ends_with(" is the answer to everything you asked"),
+        "{:?}",
+        done.text
+    );
     assert!(done.tokens.len() >= 6, "{:?}", done.tokens);
     // One prefill step, one step for the digit; the forced rest needs no decode step.
     assert!(steps <= 2, "{steps} steps for {} tokens", done.tokens.len());
