@@ -84,6 +84,11 @@ pub struct Generate {
     pub max_tokens: usize,
     /// Keep generating past end-of-generation tokens (benchmarks).
     pub ignore_eos: bool,
+    /// The requester's holder id and evict callback: when the request ends, its cache
+    /// stays accounted as the holder's idle cache (see [`HoldCache`]) with no gap in
+    /// which the budget could be overrun; a later request with the same holder takes
+    /// it back.
+    pub holder: Option<(HolderId, EvictFn)>,
 }
 
 impl Generate {
@@ -98,6 +103,7 @@ impl Generate {
             stop: Vec::new(),
             max_tokens,
             ignore_eos: false,
+            holder: None,
         }
     }
 }
@@ -314,6 +320,8 @@ pub struct Stats {
     pub finished: u64,
     /// Requests cancelled by their requester.
     pub cancelled: u64,
+    /// Waiting requests whose cache was dropped to admit the front of the queue.
+    pub preempted: u64,
 }
 
 impl Stats {

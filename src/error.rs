@@ -104,6 +104,10 @@ pub enum Error {
         /// The budget.
         budget: usize,
     },
+    /// The request's cache was dropped while it waited, to admit the requests before
+    /// it under the KV budget; resubmit with the whole context (re-prefill).
+    #[error("preempted under the KV budget: the cache was dropped, resubmit from an empty cache")]
+    Preempted,
     /// The engine thread is gone (the model actor stopped).
     #[error("the model engine stopped")]
     EngineStopped,

@@ -348,6 +348,42 @@ impl KvCache {
         &self.layers[layer]
     }
 
+    /// A cache holding `len` tokens whose keys and values per layer are given as f32
+    /// `[n_kv_heads, len, head_dim]` (what [`to_f32_layers`](Self::to_f32_layers)
+    /// returns).
+    pub fn from_f32_layers(
+        layout: KvLayout,
+        dtype: KvDtype,
+        len: usize,
+        layers: &[(Vec<f32>, Vec<f32>)],
+    ) -> Result<Self> {
+        let per = layout.n_kv_heads * len * layout.head_dim;
+        if layers.len() != layout.n_layers
+            || layers.iter().any(|(k, v)| k.len() != per || v.len() != per)
+        {
+            return Err(Error::CacheMismatch {
+                expected: layout.to_string(),
+                found: format!("{} layers of other sizes", layers.len()),
+            });
+        }
+        let mut c = Self::new(layout, dtype);
+        c.reserve_exact(len);
+        let convert = |x: &[f32]| match dtype {
+            KvDtype::F32 => KvBuf::F32(x.to_vec()),
+            KvDtype::F16 => KvBuf::F16(x.iter().map(|&v| f16::from_f32(v)).collect()),
+        };
+        // With capacity == len the buffers have exactly the given layout.
+        c.layers = layers
+            .iter()
+            .map(|(k, v)| LayerKv {
+                k: convert(k),
+                v: convert(v),
+            })
+            .collect();
+        c.len = len;
+        Ok(c)
+    }
+
     /// Keys and values of every layer as f32 `[n_kv_heads, len, head_dim]` vectors,
     /// for snapshots and tests.
     pub fn to_f32_layers(&self) -> Vec<(Vec<f32>, Vec<f32>)> {

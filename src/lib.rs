@@ -10,6 +10,8 @@
 //! - [`sampling`]: sampling parameters and the per-sequence sampler.
 //! - [`engine`]: the [`ModelActor`](engine::ModelActor): continuous batching, sampling,
 //!   streaming, cancellation and the KV budget, on a dedicated engine thread.
+//! - [`agent`]: the [`AgentActor`](agent::AgentActor): conversation, token log and KV
+//!   cache owned per agent, tools, fork, snapshots, eviction.
 //! - [`grammar`]: output grammars (regex, JSON Schema, Lark, choice) compiled by
 //!   llguidance, applied per sequence while decoding.
 //! - [`bench`]: the `troupe bench` measurements.
@@ -25,6 +27,7 @@
 #![warn(missing_docs)]
 #![deny(clippy::unwrap_used)]
 
+pub mod agent;
 pub mod bench;
 pub mod engine;
 pub mod error;

@@ -167,10 +167,15 @@ pub struct ModelInfo {
     pub weights_requested: WeightsMode,
     /// What the forward uses, and why.
     pub weights_chosen: String,
+    /// SHA-256 of the first MiB of tensor data: tells two models of one shape apart
+    /// (agent snapshots check it).
+    pub fingerprint: String,
 }
 
 /// A loaded model: weights, tokenizer, chat template.
 pub struct Model {
+    /// Built on first use: walking the vocabulary costs tens of milliseconds.
+    grammars: std::sync::OnceLock<std::sync::Arc<crate::grammar::GrammarCompiler>>,
     llama: Llama,
     tokenizer: Tokenizer,
     chat_template: ChatTemplate,
@@ -222,6 +227,7 @@ impl Model {
                 .or_insert(0) += 1;
         }
         let (resolved, weights_chosen) = resolve_mode(opts.weights, parameters, &tensor_types);
+        let fingerprint = fingerprint(path, file.content.tensor_data_offset)?;
         let llama = Llama::load(&mut file, config.clone(), resolved)?;
         let info = ModelInfo {
             file_bytes: std::fs::metadata(path)?.len(),
@@ -243,8 +249,10 @@ impl Model {
             pretokenizer: tokenizer.pretokenizer().to_string(),
             weights_requested: opts.weights,
             weights_chosen,
+            fingerprint,
         };
         Ok(Self {
+            grammars: std::sync::OnceLock::new(),
             llama,
             tokenizer,
             chat_template,
@@ -277,10 +285,30 @@ impl Model {
         &self.chat_template
     }
 
+    /// The grammar compiler of this model's tokenizer, shared and cached.
+    pub fn grammar_compiler(&self) -> Result<std::sync::Arc<crate::grammar::GrammarCompiler>> {
+        if let Some(c) = self.grammars.get() {
+            return Ok(c.clone());
+        }
+        let c = std::sync::Arc::new(crate::grammar::GrammarCompiler::new(&self.tokenizer)?);
+        Ok(self.grammars.get_or_init(|| c).clone())
+    }
+
     /// Description for `troupe model info`.
     pub fn info(&self) -> &ModelInfo {
         &self.info
     }
+}
+
+/// SHA-256 (hex) of up to the first MiB of a GGUF's tensor data.
+fn fingerprint(path: &Path, data_offset: u64) -> Result<String> {
+    use sha2::Digest;
+    use std::io::{Seek, SeekFrom};
+    let mut f = File::open(path)?;
+    f.seek(SeekFrom::Start(data_offset))?;
+    let mut buf = Vec::with_capacity(1 << 20);
+    f.take(1 << 20).read_to_end(&mut buf)?;
+    Ok(format!("{:x}", sha2::Sha256::digest(&buf)))
 }
 
 /// Bytes of memory the system reports as available (Linux), if known.

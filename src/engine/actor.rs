@@ -41,7 +41,7 @@ impl ModelActor {
         let (tx, rx) = std::sync::mpsc::channel();
         worker::spawn(model.clone(), config.clone(), rx)?;
         Ok(Self {
-            grammars: Arc::new(GrammarCompiler::new(model.tokenizer())?),
+            grammars: model.grammar_compiler()?,
             model,
             config,
             engine: tx,

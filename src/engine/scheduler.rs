@@ -76,6 +76,8 @@ pub struct StepPlan {
     pub items: Vec<(SeqId, usize)>,
     /// Idle holders asked to drop their caches so that the queue can move.
     pub evict: Vec<HolderId>,
+    /// Waiting requests whose caches are dropped so that the front can be admitted.
+    pub preempt: Vec<SeqId>,
 }
 
 impl StepPlan {
@@ -190,7 +192,15 @@ impl Scheduler {
             let growth = front.bytes_needed - front.bytes_now;
             let live = self.live_bytes();
             if live + growth > self.cfg.kv_budget_bytes {
-                plan.evict = self.ask_evictions(live + growth - self.cfg.kv_budget_bytes);
+                let need = live + growth - self.cfg.kv_budget_bytes;
+                let (asked, covered) = self.ask_evictions(need);
+                plan.evict = asked;
+                if !covered {
+                    // Idle caches cannot free enough: the caches of requests queued
+                    // behind the front are dropped (newest first); they restart from
+                    // an empty cache (their requester re-prefills).
+                    plan.preempt = self.preempt_waiting(need);
+                }
                 break;
             }
             let Some(w) = self.waiting.pop_front() else {
@@ -219,12 +229,31 @@ impl Scheduler {
         plan
     }
 
+    /// Drops the caches of waiting requests behind the front, newest first, until
+    /// `need` bytes are freed; returns them (the worker fails them as preempted).
+    fn preempt_waiting(&mut self, need: usize) -> Vec<SeqId> {
+        let mut freed = 0;
+        let mut out = Vec::new();
+        for w in self.waiting.iter_mut().skip(1).rev() {
+            if freed >= need {
+                break;
+            }
+            if w.bytes_now > 0 {
+                freed += w.bytes_now;
+                out.push(w.id);
+            }
+        }
+        self.waiting.retain(|w| !out.contains(&w.id));
+        out
+    }
+
     /// Asks idle holders, least recently active first (tool-call holders last), to
     /// evict until `need` bytes would be freed; holders already asked count as freed.
-    fn ask_evictions(&mut self, need: usize) -> Vec<HolderId> {
+    /// Returns the holders asked now, and whether the asks cover `need`.
+    fn ask_evictions(&mut self, need: usize) -> (Vec<HolderId>, bool) {
         let pending: usize = self.idle.iter().filter(|i| i.asked).map(|i| i.bytes).sum();
         if pending >= need {
-            return Vec::new();
+            return (Vec::new(), true);
         }
         let mut order: Vec<usize> = (0..self.idle.len())
             .filter(|&i| !self.idle[i].asked)
@@ -240,7 +269,7 @@ impl Scheduler {
             freed += self.idle[i].bytes;
             asked.push(self.idle[i].holder);
         }
-        asked
+        (asked, freed >= need)
     }
 }
 

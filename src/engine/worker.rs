@@ -61,6 +61,8 @@ struct Seq {
     text: String,
     /// A stop string ended the generation (what it held back is dropped).
     stop_hit: bool,
+    /// The requester registers its cache as idle when the request ends.
+    holder: Option<(HolderId, EvictFn)>,
     max_tokens: usize,
     ignore_eos: bool,
     tx: UnboundedSender<Event>,
@@ -175,6 +177,11 @@ impl Worker {
         } = s;
         let start_len = request.cache.len();
         sampler.observe_prompt(&request.tokens);
+        if let Some((holder, _)) = &request.holder {
+            // The holder's idle cache is this request's cache now.
+            self.sched.release(*holder);
+            self.holders.remove(holder);
+        }
         self.sched.submit(id, request.cache.bytes(), needed_bytes);
         self.seqs.insert(
             id,
@@ -193,6 +200,7 @@ impl Worker {
                 generated: Vec::new(),
                 text: String::new(),
                 stop_hit: false,
+                holder: request.holder,
                 max_tokens: request.max_tokens,
                 ignore_eos: request.ignore_eos,
                 tx,
@@ -236,6 +244,16 @@ impl Worker {
                 s.cache.reserve_exact(s.needed_tokens);
                 s.admitted = Some(now);
                 s.admitted_at_step = self.stats.steps;
+            }
+        }
+        for id in &plan.preempt {
+            if let Some(mut s) = self.seqs.remove(id) {
+                s.cache.clear();
+                self.stats.preempted += 1;
+                let _ = s.tx.send(Event::Failed {
+                    error: Error::Preempted,
+                    cache: Box::new(s.cache),
+                });
             }
         }
         for h in &plan.evict {
@@ -397,6 +415,11 @@ impl Worker {
                 s.text.push_str(&tail);
                 let _ = s.tx.send(Event::Text { text: tail });
             }
+        }
+        if let Some((holder, evict)) = s.holder.take() {
+            // The cache goes back to an idle holder: still accounted, now evictable.
+            self.sched.hold(holder, s.cache.bytes(), false);
+            self.holders.insert(holder, evict);
         }
         let now = Instant::now();
         let first = s.first_token.unwrap_or(now);

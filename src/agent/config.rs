@@ -1,0 +1,127 @@
+//! What an agent is made of, as a user writes it: [`AgentConfig`] (serde, loadable
+//! from TOML or JSON).
+
+use std::path::Path;
+
+use crate::grammar::Grammar;
+use crate::sampling::SamplingParams;
+use crate::{Error, Result};
+
+/// What happens when a turn would not fit the model's context.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContextPolicy {
+    /// Refuse the turn with an error naming the lengths; the conversation is untouched.
+    #[default]
+    Error,
+    /// Keep the system prompt, drop the oldest turns until it fits, rebuild the cache.
+    DropOldest,
+}
+
+/// Which tools the model may (or must) call, as in the OpenAI API.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolChoice {
+    /// A final answer or a call of any tool.
+    #[default]
+    Auto,
+    /// A call of some tool.
+    Required,
+    /// No tool call: a final answer.
+    None,
+    /// A call of this tool.
+    Tool(String),
+}
+
+/// An agent's configuration.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The agent's name.
+    pub name: String,
+    /// The system prompt (none when empty).
+    pub system_prompt: String,
+    /// Names of the tools it may call (the tools themselves are given at spawn).
+    pub tools: Vec<String>,
+    /// Which tools the model may call by default.
+    pub tool_choice: ToolChoice,
+    /// A grammar every final answer must follow.
+    pub grammar: Option<Grammar>,
+    /// How tokens are chosen.
+    pub sampling: SamplingParams,
+    /// Most tokens per model reply.
+    pub max_tokens: usize,
+    /// Most tool calls in one turn.
+    pub max_tool_steps: usize,
+    /// Seconds a tool call may take.
+    pub tool_timeout_secs: f64,
+    /// What to do when a turn does not fit the context.
+    pub context_policy: ContextPolicy,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            name: "agent".into(),
+            system_prompt: String::new(),
+            tools: Vec::new(),
+            tool_choice: ToolChoice::Auto,
+            grammar: None,
+            sampling: SamplingParams::default(),
+            max_tokens: 256,
+            max_tool_steps: 4,
+            tool_timeout_secs: 30.0,
+            context_policy: ContextPolicy::Error,
+        }
+    }
+}
+
+impl AgentConfig {
+    /// A config with this name and system prompt, defaults elsewhere.
+    pub fn new(name: impl Into<String>, system_prompt: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            system_prompt: system_prompt.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Reads a config from a `.toml` or `.json` file.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path)?;
+        let bad = |e: String| Error::InvalidInput(format!("agent config {}: {e}", path.display()));
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("toml") => toml::from_str(&text).map_err(|e| bad(e.to_string())),
+            Some("json") => serde_json::from_str(&text).map_err(|e| bad(e.to_string())),
+            _ => Err(bad("expected a .toml or .json file".into())),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_toml_and_json_and_names_mistakes() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path().join("a.toml");
+        std::fs::write(
+            &t,
+            "name = \"calc\"\nsystem_prompt = \"You compute.\"\ntools = [\"add\"]\nmax_tool_steps = 2\ncontext_policy = \"drop_oldest\"\n[sampling]\ntemperature = 0.5\n[grammar]\nregex = \"[0-9]+\"\n",
+        )
+        .unwrap();
+        let c = AgentConfig::load(&t).unwrap();
+        assert_eq!(c.name, "calc");
+        assert_eq!(c.tools, vec!["add"]);
+        assert_eq!(c.context_policy, ContextPolicy::DropOldest);
+        assert_eq!(c.sampling.temperature, 0.5);
+        assert_eq!(c.grammar, Some(Grammar::Regex("[0-9]+".into())));
+        let j = dir.path().join("a.json");
+        std::fs::write(&j, serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(AgentConfig::load(&j).unwrap(), c);
+        std::fs::write(&t, "nmae = \"typo\"\n").unwrap();
+        let e = AgentConfig::load(&t).unwrap_err().to_string();
+        assert!(e.contains("nmae"), "{e}");
+    }
+}

@@ -1,0 +1,235 @@
+//! Tools an agent can call, and the tool-call format its output is constrained to.
+//!
+//! The default model's chat template defines no tool format, so troupe uses this
+//! documented one: a tool call is the whole reply
+//! `<tool_call>{"name": "<tool>", "arguments": {...}}</tool_call>`, anything else is a
+//! final answer. The agent's output grammar (llguidance Lark) allows exactly the calls
+//! whose arguments match a tool's JSON Schema, narrowed by the [`ToolChoice`].
+
+use std::future::Future;
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use schemars::JsonSchema;
+use serde::de::DeserializeOwned;
+
+use super::config::ToolChoice;
+use crate::grammar::Grammar;
+use crate::{Error, Result};
+
+/// Opens a tool call in a reply.
+pub const CALL_OPEN: &str = "<tool_call>";
+/// Closes a tool call.
+pub const CALL_CLOSE: &str = "</tool_call>";
+
+/// A tool: a name, a description, a JSON Schema for its arguments, and a call.
+pub trait Tool: Send + Sync + 'static {
+    /// Name the model calls it by.
+    fn name(&self) -> &str;
+    /// What it does, for the model.
+    fn description(&self) -> &str;
+    /// JSON Schema of its arguments (an object).
+    fn parameters(&self) -> serde_json::Value;
+    /// Runs it; `Err` is shown to the model as a tool error.
+    fn call(
+        &self,
+        arguments: serde_json::Value,
+    ) -> BoxFuture<'static, std::result::Result<String, String>>;
+}
+
+/// A tool made of a typed argument struct (its schema derived with schemars) and an
+/// async function.
+pub struct FnTool<A, F> {
+    name: String,
+    description: String,
+    schema: serde_json::Value,
+    f: Arc<F>,
+    _args: std::marker::PhantomData<fn(A)>,
+}
+
+/// Makes a [`Tool`] from a function of a typed argument struct.
+pub fn tool_fn<A, F, Fut>(name: &str, description: &str, f: F) -> Arc<dyn Tool>
+where
+    A: JsonSchema + DeserializeOwned + Send + 'static,
+    F: Fn(A) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = std::result::Result<String, String>> + Send + 'static,
+{
+    let mut schema = serde_json::to_value(schemars::schema_for!(A)).unwrap_or_default();
+    strip_annotations(&mut schema);
+    Arc::new(FnTool {
+        name: name.into(),
+        description: description.into(),
+        schema,
+        f: Arc::new(f),
+        _args: std::marker::PhantomData,
+    })
+}
+
+/// Drops schema keys that only annotate (`$schema`, `title`, numeric `format`s such
+/// as `int32`), which constrain nothing, and closes objects to their declared
+/// properties (as OpenAI's strict mode does), so a call carries exactly the fields of
+/// the argument struct.
+fn strip_annotations(v: &mut serde_json::Value) {
+    if let Some(o) = v.as_object_mut() {
+        if o.get("type").and_then(|t| t.as_str()) == Some("object")
+            && !o.contains_key("additionalProperties")
+        {
+            o.insert(
+                "additionalProperties".into(),
+                serde_json::Value::Bool(false),
+            );
+        }
+        o.remove("$schema");
+        o.remove("title");
+        if let Some(f) = o.get("format").and_then(|f| f.as_str()) {
+            if f.starts_with("int") || f.starts_with("uint") || f == "float" || f == "double" {
+                o.remove("format");
+            }
+        }
+        for child in o.values_mut() {
+            strip_annotations(child);
+        }
+    } else if let Some(a) = v.as_array_mut() {
+        a.iter_mut().for_each(strip_annotations);
+    }
+}
+
+impl<A, F, Fut> Tool for FnTool<A, F>
+where
+    A: JsonSchema + DeserializeOwned + Send + 'static,
+    F: Fn(A) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = std::result::Result<String, String>> + Send + 'static,
+{
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn description(&self) -> &str {
+        &self.description
+    }
+    fn parameters(&self) -> serde_json::Value {
+        self.schema.clone()
+    }
+    fn call(
+        &self,
+        arguments: serde_json::Value,
+    ) -> BoxFuture<'static, std::result::Result<String, String>> {
+        let f = self.f.clone();
+        Box::pin(async move {
+            let args: A =
+                serde_json::from_value(arguments).map_err(|e| format!("bad arguments: {e}"))?;
+            f(args).await
+        })
+    }
+}
+
+/// A tool call parsed from a reply.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ToolCall {
+    /// The tool.
+    pub name: String,
+    /// Its arguments.
+    pub arguments: serde_json::Value,
+}
+
+/// A tool call that was run, as a reply reports it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ToolRun {
+    /// The call.
+    pub call: ToolCall,
+    /// What the model was shown: the result, or the error.
+    pub result: String,
+    /// Whether it failed (error, timeout, panic).
+    pub failed: bool,
+    /// How long it took.
+    pub seconds: f64,
+}
+
+/// Parses a reply as a tool call, if it is one.
+pub fn parse_call(reply: &str) -> Option<ToolCall> {
+    let body = reply
+        .trim()
+        .strip_prefix(CALL_OPEN)?
+        .strip_suffix(CALL_CLOSE)?;
+    serde_json::from_str(body.trim()).ok()
+}
+
+/// The system prompt's paragraph that tells the model its tools and the format.
+pub fn tools_prompt(tools: &[Arc<dyn Tool>]) -> String {
+    let mut s = String::from(
+        "You can call tools. To call one, reply with only <tool_call>{\"name\": \"TOOL\", \"arguments\": {...}}</tool_call> and wait for its result. Otherwise reply with your answer.\nTools:\n",
+    );
+    for t in tools {
+        s.push_str(&format!(
+            "- {}: {} Arguments: {}\n",
+            t.name(),
+            t.description(),
+            t.parameters()
+        ));
+    }
+    s
+}
+
+/// The grammar of a reply under `choice`, or `None` for an unconstrained reply.
+/// `answer` is the agent's own output grammar for final answers, if any.
+pub fn reply_grammar(
+    tools: &[Arc<dyn Tool>],
+    choice: &ToolChoice,
+    answer: Option<&Grammar>,
+) -> Result<Option<Grammar>> {
+    let callable: Vec<&Arc<dyn Tool>> = match choice {
+        ToolChoice::None => Vec::new(),
+        ToolChoice::Auto | ToolChoice::Required => tools.iter().collect(),
+        ToolChoice::Tool(name) => {
+            let t = tools.iter().find(|t| t.name() == name).ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "tool_choice names unknown tool `{name}` (tools: {})",
+                    tools
+                        .iter()
+                        .map(|t| t.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+            vec![t]
+        }
+    };
+    if tools.is_empty() {
+        return Ok(answer.cloned());
+    }
+    // Compact JSON: no free whitespace for a small model to loop in, and the keys are
+    // forced (fast-forwarded) rather than sampled.
+    let schema = serde_json::json!({
+        "x-guidance": {"whitespace_flexible": false},
+        "anyOf": callable.iter().map(|t| serde_json::json!({
+            "type": "object",
+            "properties": {"name": {"const": t.name()}, "arguments": t.parameters()},
+            "required": ["name", "arguments"],
+            "additionalProperties": false,
+        })).collect::<Vec<_>>()
+    });
+    let call = format!("call: {:?} %json {} {:?}", CALL_OPEN, schema, CALL_CLOSE);
+    let must_call = matches!(choice, ToolChoice::Required | ToolChoice::Tool(_));
+    let answer_rule = match answer {
+        None => "answer: /[^<](.|\\n)*/".to_string(),
+        Some(Grammar::JsonSchema(s)) => format!("answer: %json {s}"),
+        Some(Grammar::Regex(r)) => format!("answer: /{}/", r.replace('/', "\\/")),
+        Some(Grammar::Choice(c)) => format!(
+            "answer: {}",
+            c.iter().map(|o| serde_json::to_string(o).unwrap_or_default()).collect::<Vec<_>>().join(" | ")
+        ),
+        Some(Grammar::Lark(_)) => {
+            return Err(Error::InvalidInput(
+                "a Lark answer grammar cannot be combined with tools; use a regex, a JSON Schema or a choice".into(),
+            ))
+        }
+    };
+    let lark = if callable.is_empty() {
+        // Tools exist but may not be called: an answer that does not look like a call.
+        format!("start: answer\n{answer_rule}\n")
+    } else if must_call {
+        format!("start: call\n{call}\n")
+    } else {
+        format!("start: call | answer\n{call}\n{answer_rule}\n")
+    };
+    Ok(Some(Grammar::Lark(lark)))
+}

@@ -1,0 +1,246 @@
+//! Agents own their cache across turns: each turn computes only its new tokens, and
+//! replies equal those of an agent that recomputes its history; fork, save/load,
+//! eviction under the KV budget and context policies behave.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use kameo::actor::ActorRef;
+use troupe::agent::{
+    AgentActor, AgentConfig, Ask, ContextPolicy, Evict, Fork, GetAgentStats, History, Save,
+};
+use troupe::engine::{EngineConfig, GetStats, ModelActor};
+use troupe::model::{Message, Model, Role, WeightsMode};
+
+fn setup(budget: usize, max_running: usize) -> (Arc<Model>, ActorRef<ModelActor>) {
+    use kameo::actor::Spawn;
+    let model = Arc::new(tiny(WeightsMode::Native));
+    let cfg: EngineConfig = engine_config(256, max_running, budget);
+    let actor = ModelActor::spawn(ModelActor::new(model.clone(), cfg).unwrap());
+    (model, actor)
+}
+
+fn agent(
+    model: &Arc<Model>,
+    engine: &ActorRef<ModelActor>,
+    cfg: AgentConfig,
+) -> ActorRef<AgentActor> {
+    AgentActor::new(cfg, model.clone(), engine.clone(), vec![])
+        .unwrap()
+        .spawn_agent()
+}
+
+fn config() -> AgentConfig {
+    AgentConfig {
+        max_tokens: 6,
+        ..AgentConfig::new("t", "You are terse.")
+    }
+}
+
+const QUESTIONS: [&str; 6] = ["hi", "the cat", "is on", "the mat", "what now", "bye"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turns_compute_only_new_tokens_and_equal_recomputing() {
+    let (model, engine) = setup(usize::MAX, 8);
+    let cached = agent(&model, &engine, config());
+    let recompute = agent(&model, &engine, config());
+    let mut prev_log_len = 0usize;
+    for (k, q) in QUESTIONS.iter().enumerate() {
+        let r = cached.ask(Ask(q.to_string())).await.unwrap();
+        // The recomputing agent drops its cache before every turn.
+        recompute.tell(Evict).await.unwrap();
+        let full = recompute.ask(Ask(q.to_string())).await.unwrap();
+        assert_eq!(r.text, full.text, "turn {k}");
+        // What the turn's prompt holds, tokenized whole, independently of the agent.
+        let history = cached.ask(History).await.unwrap();
+        let before_reply = &history[..history.len() - 1];
+        let text = model.chat_template().render(before_reply, true).unwrap();
+        let prompt = model.tokenizer().encode_prompt(&text).unwrap();
+        assert_eq!(r.usage.prompt_tokens, prompt.len(), "turn {k}");
+        // Reused: everything the previous turns fed (all but their last sampled token).
+        assert_eq!(
+            r.usage.cached_tokens,
+            prev_log_len.saturating_sub(1),
+            "turn {k}"
+        );
+        let computed_prompt = r.usage.prompt_tokens - r.usage.cached_tokens;
+        if k > 0 {
+            assert_eq!(full.usage.cached_tokens, 0);
+            assert!(
+                computed_prompt < full.usage.prompt_tokens / 2,
+                "turn {k} recomputed too much"
+            );
+        }
+        prev_log_len = r.usage.prompt_tokens + r.usage.generated_tokens;
+    }
+    let s = cached.ask(GetAgentStats).await.unwrap();
+    assert_eq!((s.turns, s.prefix_mismatches, s.evictions), (6, 0, 0));
+    assert!(
+        recompute
+            .ask(GetAgentStats)
+            .await
+            .unwrap()
+            .recomputed_tokens
+            > 0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fork_shares_the_state_without_recomputation_and_diverges() {
+    let (model, engine) = setup(usize::MAX, 8);
+    let parent = agent(&model, &engine, config());
+    let twin = agent(&model, &engine, config());
+    for q in &QUESTIONS[..2] {
+        parent.ask(Ask(q.to_string())).await.unwrap();
+        twin.ask(Ask(q.to_string())).await.unwrap();
+    }
+    let child = parent.ask(Fork).await.unwrap();
+    let c = child.ask(Ask("a different road".into())).await.unwrap();
+    let p = parent.ask(Ask("the same road".into())).await.unwrap();
+    let t = twin.ask(Ask("the same road".into())).await.unwrap();
+    // The child computed only its new message: the shared prefix came with the fork.
+    assert!(c.usage.cached_tokens > 0);
+    assert_eq!(c.usage.cached_tokens, p.usage.cached_tokens);
+    assert_eq!(c.usage.cached_tokens, t.usage.cached_tokens);
+    // The parent is unaffected by the child.
+    assert_eq!(p.text, t.text);
+    let ph = parent.ask(History).await.unwrap();
+    let ch = child.ask(History).await.unwrap();
+    assert!(ph.iter().any(|m| m.content == "the same road"));
+    assert!(!ph.iter().any(|m| m.content == "a different road"));
+    assert!(ch.iter().any(|m| m.content == "a different road"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn save_and_load_continue_identically_and_corruption_is_named() {
+    let (model, engine) = setup(usize::MAX, 8);
+    let a = agent(&model, &engine, config());
+    for q in &QUESTIONS[..3] {
+        a.ask(Ask(q.to_string())).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.safetensors");
+    a.ask(Save(path.clone())).await.unwrap();
+    let loaded = AgentActor::load(&path, model.clone(), engine.clone(), vec![])
+        .unwrap()
+        .spawn_agent();
+    let x = a.ask(Ask("next".into())).await.unwrap();
+    let y = loaded.ask(Ask("next".into())).await.unwrap();
+    assert_eq!(x.text, y.text);
+    assert_eq!(
+        x.usage.cached_tokens, y.usage.cached_tokens,
+        "the cache came back too"
+    );
+
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.truncate(bytes.len() / 2);
+    let bad = dir.path().join("bad.safetensors");
+    std::fs::write(&bad, &bytes).unwrap();
+    let e = AgentActor::load(&bad, model.clone(), engine.clone(), vec![]).unwrap_err();
+    assert!(e.to_string().contains("corrupt"), "{e}");
+    // A snapshot of another model is refused.
+    let other_dir = tempfile::tempdir().unwrap();
+    let other_path = other_dir.path().join("other.gguf");
+    troupe::model::tiny::write_tiny_model(
+        &other_path,
+        &troupe::model::tiny::TinyConfig {
+            seed: 99,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let other = Arc::new(Model::load(&other_path, Default::default()).unwrap());
+    let e = AgentActor::load(&path, other, engine.clone(), vec![]).unwrap_err();
+    assert!(e.to_string().contains("another model"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_agents_under_a_small_budget_all_finish_identically() {
+    let per_token = troupe::KvCache::bytes_per_token(
+        tiny(WeightsMode::Native).config().kv_layout(),
+        troupe::KvDtype::F32,
+    );
+    // Room for about five conversations' caches.
+    let budget = 5 * 140 * per_token;
+    let run = |budget: usize| async move {
+        let (model, engine) = setup(budget, 4);
+        let agents: Vec<_> = (0..20).map(|_| agent(&model, &engine, config())).collect();
+        let mut replies = vec![Vec::new(); 20];
+        for turn in 0..3 {
+            let mut pending = Vec::new();
+            for (i, a) in agents.iter().enumerate() {
+                let a = a.clone();
+                pending.push(tokio::spawn(async move {
+                    a.ask(Ask(format!("agent {i} turn {turn}"))).await.unwrap()
+                }));
+            }
+            for (i, p) in pending.into_iter().enumerate() {
+                replies[i].push(p.await.unwrap());
+            }
+        }
+        let stats = engine.ask(GetStats).await.unwrap();
+        let mut evictions = 0;
+        for a in &agents {
+            evictions += a.ask(GetAgentStats).await.unwrap().evictions;
+        }
+        (replies, stats, evictions)
+    };
+    let (tight, stats, evictions) = run(budget).await;
+    let (free, free_stats, free_evictions) = run(usize::MAX).await;
+    assert!(
+        stats.kv_peak_bytes <= budget,
+        "peak {} > budget {budget}",
+        stats.kv_peak_bytes
+    );
+    assert!(stats.evictions_requested > 0 && evictions > 0, "{stats:?}");
+    assert_eq!((free_stats.evictions_requested, free_evictions), (0, 0));
+    let recomputed: usize = tight.iter().flatten().map(|r| r.recomputed_tokens).sum();
+    assert!(recomputed > 0);
+    for i in 0..20 {
+        for t in 0..3 {
+            assert_eq!(tight[i][t].text, free[i][t].text, "agent {i} turn {t}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn context_policies() {
+    let (model, engine) = setup(usize::MAX, 8);
+    let context = model.config().context_length;
+    // About a third of the context per message on the tiny vocabulary.
+    let long = "ab ".repeat(context / 6);
+    // Error: a clear error naming the lengths, conversation untouched.
+    let strict = agent(&model, &engine, config());
+    strict.ask(Ask("hi".into())).await.unwrap();
+    let before = strict.ask(History).await.unwrap();
+    let e = strict
+        .ask(Ask(format!("{long}{long}{long}{long}")))
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("context of 512"), "{msg}");
+    assert_eq!(strict.ask(History).await.unwrap(), before);
+    strict.ask(Ask("still here".into())).await.unwrap();
+    // DropOldest: old turns go, the system prompt stays, the agent keeps working.
+    let rolling = agent(
+        &model,
+        &engine,
+        AgentConfig {
+            context_policy: ContextPolicy::DropOldest,
+            ..config()
+        },
+    );
+    for i in 0..4 {
+        let r = rolling.ask(Ask(format!("{i} {long}"))).await.unwrap();
+        assert!(r.usage.prompt_tokens + 6 <= context);
+    }
+    let h: Vec<Message> = rolling.ask(History).await.unwrap();
+    assert_eq!(h[0].role, Role::System);
+    assert!(
+        !h.iter().any(|m| m.content.starts_with("0 ")),
+        "the oldest turn was dropped"
+    );
+    assert!(h.iter().any(|m| m.content.starts_with("3 ")));
+}
