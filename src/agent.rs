@@ -289,6 +289,11 @@ impl AgentActor {
     /// Registers the idle cache (after a failed turn; a finished request registers
     /// it in the engine itself).
     async fn hold(&self) {
+        self.hold_idle(false).await;
+    }
+
+    /// Registers the idle cache; `in_tool_call` makes it the last to be evicted.
+    async fn hold_idle(&self, in_tool_call: bool) {
         let (Some(cache), Some(evict)) = (&self.cache, self.evict_handle()) else {
             return;
         };
@@ -300,7 +305,7 @@ impl AgentActor {
             .tell(HoldCache {
                 holder: self.holder,
                 bytes: cache.bytes(),
-                in_tool_call: false,
+                in_tool_call,
                 evict,
             })
             .await;
@@ -419,6 +424,8 @@ impl AgentActor {
             if let Some(tx) = &events {
                 let _ = tx.send(AgentEvent::ToolCall(call.clone()));
             }
+            // Idle while the tool runs, but about to continue: evicted last.
+            self.hold_idle(true).await;
             let run = self.run_tool(call).await;
             if let Some(tx) = &events {
                 let _ = tx.send(AgentEvent::ToolResult(run.clone()));

@@ -1,6 +1,9 @@
 //! The `troupe` command line: model management, tokenizer and generation helpers,
 //! and benchmarks.
 
+#[path = "cli/chat.rs"]
+mod chat;
+
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -74,6 +77,25 @@ enum Command {
         /// Constrain the output to one of these comma-separated choices.
         #[arg(long, value_name = "A,B,C", value_delimiter = ',', group = "grammar")]
         choice: Option<Vec<String>>,
+    },
+    /// Multi-turn chat with one agent (streams in a terminal; with piped stdin, one
+    /// message per line, each reply followed by a `usage:` line).
+    Chat {
+        /// System prompt.
+        #[arg(long)]
+        system: Option<String>,
+        /// Agent config file (.toml or .json).
+        #[arg(long)]
+        agent: Option<PathBuf>,
+        /// Most tokens per reply.
+        #[arg(long)]
+        max_tokens: Option<usize>,
+        /// Sampling temperature (0: greedy).
+        #[arg(long)]
+        temperature: Option<f32>,
+        /// Sampling seed.
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// Benchmarks.
     #[command(subcommand)]
@@ -247,6 +269,24 @@ fn main() -> anyhow::Result<()> {
                 },
             )?;
             writeln!(out, "{}", dec.finish())?;
+        }
+        Command::Chat {
+            system,
+            agent,
+            max_tokens,
+            temperature,
+            seed,
+        } => {
+            let path = model_path()?;
+            chat::run(chat::ChatOptions {
+                model: &path,
+                weights: cli.weights,
+                agent: agent.as_deref(),
+                system: system.as_deref(),
+                max_tokens: *max_tokens,
+                temperature: *temperature,
+                seed: *seed,
+            })?;
         }
         Command::Bench(BenchCommand::Grammar { json }) => {
             let path = model_path()?;

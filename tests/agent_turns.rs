@@ -244,3 +244,50 @@ async fn context_policies() {
     );
     assert!(h.iter().any(|m| m.content.starts_with("3 ")));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_yields_the_reply_token_by_token() {
+    let (model, engine) = setup(usize::MAX, 8);
+    let a = agent(&model, &engine, config());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let turn = {
+        let a = a.clone();
+        tokio::spawn(async move {
+            a.ask(troupe::agent::AskStream {
+                text: "stream this".into(),
+                events: tx,
+            })
+            .await
+        })
+    };
+    let mut streamed = String::new();
+    let mut pieces = 0;
+    while let Some(ev) = rx.recv().await {
+        if let troupe::agent::AgentEvent::Token(t) = ev {
+            streamed.push_str(&t);
+            pieces += 1;
+        }
+    }
+    let reply = turn.await.unwrap().unwrap();
+    assert_eq!(streamed, reply.text);
+    assert!(pieces >= 2, "{pieces} pieces");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_model_actor_fails_asks_clearly() {
+    let (model, engine) = setup(usize::MAX, 8);
+    let a = agent(&model, &engine, config());
+    a.ask(Ask("hi".into())).await.unwrap();
+    engine.kill();
+    engine.wait_for_shutdown().await;
+    let e = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        a.ask(Ask("still there?".into())),
+    )
+    .await
+    .expect("the ask must not hang")
+    .unwrap_err();
+    assert!(e.to_string().contains("model engine stopped"), "{e}");
+    // The conversation was kept as it was.
+    assert_eq!(a.ask(History).await.unwrap().len(), 3);
+}

@@ -126,3 +126,43 @@ fn bad_model_file_is_named() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("not a GGUF file"), "{err}");
 }
+
+#[test]
+fn chat_reads_lines_and_reports_reuse() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let tiny = tiny_model_path();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_troupe"))
+        .args([
+            "chat",
+            "--max-tokens",
+            "5",
+            "--model",
+            tiny.to_str().unwrap(),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"hello there\nand again\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = stdout(&out);
+    let usage: Vec<&str> = text.lines().filter(|l| l.starts_with("usage: ")).collect();
+    assert_eq!(usage.len(), 2, "{text}");
+    let field = |l: &str, k: &str| -> usize {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap()
+            .parse::<f64>()
+            .unwrap() as usize
+    };
+    assert_eq!(field(usage[0], "reused"), 0);
+    assert!(field(usage[1], "reused") > 0, "{text}");
+    assert!(field(usage[1], "computed") < field(usage[1], "reused") + field(usage[0], "computed"));
+}

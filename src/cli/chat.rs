@@ -1,0 +1,119 @@
+//! `troupe chat`: a multi-turn conversation with one agent in the terminal, streamed,
+//! or driven line by line by a script when stdin is not a terminal.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use kameo::actor::Spawn;
+use troupe::agent::{AgentActor, AgentConfig, AgentEvent, AgentReply, Ask, AskStream};
+use troupe::engine::{EngineConfig, ModelActor};
+use troupe::model::{LoadOptions, Model, WeightsMode};
+
+/// Options of `troupe chat`.
+pub struct ChatOptions<'a> {
+    pub model: &'a Path,
+    pub weights: WeightsMode,
+    pub agent: Option<&'a Path>,
+    pub system: Option<&'a str>,
+    pub max_tokens: Option<usize>,
+    pub temperature: Option<f32>,
+    pub seed: Option<u64>,
+}
+
+fn usage_line(r: &AgentReply) -> String {
+    format!(
+        "usage: reused={} computed={} ttft_ms={:.0}",
+        r.usage.cached_tokens,
+        r.usage.computed_tokens,
+        r.ttft.as_secs_f64() * 1e3
+    )
+}
+
+pub fn run(o: ChatOptions<'_>) -> anyhow::Result<()> {
+    let mut config = match o.agent {
+        Some(p) => AgentConfig::load(p)?,
+        None => AgentConfig::new("chat", ""),
+    };
+    if let Some(s) = o.system {
+        config.system_prompt = s.to_string();
+    }
+    if let Some(n) = o.max_tokens {
+        config.max_tokens = n;
+    }
+    if let Some(t) = o.temperature {
+        config.sampling.temperature = t;
+    }
+    if let Some(s) = o.seed {
+        config.sampling.seed = s;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let model = Arc::new(Model::load(o.model, LoadOptions { weights: o.weights })?);
+        let engine = ModelActor::spawn(ModelActor::new(model.clone(), EngineConfig::default())?);
+        let agent = AgentActor::new(config, model, engine, vec![])?.spawn_agent();
+        let stdin = std::io::stdin();
+        let interactive = stdin.is_terminal();
+        let mut out = std::io::stdout();
+        if interactive {
+            eprintln!("troupe chat: one message per line, Ctrl-D to quit.");
+        }
+        loop {
+            if interactive {
+                eprint!("> ");
+            }
+            let mut line = String::new();
+            if stdin.lock().read_line(&mut line)? == 0 {
+                break;
+            }
+            let text = line.trim_end_matches(['\n', '\r']).to_string();
+            if text.is_empty() {
+                continue;
+            }
+            if interactive {
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let a = agent.clone();
+                let turn = tokio::spawn(async move { a.ask(AskStream { text, events: tx }).await });
+                while let Some(ev) = rx.recv().await {
+                    match ev {
+                        AgentEvent::Token(t) => {
+                            write!(out, "{t}")?;
+                            out.flush()?;
+                        }
+                        AgentEvent::ToolCall(c) => {
+                            eprintln!("\n[tool call {} {}]", c.name, c.arguments)
+                        }
+                        AgentEvent::ToolResult(r) => eprintln!("[tool result {}]", r.result),
+                    }
+                }
+                match turn.await? {
+                    Ok(r) => {
+                        writeln!(out)?;
+                        eprintln!(
+                            "[reused {} tokens, computed {}, time to first token {:.0} ms]",
+                            r.usage.cached_tokens,
+                            r.usage.computed_tokens,
+                            r.ttft.as_secs_f64() * 1e3
+                        );
+                    }
+                    Err(e) => eprintln!("\nerror: {e}"),
+                }
+            } else {
+                match agent.ask(Ask(text)).await {
+                    Ok(r) => {
+                        writeln!(out, "{}", r.text)?;
+                        writeln!(out, "{}", usage_line(&r))?;
+                    }
+                    Err(e) => writeln!(out, "error: {e}")?,
+                }
+                out.flush()?;
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    })
+    .context("troupe chat")
+}
