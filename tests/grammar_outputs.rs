@@ -369,6 +369,9 @@ impl TokenConstraint for FailsLater {
                 message: "no way forward".into(),
             });
         }
+        if self.0 == 103 {
+            panic!("constraint bug");
+        }
         Ok(false)
     }
 }
@@ -422,4 +425,35 @@ async fn forced_stretches_are_fed_without_a_decode_step_each() {
     assert!(done.tokens.len() >= 6, "{:?}", done.tokens);
     // One prefill step, one step for the digit; the forced rest needs no decode step.
     assert!(steps <= 2, "{steps} steps for {} tokens", done.tokens.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_constraint_fails_only_its_sequence() {
+    let model = tiny(WeightsMode::Native);
+    let (c1, c2) = (cache(&model), cache(&model));
+    let a = actor(model, engine_config(64, 4, usize::MAX));
+    let mut bad = Generate::new(c1, tokens(6, 1, 3, 270), 20);
+    bad.constraint = Some(Box::new(FailsLater(100)));
+    bad.ignore_eos = true;
+    let mut good = Generate::new(c2, tokens(6, 2, 3, 270), 20);
+    good.ignore_eos = true;
+    let bad = a.ask(bad).await.unwrap();
+    let good = a.ask(good).await.unwrap();
+    let err = bad.finish().await.unwrap_err();
+    assert!(err.to_string().contains("constraint bug"), "{err}");
+    assert_eq!(good.finish().await.unwrap().usage.generated_tokens, 20);
+    // The engine still serves new requests.
+    let mut again = Generate::new(cache(&tiny(WeightsMode::Native)), vec![5, 6], 3);
+    again.ignore_eos = true;
+    assert_eq!(
+        a.ask(again)
+            .await
+            .unwrap()
+            .finish()
+            .await
+            .unwrap()
+            .usage
+            .generated_tokens,
+        3
+    );
 }

@@ -325,7 +325,7 @@ impl Worker {
             return;
         }
         if let Some(c) = s.constraint.as_mut() {
-            if let Err(e) = c.mask(&mut logits) {
+            if let Err(e) = guard(|| c.mask(&mut logits)) {
                 self.fail(id, e);
                 return;
             }
@@ -335,7 +335,7 @@ impl Worker {
         let mut tokens = vec![token];
         let mut grammar_done = false;
         if let Some(c) = s.constraint.as_mut() {
-            match c.commit(token) {
+            match guard(|| c.commit(token)) {
                 Ok(done) => grammar_done = done,
                 Err(e) => {
                     self.fail(id, e);
@@ -345,7 +345,7 @@ impl Worker {
             if !grammar_done {
                 // Fast-forward: tokens the grammar forces join this one, and are fed
                 // together in the next step instead of a decode step each.
-                let forced = c.forced();
+                let forced = guard(|| Ok(c.forced())).unwrap_or_default();
                 for &t in &forced {
                     s.sampler.observe_generated(t);
                 }
@@ -464,6 +464,25 @@ impl Worker {
             waiting,
             kv_live_bytes: self.sched.live_bytes(),
             ..self.stats.clone()
+        }
+    }
+}
+
+/// Runs a requester-supplied constraint callback so that a panic in it fails only
+/// that sequence, never the engine thread that serves everyone else.
+fn guard<T>(f: impl FnOnce() -> crate::Result<T>) -> crate::Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(Error::Grammar {
+                kind: "constraint",
+                message: format!("panicked: {what}"),
+            })
         }
     }
 }
