@@ -91,6 +91,30 @@ pub struct AgentActor {
     holder: u64,
     self_ref: Option<WeakActorRef<AgentActor>>,
     stats: AgentStats,
+    /// The state after the last completed turn, kept outside the actor so a
+    /// supervised agent restarts from it after a crash.
+    checkpoint: Option<Arc<std::sync::Mutex<Checkpoint>>>,
+}
+
+/// What a restarted agent resumes from.
+#[derive(Debug, Clone, Default)]
+struct Checkpoint {
+    messages: Vec<Message>,
+    log: Vec<u32>,
+}
+
+/// A supervisor for agents: spawn it once, then hand it to
+/// [`AgentActor::spawn_supervised`].
+#[derive(Debug, Default)]
+pub struct AgentSupervisor;
+
+impl Actor for AgentSupervisor {
+    type Args = ();
+    type Error = std::convert::Infallible;
+
+    async fn on_start(_: (), _: ActorRef<Self>) -> std::result::Result<Self, Self::Error> {
+        Ok(AgentSupervisor)
+    }
 }
 
 impl std::fmt::Debug for AgentActor {
@@ -140,6 +164,7 @@ impl AgentActor {
             holder: NEXT_HOLDER.fetch_add(1, Ordering::Relaxed),
             self_ref: None,
             stats: AgentStats::default(),
+            checkpoint: None,
         };
         // Compile every grammar the agent may use, so that errors surface now.
         for choice in [ToolChoice::Auto, ToolChoice::Required, ToolChoice::None] {
@@ -188,6 +213,63 @@ impl AgentActor {
     /// Spawns the agent as an actor.
     pub fn spawn_agent(self) -> ActorRef<AgentActor> {
         <AgentActor as Spawn>::spawn(self)
+    }
+
+    /// Spawns the agent under `supervisor`: if it crashes (panics or is killed), it
+    /// restarts from its last completed turn (conversation and token log; the cache is
+    /// re-prefilled on the next turn). The actor reference stays valid across restarts.
+    pub async fn spawn_supervised(
+        mut self,
+        supervisor: &ActorRef<AgentSupervisor>,
+    ) -> ActorRef<AgentActor> {
+        let checkpoint = Arc::new(std::sync::Mutex::new(Checkpoint {
+            messages: self.messages.clone(),
+            log: self.log.clone(),
+        }));
+        self.checkpoint = Some(checkpoint.clone());
+        let (config, model, engine, tools) = (
+            self.config.clone(),
+            self.model.clone(),
+            self.engine.clone(),
+            self.tools.clone(),
+        );
+        let holder = self.holder;
+        // The first incarnation is this agent (with its cache); later ones are rebuilt
+        // from the checkpoint.
+        let first = std::sync::Mutex::new(Some(self));
+        let factory = move || {
+            if let Some(a) = first.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                return a;
+            }
+            let cp = checkpoint.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            AgentActor {
+                config: config.clone(),
+                model: model.clone(),
+                engine: engine.clone(),
+                tools: tools.clone(),
+                messages: cp.messages,
+                log: cp.log,
+                cache: None,
+                kv_dtype: KvDtype::F32,
+                holder,
+                self_ref: None,
+                stats: AgentStats::default(),
+                checkpoint: Some(checkpoint.clone()),
+            }
+        };
+        AgentActor::supervise_with(supervisor, factory)
+            .restart_policy(kameo::supervision::RestartPolicy::Transient)
+            .spawn()
+            .await
+    }
+
+    fn save_checkpoint(&self) {
+        if let Some(cp) = &self.checkpoint {
+            *cp.lock().unwrap_or_else(|p| p.into_inner()) = Checkpoint {
+                messages: self.messages.clone(),
+                log: self.log.clone(),
+            };
+        }
     }
 
     /// Appends to the log what the rendered conversation adds past it; on
@@ -440,6 +522,7 @@ impl AgentActor {
         self.stats.turns += 1;
         self.stats.reused_tokens += usage.cached_tokens as u64;
         self.stats.computed_tokens += usage.computed_tokens as u64;
+        self.save_checkpoint();
         Ok(AgentReply {
             text,
             tool_runs: runs,
@@ -458,7 +541,15 @@ impl AgentActor {
         let (result, failed) = match self.tools.iter().find(|t| t.name() == call.name) {
             None => (format!("error: unknown tool `{}`", call.name), true),
             Some(tool) => {
-                let task = tokio::spawn(tool.call(call.arguments.clone()));
+                // A tool that panics while building its future is as harmless as one
+                // that panics inside it (that one is caught by the task).
+                let args = call.arguments.clone();
+                let fut =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tool.call(args)))
+                        .unwrap_or_else(|_| {
+                            Box::pin(async { panic!("tool panicked before running") })
+                        });
+                let task = tokio::spawn(fut);
                 match tokio::time::timeout(timeout, task).await {
                     Ok(Ok(Ok(text))) => (text, false),
                     Ok(Ok(Err(e))) => (format!("error: {e}"), true),
@@ -602,6 +693,7 @@ impl KameoMessage<Fork> for AgentActor {
             holder: NEXT_HOLDER.fetch_add(1, Ordering::Relaxed),
             self_ref: None,
             stats: AgentStats::default(),
+            checkpoint: None,
         };
         child.spawn_agent()
     }
@@ -632,6 +724,7 @@ impl KameoMessage<Reset> for AgentActor {
         self.messages = Self::initial_messages(&self.config, &self.tools);
         self.log.clear();
         self.cache = None;
+        self.save_checkpoint();
         self.release_hold().await;
     }
 }

@@ -291,3 +291,40 @@ async fn a_stopped_model_actor_fails_asks_clearly() {
     // The conversation was kept as it was.
     assert_eq!(a.ask(History).await.unwrap().len(), 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_supervised_agent_restarts_from_its_last_completed_turn() {
+    use kameo::actor::Spawn;
+    let (model, engine) = setup(usize::MAX, 8);
+    let supervisor = troupe::agent::AgentSupervisor::spawn(());
+    let a = AgentActor::new(config(), model.clone(), engine.clone(), vec![])
+        .unwrap()
+        .spawn_supervised(&supervisor)
+        .await;
+    let twin = agent(&model, &engine, config());
+    for q in &QUESTIONS[..2] {
+        a.ask(Ask(q.to_string())).await.unwrap();
+        twin.ask(Ask(q.to_string())).await.unwrap();
+    }
+    let before = a.ask(History).await.unwrap();
+    a.kill();
+    // Asks during the restart are bounced; retry until the new incarnation answers.
+    let mut history = None;
+    for _ in 0..200 {
+        match a.ask(History).await {
+            Ok(h) => {
+                history = Some(h);
+                break;
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    }
+    assert_eq!(history.expect("the agent came back"), before);
+    let x = a.ask(Ask("after the crash".into())).await.unwrap();
+    let y = twin.ask(Ask("after the crash".into())).await.unwrap();
+    assert_eq!(x.text, y.text, "same state, same reply");
+    assert_eq!(
+        x.usage.cached_tokens, 0,
+        "the cache was lost with the crash: re-prefilled"
+    );
+}
