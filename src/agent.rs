@@ -44,6 +44,8 @@ pub struct AgentReply {
     pub recomputed_tokens: usize,
     /// Time to the first generated token of the turn.
     pub ttft: Duration,
+    /// Time the turn's requests waited for admission in the model actor.
+    pub queue: Duration,
     /// Wall time of the turn.
     pub elapsed: Duration,
 }
@@ -464,6 +466,7 @@ impl AgentActor {
         let mut runs = Vec::new();
         let mut ttft = None;
         let mut recomputed = 0;
+        let mut queue = Duration::ZERO;
         let text = loop {
             let submitted = start.elapsed();
             let mut result = self.generate(&choice, events.as_ref()).await;
@@ -488,6 +491,7 @@ impl AgentActor {
                 }
             };
             recomputed += rec;
+            queue += done.timings.queue;
             ttft.get_or_insert(submitted + done.timings.time_to_first_token);
             usage.prompt_tokens += done.usage.prompt_tokens;
             usage.cached_tokens += done.usage.cached_tokens;
@@ -529,6 +533,7 @@ impl AgentActor {
             usage,
             recomputed_tokens: recomputed,
             ttft: ttft.unwrap_or_default(),
+            queue,
             elapsed: start.elapsed(),
         })
     }
@@ -638,12 +643,14 @@ pub struct AskStream {
     pub text: String,
     /// Where events go.
     pub events: tokio::sync::mpsc::UnboundedSender<AgentEvent>,
+    /// Tool choice for this turn (the agent's default when `None`).
+    pub tool_choice: Option<ToolChoice>,
 }
 
 impl KameoMessage<AskStream> for AgentActor {
     type Reply = Result<AgentReply>;
     async fn handle(&mut self, m: AskStream, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
-        self.turn(m.text, None, Some(m.events)).await
+        self.turn(m.text, m.tool_choice, Some(m.events)).await
     }
 }
 

@@ -322,6 +322,11 @@ pub struct Stats {
     pub cancelled: u64,
     /// Waiting requests whose cache was dropped to admit the front of the queue.
     pub preempted: u64,
+    /// Grammar mask computation time per token (µs): median and 99th percentile over
+    /// the most recent masks of finished requests.
+    pub mask_us_p50: f64,
+    /// See `mask_us_p50`.
+    pub mask_us_p99: f64,
 }
 
 impl Stats {

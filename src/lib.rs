@@ -14,6 +14,7 @@
 //!   cache owned per agent, tools, fork, snapshots, eviction.
 //! - [`grammar`]: output grammars (regex, JSON Schema, Lark, choice) compiled by
 //!   llguidance, applied per sequence while decoding.
+//! - [`loadtest`]: `troupe loadtest`, agents in closed loops and the report.
 //! - [`bench`]: the `troupe bench` measurements.
 //! - [`error`]: the library's [`Error`].
 //!
@@ -33,6 +34,7 @@ pub mod engine;
 pub mod error;
 pub mod grammar;
 pub mod kv;
+pub mod loadtest;
 pub mod model;
 pub mod sampling;
 

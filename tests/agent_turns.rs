@@ -256,6 +256,7 @@ async fn streaming_yields_the_reply_token_by_token() {
             a.ask(troupe::agent::AskStream {
                 text: "stream this".into(),
                 events: tx,
+                tool_choice: None,
             })
             .await
         })

@@ -77,7 +77,14 @@ pub fn run(o: ChatOptions<'_>) -> anyhow::Result<()> {
             if interactive {
                 let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
                 let a = agent.clone();
-                let turn = tokio::spawn(async move { a.ask(AskStream { text, events: tx }).await });
+                let turn = tokio::spawn(async move {
+                    a.ask(AskStream {
+                        text,
+                        events: tx,
+                        tool_choice: None,
+                    })
+                    .await
+                });
                 while let Some(ev) = rx.recv().await {
                     match ev {
                         AgentEvent::Token(t) => {

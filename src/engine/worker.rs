@@ -76,6 +76,8 @@ struct Seq {
 }
 
 struct Worker {
+    /// Recent grammar mask times (µs), bounded.
+    mask_times: std::collections::VecDeque<f64>,
     model: Arc<Model>,
     sched: Scheduler,
     seqs: HashMap<SeqId, Seq>,
@@ -94,6 +96,7 @@ pub(crate) fn spawn(
         .name("troupe-engine".into())
         .spawn(move || {
             let mut w = Worker {
+                mask_times: std::collections::VecDeque::new(),
                 model,
                 sched: Scheduler::new(cfg.scheduler),
                 seqs: HashMap::new(),
@@ -416,6 +419,12 @@ impl Worker {
                 let _ = s.tx.send(Event::Text { text: tail });
             }
         }
+        if let Some(c) = &s.constraint {
+            self.mask_times.extend(c.mask_times());
+            while self.mask_times.len() > 20_000 {
+                self.mask_times.pop_front();
+            }
+        }
         if let Some((holder, evict)) = s.holder.take() {
             // The cache goes back to an idle holder: still accounted, now evictable.
             self.sched.hold(holder, s.cache.bytes(), false);
@@ -459,10 +468,13 @@ impl Worker {
 
     fn stats(&self) -> Stats {
         let (running, waiting) = self.sched.counts();
+        let masks: Vec<f64> = self.mask_times.iter().copied().collect();
         Stats {
             running,
             waiting,
             kv_live_bytes: self.sched.live_bytes(),
+            mask_us_p50: crate::bench::percentile(&masks, 50.0),
+            mask_us_p99: crate::bench::percentile(&masks, 99.0),
             ..self.stats.clone()
         }
     }

@@ -1,0 +1,9 @@
+//! `troupe loadtest`: N agent actors in closed loops of multi-turn conversations
+//! against one shared model actor, and a report of throughput, latencies, batching,
+//! cache reuse, KV memory and grammar cost.
+
+mod report;
+mod workload;
+
+pub use report::{plot, print_table, Quantiles, RunReport};
+pub use workload::{run, GrammarKind, LoadtestOptions};

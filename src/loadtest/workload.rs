@@ -1,0 +1,232 @@
+//! The closed-loop workload: agents with a shared system prompt, synthetic user
+//! messages of a given length, exponential think time, an optional simulated tool call
+//! per turn, and the two ablations (no cache reuse, no batching).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kameo::actor::Spawn;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use super::report::{Recorder, RunReport};
+use crate::agent::{
+    tool_fn, AgentActor, AgentConfig, AgentEvent, AskStream, Evict, Tool, ToolChoice,
+};
+use crate::engine::{EngineConfig, GetStats, ModelActor, SchedulerConfig};
+use crate::grammar::Grammar;
+use crate::model::Model;
+use crate::sampling::SamplingParams;
+use crate::Result;
+
+/// Output grammar of every reply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GrammarKind {
+    /// Unconstrained.
+    #[default]
+    None,
+    /// A small JSON Schema.
+    Json,
+    /// A regex.
+    Regex,
+}
+
+/// The workload and the engine settings of a run.
+#[derive(Clone, Debug)]
+pub struct LoadtestOptions {
+    /// Agents running at once.
+    pub agents: usize,
+    /// Turns per agent.
+    pub turns: usize,
+    /// Tokens of the shared system prompt.
+    pub system_tokens: usize,
+    /// Tokens of each user message.
+    pub user_tokens: usize,
+    /// Most tokens per reply.
+    pub max_tokens: usize,
+    /// Mean think time between turns (ms, exponential).
+    pub think_ms: f64,
+    /// A simulated tool call inside each turn taking this long (ms); 0: none.
+    pub tool_ms: f64,
+    /// Output grammar.
+    pub grammar: GrammarKind,
+    /// KV budget (bytes).
+    pub kv_budget: usize,
+    /// Seed of everything random.
+    pub seed: u64,
+    /// Stop starting turns after this long, and report what completed.
+    pub duration: Option<Duration>,
+    /// Every turn recomputes its whole history.
+    pub no_cache_reuse: bool,
+    /// At most one sequence per step.
+    pub no_batching: bool,
+    /// Show a progress bar on stderr (hidden when stderr is not a terminal).
+    pub progress: bool,
+}
+
+impl Default for LoadtestOptions {
+    fn default() -> Self {
+        Self {
+            agents: 4,
+            turns: 4,
+            system_tokens: 200,
+            user_tokens: 30,
+            max_tokens: 64,
+            think_ms: 0.0,
+            tool_ms: 0.0,
+            grammar: GrammarKind::None,
+            kv_budget: 4 << 30,
+            seed: 0,
+            duration: None,
+            no_cache_reuse: false,
+            no_batching: false,
+            progress: false,
+        }
+    }
+}
+
+const WORDS: &[&str] = &[
+    "river", "stone", "light", "market", "garden", "window", "paper", "engine", "cloud", "signal",
+    "forest", "letter", "orange", "bridge", "silver", "planet", "harbor", "winter", "candle",
+    "mirror", "number", "travel",
+];
+
+/// Text of about `tokens` tokens (measured with the model's tokenizer).
+fn text_of(model: &Model, tokens: usize, rng: &mut StdRng) -> Result<String> {
+    let mut s = String::new();
+    while model.tokenizer().encode(&s)?.len() < tokens {
+        if !s.is_empty() {
+            s.push(' ');
+        }
+        s.push_str(WORDS[rng.random_range(0..WORDS.len())]);
+    }
+    Ok(s)
+}
+
+fn grammar(kind: GrammarKind) -> Option<Grammar> {
+    match kind {
+        GrammarKind::None => None,
+        GrammarKind::Json => Some(Grammar::JsonSchema(json!({
+            "type": "object",
+            "properties": {"answer": {"type": "string", "maxLength": 80}, "confidence": {"type": "integer", "minimum": 0, "maximum": 100}},
+            "required": ["answer", "confidence"], "additionalProperties": false
+        }))),
+        GrammarKind::Regex => Some(Grammar::Regex(r"[A-Z][a-z ,]{10,120}\.".into())),
+    }
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct LookupArgs {
+    query: String,
+}
+
+/// Runs one load test.
+pub async fn run(model: Arc<Model>, o: &LoadtestOptions) -> Result<RunReport> {
+    let engine = ModelActor::spawn(ModelActor::new(
+        model.clone(),
+        EngineConfig {
+            scheduler: SchedulerConfig {
+                max_step_tokens: 512,
+                max_running: if o.no_batching { 1 } else { 64 },
+                kv_budget_bytes: o.kv_budget,
+            },
+            ..EngineConfig::default()
+        },
+    )?);
+    let mut rng = StdRng::seed_from_u64(o.seed);
+    let system = text_of(&model, o.system_tokens, &mut rng)?;
+    let tools: Vec<Arc<dyn Tool>> = if o.tool_ms > 0.0 {
+        let ms = o.tool_ms;
+        vec![tool_fn(
+            "lookup",
+            "Looks something up.",
+            move |a: LookupArgs| async move {
+                tokio::time::sleep(Duration::from_secs_f64(ms / 1e3)).await;
+                Ok(format!("found {}", a.query.len()))
+            },
+        )]
+    } else {
+        Vec::new()
+    };
+    let recorder = Arc::new(Recorder::new(o, o.progress));
+    let start = Instant::now();
+    let deadline = o.duration.map(|d| start + d);
+    let mut tasks = Vec::new();
+    for i in 0..o.agents {
+        let config = AgentConfig {
+            name: format!("agent-{i}"),
+            system_prompt: system.clone(),
+            grammar: grammar(o.grammar),
+            sampling: SamplingParams::with_temperature(0.7, o.seed.wrapping_add(i as u64)),
+            max_tokens: o.max_tokens,
+            max_tool_steps: 1,
+            ..AgentConfig::default()
+        };
+        let agent =
+            AgentActor::new(config, model.clone(), engine.clone(), tools.clone())?.spawn_agent();
+        let mut msgs = Vec::new();
+        for _ in 0..o.turns {
+            msgs.push(text_of(&model, o.user_tokens, &mut rng)?);
+        }
+        let mut think_rng = StdRng::seed_from_u64(o.seed ^ (0x9E37 + i as u64));
+        let (recorder, o) = (recorder.clone(), o.clone());
+        tasks.push(tokio::spawn(async move {
+            for (turn, text) in msgs.into_iter().enumerate() {
+                if o.think_ms > 0.0 && turn > 0 {
+                    let u: f64 = think_rng.random_range(f64::EPSILON..1.0);
+                    tokio::time::sleep(Duration::from_secs_f64(-u.ln() * o.think_ms / 1e3)).await;
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break;
+                }
+                if o.no_cache_reuse {
+                    let _ = agent.tell(Evict).await;
+                }
+                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+                let choice = if o.tool_ms > 0.0 {
+                    ToolChoice::Tool("lookup".into())
+                } else {
+                    ToolChoice::Auto
+                };
+                let a = agent.clone();
+                let sent = Instant::now();
+                let ask = tokio::spawn(async move {
+                    a.ask(AskStream {
+                        text,
+                        events: tx,
+                        tool_choice: Some(choice),
+                    })
+                    .await
+                });
+                let mut token_times = Vec::new();
+                while let Some(ev) = rx.recv().await {
+                    if let AgentEvent::Token(_) = ev {
+                        token_times.push(Instant::now());
+                    }
+                }
+                match ask.await {
+                    Ok(Ok(reply)) => recorder.turn(turn, &reply, sent, &token_times),
+                    _ => recorder.error(),
+                }
+            }
+        }));
+    }
+    let all = futures::future::join_all(tasks);
+    match deadline {
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now());
+            let _ = tokio::time::timeout(left, all).await;
+        }
+        None => {
+            all.await;
+        }
+    }
+    let wall = start.elapsed();
+    let stats = engine
+        .ask(GetStats)
+        .await
+        .map_err(|e| crate::Error::InvalidInput(format!("stats: {e}")))?;
+    Ok(recorder.report(o, wall, &stats))
+}

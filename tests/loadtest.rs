@@ -1,0 +1,92 @@
+//! The loadtest report is consistent: reused + computed = prompt tokens, no request is
+//! lost, the no-cache-reuse ablation computes every prompt token, and `--duration`
+//! stops the run on time.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use troupe::loadtest::{run, LoadtestOptions};
+use troupe::model::WeightsMode;
+
+fn opts() -> LoadtestOptions {
+    LoadtestOptions {
+        agents: 6,
+        turns: 3,
+        system_tokens: 40,
+        user_tokens: 8,
+        max_tokens: 6,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_add_up_and_reuse_computes_only_new_tokens() {
+    let model = Arc::new(tiny(WeightsMode::Native));
+    let r = run(model.clone(), &opts()).await.unwrap();
+    assert_eq!(r.errors, 0);
+    assert_eq!(r.requests, 6 * 3, "no request lost");
+    assert_eq!(r.requests_by_turn, vec![6, 6, 6]);
+    assert_eq!(r.reused_tokens + r.computed_tokens, r.prompt_tokens);
+    assert!(r.generated_tokens > 0 && r.gen_tok_s > 0.0);
+    assert!(r.batch_max >= 2, "agents share steps: {}", r.batch_max);
+    // Turns after the first reuse everything before them.
+    assert!(r.reused_tokens > 0);
+
+    let ablation = run(
+        model,
+        &LoadtestOptions {
+            no_cache_reuse: true,
+            ..opts()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(ablation.requests, 18);
+    assert_eq!(ablation.reused_tokens, 0);
+    assert_eq!(ablation.computed_tokens, ablation.prompt_tokens);
+    // Same conversations, so the reuse run computed strictly less.
+    assert!(r.computed_tokens < ablation.computed_tokens);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duration_stops_the_run_on_time() {
+    let model = Arc::new(tiny(WeightsMode::Native));
+    let r = run(
+        model,
+        &LoadtestOptions {
+            agents: 4,
+            turns: 10_000,
+            think_ms: 20.0,
+            duration: Some(Duration::from_millis(800)),
+            ..opts()
+        },
+    )
+    .await
+    .unwrap();
+    assert!(r.wall_s < 1.3, "ran {:.2} s", r.wall_s);
+    assert!(r.requests > 0 && r.requests < 40_000);
+    assert_eq!(r.reused_tokens + r.computed_tokens, r.prompt_tokens);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_kv_budget_evicts_and_still_completes() {
+    let model = Arc::new(tiny(WeightsMode::Native));
+    let per_token =
+        troupe::KvCache::bytes_per_token(model.config().kv_layout(), troupe::KvDtype::F32);
+    let r = run(
+        model,
+        &LoadtestOptions {
+            agents: 12,
+            kv_budget: 4 * 120 * per_token,
+            ..opts()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.requests, r.errors), (36, 0));
+    assert!(r.kv_peak_bytes <= 4 * 120 * per_token);
+    assert!(r.evictions > 0 && r.recomputed_tokens > 0, "{r:?}");
+}
