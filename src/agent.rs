@@ -96,6 +96,8 @@ pub struct AgentActor {
     /// The state after the last completed turn, kept outside the actor so a
     /// supervised agent restarts from it after a crash.
     checkpoint: Option<Arc<std::sync::Mutex<Checkpoint>>>,
+    /// The answer grammar of the current turn, when a message overrides the config's.
+    turn_grammar: Option<Grammar>,
 }
 
 /// What a restarted agent resumes from.
@@ -167,6 +169,7 @@ impl AgentActor {
             self_ref: None,
             stats: AgentStats::default(),
             checkpoint: None,
+            turn_grammar: None,
         };
         // Compile every grammar the agent may use, so that errors surface now.
         for choice in [ToolChoice::Auto, ToolChoice::Required, ToolChoice::None] {
@@ -257,6 +260,7 @@ impl AgentActor {
                 self_ref: None,
                 stats: AgentStats::default(),
                 checkpoint: Some(checkpoint.clone()),
+                turn_grammar: None,
             }
         };
         AgentActor::supervise_with(supervisor, factory)
@@ -417,7 +421,8 @@ impl AgentActor {
         let fed = g.cache.len();
         g.tokens.drain(..fed);
         g.sampling = self.config.sampling.clone();
-        g.grammar = tools::reply_grammar(&self.tools, choice, self.config.grammar.as_ref())?;
+        let answer = self.turn_grammar.as_ref().or(self.config.grammar.as_ref());
+        g.grammar = tools::reply_grammar(&self.tools, choice, answer)?;
         g.holder = self.evict_handle().map(|e| (self.holder, e));
         let mut stream = match self.engine.ask(g).await {
             Ok(s) => s,
@@ -625,14 +630,39 @@ impl KameoMessage<Ask> for AgentActor {
 pub struct AskWith {
     /// The message.
     pub text: String,
-    /// Tool choice for this turn.
-    pub tool_choice: ToolChoice,
+    /// Tool choice for this turn (the agent's default when `None`).
+    pub tool_choice: Option<ToolChoice>,
+    /// Answer grammar for this turn (the agent's own when `None`).
+    pub grammar: Option<Grammar>,
+}
+
+impl AskWith {
+    /// A message whose answer must follow `grammar`.
+    pub fn grammar(text: impl Into<String>, grammar: Grammar) -> Self {
+        Self {
+            text: text.into(),
+            tool_choice: None,
+            grammar: Some(grammar),
+        }
+    }
+
+    /// A message with a tool choice for this turn.
+    pub fn tool_choice(text: impl Into<String>, choice: ToolChoice) -> Self {
+        Self {
+            text: text.into(),
+            tool_choice: Some(choice),
+            grammar: None,
+        }
+    }
 }
 
 impl KameoMessage<AskWith> for AgentActor {
     type Reply = Result<AgentReply>;
     async fn handle(&mut self, m: AskWith, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
-        self.turn(m.text, Some(m.tool_choice), None).await
+        self.turn_grammar = m.grammar;
+        let r = self.turn(m.text, m.tool_choice, None).await;
+        self.turn_grammar = None;
+        r
     }
 }
 
@@ -701,6 +731,7 @@ impl KameoMessage<Fork> for AgentActor {
             self_ref: None,
             stats: AgentStats::default(),
             checkpoint: None,
+            turn_grammar: None,
         };
         child.spawn_agent()
     }

@@ -14,6 +14,8 @@
 //!   cache owned per agent, tools, fork, snapshots, eviction.
 //! - [`grammar`]: output grammars (regex, JSON Schema, Lark, choice) compiled by
 //!   llguidance, applied per sequence while decoding.
+//! - [`workflow`]: pipelines, fan-out/gather, routing, group chats, agents as tools,
+//!   forked exploration.
 //! - [`loadtest`]: `troupe loadtest`, agents in closed loops and the report.
 //! - [`bench`]: the `troupe bench` measurements.
 //! - [`error`]: the library's [`Error`].
@@ -37,6 +39,7 @@ pub mod kv;
 pub mod loadtest;
 pub mod model;
 pub mod sampling;
+pub mod workflow;
 
 pub use engine::{
     Done, EngineConfig, Event, FinishReason, Generate, GenerationStream, GetStats, ModelActor,

@@ -118,10 +118,10 @@ async fn failing_slow_and_panicking_tools_leave_the_agent_healthy() {
         ("crash", "panic"),
     ] {
         let r = agent
-            .ask(AskWith {
-                text: format!("Use the {tool} tool."),
-                tool_choice: ToolChoice::Tool(tool.into()),
-            })
+            .ask(AskWith::tool_choice(
+                format!("Use the {tool} tool."),
+                ToolChoice::Tool(tool.into()),
+            ))
             .await
             .unwrap();
         assert_eq!(r.tool_runs.len(), 1);
@@ -134,10 +134,7 @@ async fn failing_slow_and_panicking_tools_leave_the_agent_healthy() {
     }
     // Still answering, without tools this time.
     let r = agent
-        .ask(AskWith {
-            text: "Say hello.".into(),
-            tool_choice: ToolChoice::None,
-        })
+        .ask(AskWith::tool_choice("Say hello.", ToolChoice::None))
         .await
         .unwrap();
     assert!(r.tool_runs.is_empty());

@@ -1,0 +1,326 @@
+//! The workflow primitives themselves.
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use kameo::actor::ActorRef;
+
+use super::{emit, Events, WorkflowEvent};
+use crate::agent::{AgentActor, AgentReply, Ask, AskWith, Fork, Tool};
+use crate::grammar::Grammar;
+use crate::{Error, Result};
+
+/// An agent and the name workflows know it by.
+#[derive(Clone, Debug)]
+pub struct Named {
+    /// Its name (what a router or moderator picks).
+    pub name: String,
+    /// The agent.
+    pub agent: ActorRef<AgentActor>,
+}
+
+impl Named {
+    /// Names an agent.
+    pub fn new(name: impl Into<String>, agent: ActorRef<AgentActor>) -> Self {
+        Self {
+            name: name.into(),
+            agent,
+        }
+    }
+}
+
+fn send_err(e: impl std::fmt::Debug) -> Error {
+    Error::InvalidInput(format!("agent unreachable: {e:?}"))
+}
+
+async fn ask(n: &Named, input: String, events: &Events) -> Result<AgentReply> {
+    emit(
+        events,
+        WorkflowEvent::Asked {
+            agent: n.name.clone(),
+            input: input.clone(),
+        },
+    );
+    let reply = n.agent.ask(Ask(input)).await.map_err(|e| match e {
+        kameo::error::SendError::HandlerError(e) => e,
+        e => send_err(e),
+    })?;
+    emit(
+        events,
+        WorkflowEvent::Answered {
+            agent: n.name.clone(),
+            reply: Box::new(reply.clone()),
+        },
+    );
+    Ok(reply)
+}
+
+/// Each agent's answer becomes the next agent's input; returns the last answer.
+pub async fn pipeline(agents: &[Named], input: &str, events: &Events) -> Result<String> {
+    let mut text = input.to_string();
+    for a in agents {
+        text = ask(a, text, events).await?.text;
+    }
+    Ok(text)
+}
+
+/// Sends one task to every agent at once (their requests batch together in the model
+/// actor); returns the answers in the agents' order.
+pub async fn fan_out(
+    agents: &[Named],
+    task: &str,
+    events: &Events,
+) -> Result<Vec<(String, AgentReply)>> {
+    let futures = agents.iter().map(|a| {
+        let (a, task, events) = (a.clone(), task.to_string(), events.clone());
+        async move { ask(&a, task, &events).await.map(|r| (a.name.clone(), r)) }
+    });
+    futures::future::join_all(futures)
+        .await
+        .into_iter()
+        .collect()
+}
+
+/// Reduces fanned-out answers with another agent: it gets the task and every answer.
+pub async fn gather(
+    reducer: &Named,
+    task: &str,
+    answers: &[(String, AgentReply)],
+    events: &Events,
+) -> Result<String> {
+    let mut prompt = format!("Task: {task}\nAnswers:\n");
+    for (name, r) in answers {
+        prompt.push_str(&format!("- {name}: {}\n", r.text));
+    }
+    prompt.push_str("Combine them into one answer.");
+    Ok(ask(reducer, prompt, events).await?.text)
+}
+
+/// A router agent picks which agent takes the input (its answer is constrained to
+/// the agents' names); the chosen agent answers. Returns the name and the reply.
+pub async fn route(
+    router: &Named,
+    agents: &[Named],
+    input: &str,
+    events: &Events,
+) -> Result<(String, AgentReply)> {
+    let names: Vec<String> = agents.iter().map(|a| a.name.clone()).collect();
+    let pick = router
+        .agent
+        .ask(AskWith::grammar(
+            format!("Which of {} should handle this? {input}", names.join(", ")),
+            Grammar::Choice(names.clone()),
+        ))
+        .await
+        .map_err(|e| match e {
+            kameo::error::SendError::HandlerError(e) => e,
+            e => send_err(e),
+        })?;
+    let chosen = agents.iter().find(|a| a.name == pick.text).ok_or_else(|| {
+        Error::InvalidInput(format!(
+            "router picked `{}`, not one of {names:?}",
+            pick.text
+        ))
+    })?;
+    emit(
+        events,
+        WorkflowEvent::Picked {
+            agent: chosen.name.clone(),
+        },
+    );
+    let reply = ask(chosen, input.to_string(), events).await?;
+    Ok((chosen.name.clone(), reply))
+}
+
+/// Who speaks next in a group chat.
+#[derive(Clone, Debug)]
+pub enum Speaker {
+    /// Each agent in turn.
+    RoundRobin,
+    /// A moderator agent picks the next speaker by name.
+    Moderator(Named),
+}
+
+/// A test on a group-chat message that ends the chat when it returns true.
+pub type StopWhen = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// When a group chat ends.
+#[derive(Clone, Default)]
+pub struct Termination {
+    /// A message containing this phrase ends it.
+    pub phrase: Option<String>,
+    /// At most this many messages (0: no limit).
+    pub max_rounds: usize,
+    /// Ends it when this returns true for a message.
+    pub predicate: Option<StopWhen>,
+}
+
+impl std::fmt::Debug for Termination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Termination")
+            .field("phrase", &self.phrase)
+            .field("max_rounds", &self.max_rounds)
+            .field("predicate", &self.predicate.is_some())
+            .finish()
+    }
+}
+
+/// A group chat's settings.
+#[derive(Clone, Debug)]
+pub struct GroupChat {
+    /// The participants.
+    pub agents: Vec<Named>,
+    /// Turn order.
+    pub speaker: Speaker,
+    /// When to stop.
+    pub until: Termination,
+}
+
+/// Runs a group chat from an opening message; returns the transcript `(speaker,
+/// message)` and why it ended. Each speaker sees the previous message.
+pub async fn group_chat(
+    chat: &GroupChat,
+    opening: &str,
+    events: &Events,
+) -> Result<(Vec<(String, String)>, String)> {
+    if chat.agents.is_empty() {
+        return Err(Error::InvalidInput("a group chat needs agents".into()));
+    }
+    let names: Vec<String> = chat.agents.iter().map(|a| a.name.clone()).collect();
+    let mut transcript = Vec::new();
+    let mut last = opening.to_string();
+    let mut round = 0;
+    let reason = loop {
+        if chat.until.max_rounds > 0 && round >= chat.until.max_rounds {
+            break format!("{round} rounds");
+        }
+        let speaker = match &chat.speaker {
+            Speaker::RoundRobin => &chat.agents[round % chat.agents.len()],
+            Speaker::Moderator(m) => {
+                let pick = m
+                    .agent
+                    .ask(AskWith::grammar(
+                        format!(
+                            "Who speaks next ({})? Last message: {last}",
+                            names.join(", ")
+                        ),
+                        Grammar::Choice(names.clone()),
+                    ))
+                    .await
+                    .map_err(|e| match e {
+                        kameo::error::SendError::HandlerError(e) => e,
+                        e => send_err(e),
+                    })?;
+                let chosen = chat
+                    .agents
+                    .iter()
+                    .find(|a| a.name == pick.text)
+                    .ok_or_else(|| {
+                        Error::InvalidInput(format!("moderator picked `{}`", pick.text))
+                    })?;
+                emit(
+                    events,
+                    WorkflowEvent::Picked {
+                        agent: chosen.name.clone(),
+                    },
+                );
+                chosen
+            }
+        };
+        let reply = ask(speaker, last.clone(), events).await?;
+        round += 1;
+        transcript.push((speaker.name.clone(), reply.text.clone()));
+        last = reply.text;
+        if let Some(p) = &chat.until.phrase {
+            if last.contains(p.as_str()) {
+                break format!("phrase {p:?}");
+            }
+        }
+        if let Some(pred) = &chat.until.predicate {
+            if pred(&last) {
+                break "predicate".to_string();
+            }
+        }
+    };
+    emit(
+        events,
+        WorkflowEvent::Ended {
+            reason: reason.clone(),
+        },
+    );
+    Ok((transcript, reason))
+}
+
+/// Exposes an agent as a tool another agent can call: the tool's argument is the
+/// message, its result the agent's answer.
+pub fn agent_tool(name: &str, description: &str, agent: ActorRef<AgentActor>) -> Arc<dyn Tool> {
+    Arc::new(AgentTool {
+        name: name.into(),
+        description: description.into(),
+        agent,
+    })
+}
+
+struct AgentTool {
+    name: String,
+    description: String,
+    agent: ActorRef<AgentActor>,
+}
+
+impl Tool for AgentTool {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn description(&self) -> &str {
+        &self.description
+    }
+    fn parameters(&self) -> serde_json::Value {
+        serde_json::json!({
+            "type": "object",
+            "properties": {"message": {"type": "string", "maxLength": 200}},
+            "required": ["message"],
+            "additionalProperties": false
+        })
+    }
+    fn call(
+        &self,
+        arguments: serde_json::Value,
+    ) -> BoxFuture<'static, std::result::Result<String, String>> {
+        let agent = self.agent.clone();
+        Box::pin(async move {
+            let message = arguments["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            agent
+                .ask(Ask(message))
+                .await
+                .map(|r| r.text)
+                .map_err(|e| format!("{e:?}"))
+        })
+    }
+}
+
+/// Forks `agent` `n` times from its current state (the shared prefix is never
+/// recomputed), asks each fork the task, and returns the best answer by `score`
+/// with the index of its fork.
+pub async fn fork_explore(
+    agent: &ActorRef<AgentActor>,
+    n: usize,
+    task: &str,
+    score: impl Fn(&AgentReply) -> f64,
+    events: &Events,
+) -> Result<(usize, AgentReply)> {
+    let mut forks = Vec::with_capacity(n);
+    for i in 0..n {
+        let child = agent.ask(Fork).await.map_err(send_err)?;
+        forks.push(Named::new(format!("fork-{i}"), child));
+    }
+    let answers = fan_out(&forks, task, events).await?;
+    answers
+        .into_iter()
+        .enumerate()
+        .map(|(i, (_, r))| (i, r))
+        .max_by(|a, b| score(&a.1).total_cmp(&score(&b.1)))
+        .ok_or_else(|| Error::InvalidInput("fork_explore needs n >= 1".into()))
+}

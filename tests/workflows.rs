@@ -1,0 +1,263 @@
+//! Workflow primitives, checked on the message flow: who received what, in which
+//! order, that a fan-out's requests shared steps, and that group chats end on their
+//! termination conditions.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use kameo::actor::{ActorRef, Spawn};
+use troupe::agent::{AgentActor, AgentConfig, History, ToolChoice};
+use troupe::engine::{GetStats, ModelActor};
+use troupe::model::{Model, Role, WeightsMode};
+use troupe::workflow::*;
+
+fn setup() -> (Arc<Model>, ActorRef<ModelActor>) {
+    let model = Arc::new(tiny(WeightsMode::Native));
+    let engine = ModelActor::spawn(
+        ModelActor::new(model.clone(), engine_config(256, 16, usize::MAX)).unwrap(),
+    );
+    (model, engine)
+}
+
+fn named(model: &Arc<Model>, engine: &ActorRef<ModelActor>, name: &str) -> Named {
+    let cfg = AgentConfig {
+        max_tokens: 5,
+        ..AgentConfig::new(name, format!("You are {name}."))
+    };
+    Named::new(
+        name,
+        AgentActor::new(cfg, model.clone(), engine.clone(), vec![])
+            .unwrap()
+            .spawn_agent(),
+    )
+}
+
+fn collect(rx: &mut tokio::sync::mpsc::UnboundedReceiver<WorkflowEvent>) -> Vec<WorkflowEvent> {
+    let mut v = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        v.push(e);
+    }
+    v
+}
+
+async fn user_messages(a: &Named) -> Vec<String> {
+    a.agent
+        .ask(History)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.role == Role::User)
+        .map(|m| m.content)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipeline_passes_each_answer_on_in_order() {
+    let (m, e) = setup();
+    let agents: Vec<Named> = ["a", "b", "c"].iter().map(|n| named(&m, &e, n)).collect();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let out = pipeline(&agents, "start", &Some(tx)).await.unwrap();
+    let evs = collect(&mut rx);
+    let mut expected_input = "start".to_string();
+    let mut order = Vec::new();
+    for ev in &evs {
+        match ev {
+            WorkflowEvent::Asked { agent, input } => {
+                assert_eq!(input, &expected_input, "{agent} got the previous answer");
+                order.push(agent.clone());
+            }
+            WorkflowEvent::Answered { reply, .. } => expected_input = reply.text.clone(),
+            _ => {}
+        }
+    }
+    assert_eq!(order, ["a", "b", "c"]);
+    assert_eq!(out, expected_input);
+    assert_eq!(user_messages(&agents[1]).await.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_batches_and_gather_sees_every_answer() {
+    let (m, e) = setup();
+    let agents: Vec<Named> = (0..6).map(|i| named(&m, &e, &format!("w{i}"))).collect();
+    let answers = fan_out(&agents, "the task", &None).await.unwrap();
+    assert_eq!(
+        answers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        ["w0", "w1", "w2", "w3", "w4", "w5"]
+    );
+    let stats = e.ask(GetStats).await.unwrap();
+    assert!(
+        stats.max_batch() >= 6,
+        "the six requests shared steps: {stats:?}"
+    );
+    let reducer = named(&m, &e, "reducer");
+    gather(&reducer, "the task", &answers, &None).await.unwrap();
+    let seen = user_messages(&reducer).await;
+    for (name, r) in &answers {
+        assert!(
+            seen[0].contains(&format!("- {name}: {}", r.text)),
+            "{}",
+            seen[0]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn router_hands_the_input_to_the_agent_it_picks() {
+    let (m, e) = setup();
+    let agents: Vec<Named> = ["billing", "support", "sales"]
+        .iter()
+        .map(|n| named(&m, &e, n))
+        .collect();
+    let router = named(&m, &e, "router");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (chosen, _) = route(&router, &agents, "my invoice is wrong", &Some(tx))
+        .await
+        .unwrap();
+    assert!(["billing", "support", "sales"].contains(&chosen.as_str()));
+    for a in &agents {
+        let got = user_messages(a).await;
+        assert_eq!(
+            got == vec!["my invoice is wrong".to_string()],
+            a.name == chosen,
+            "{}",
+            a.name
+        );
+    }
+    assert!(collect(&mut rx)
+        .iter()
+        .any(|ev| matches!(ev, WorkflowEvent::Picked { agent } if *agent == chosen)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_chats_stop_on_their_conditions() {
+    let (m, e) = setup();
+    let agents: Vec<Named> = ["x", "y"].iter().map(|n| named(&m, &e, n)).collect();
+    let chat = GroupChat {
+        agents: agents.clone(),
+        speaker: Speaker::RoundRobin,
+        until: Termination {
+            max_rounds: 5,
+            ..Default::default()
+        },
+    };
+    let (t, why) = group_chat(&chat, "hello", &None).await.unwrap();
+    assert_eq!(
+        t.iter().map(|(s, _)| s.as_str()).collect::<Vec<_>>(),
+        ["x", "y", "x", "y", "x"]
+    );
+    assert_eq!(why, "5 rounds");
+    // Each speaker received the previous message.
+    assert_eq!(user_messages(&agents[1]).await[0], t[0].1);
+    // A predicate that fires at once; a phrase from the first reply.
+    let fresh: Vec<Named> = ["p", "q"].iter().map(|n| named(&m, &e, n)).collect();
+    let chat = GroupChat {
+        agents: fresh.clone(),
+        speaker: Speaker::RoundRobin,
+        until: Termination {
+            max_rounds: 10,
+            predicate: Some(Arc::new(|_: &str| true)),
+            ..Default::default()
+        },
+    };
+    let (t, why) = group_chat(&chat, "hello", &None).await.unwrap();
+    assert_eq!((t.len(), why.as_str()), (1, "predicate"));
+    let phrase: String = t[0].1.chars().take(3).collect();
+    let again: Vec<Named> = ["p", "q"].iter().map(|n| named(&m, &e, n)).collect();
+    let chat = GroupChat {
+        agents: again,
+        speaker: Speaker::Moderator(named(&m, &e, "mod")),
+        until: Termination {
+            max_rounds: 10,
+            phrase: Some(phrase.clone()),
+            ..Default::default()
+        },
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let (t, why) = group_chat(&chat, "hello", &Some(tx)).await.unwrap();
+    assert!(
+        t.last().unwrap().1.contains(&phrase) || t.len() == 10,
+        "{t:?}"
+    );
+    assert!(why.starts_with("phrase") || why == "10 rounds");
+    let picks = collect(&mut rx)
+        .iter()
+        .filter(|e| matches!(e, WorkflowEvent::Picked { .. }))
+        .count();
+    assert_eq!(picks, t.len(), "the moderator picked every speaker");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_can_be_another_agents_tool() {
+    // The default model: the tool prompt and a call fit its context comfortably.
+    let m = Arc::new(real(WeightsMode::Native));
+    let e =
+        ModelActor::spawn(ModelActor::new(m.clone(), engine_config(256, 16, usize::MAX)).unwrap());
+    let helper = named(&m, &e, "helper");
+    let cfg = AgentConfig {
+        max_tokens: 120,
+        max_tool_steps: 1,
+        tool_choice: ToolChoice::Tool("helper".into()),
+        ..AgentConfig::new("boss", "Delegate.")
+    };
+    let boss = AgentActor::new(
+        cfg,
+        m.clone(),
+        e.clone(),
+        vec![agent_tool(
+            "helper",
+            "Asks the helper.",
+            helper.agent.clone(),
+        )],
+    )
+    .unwrap()
+    .spawn_agent();
+    let r = boss.ask(troupe::agent::Ask("do it".into())).await.unwrap();
+    assert_eq!(r.tool_runs.len(), 1);
+    let run = &r.tool_runs[0];
+    assert!(!run.failed, "{run:?}");
+    let asked = user_messages(&helper).await;
+    assert_eq!(asked.len(), 1);
+    assert_eq!(
+        serde_json::Value::String(asked[0].clone()),
+        run.call.arguments["message"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fork_explore_keeps_the_best_and_reuses_the_prefix() {
+    let (m, e) = setup();
+    let base = named(&m, &e, "base");
+    base.agent
+        .ask(troupe::agent::Ask("some shared context".into()))
+        .await
+        .unwrap();
+    let scored = std::sync::Mutex::new(Vec::new());
+    let (best, reply) = fork_explore(
+        &base.agent,
+        3,
+        "try",
+        |r| {
+            scored.lock().unwrap().push(r.text.len());
+            r.text.len() as f64
+        },
+        &None,
+    )
+    .await
+    .unwrap();
+    assert!(best < 3);
+    assert_eq!(
+        reply.text.len(),
+        *scored.lock().unwrap().iter().max().unwrap()
+    );
+    assert!(
+        reply.usage.cached_tokens > 0,
+        "the fork reused the shared prefix"
+    );
+    // The base agent was not changed by its forks.
+    assert_eq!(
+        user_messages(&base).await,
+        vec!["some shared context".to_string()]
+    );
+}
