@@ -9,6 +9,7 @@
 //! its conversation and log and re-prefills on its next turn.
 
 mod config;
+mod messages;
 mod snapshot;
 mod tools;
 
@@ -17,10 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kameo::actor::{ActorRef, Spawn, WeakActorRef};
-use kameo::message::{Context, Message as KameoMessage};
 use kameo::Actor;
 
 pub use config::{AgentConfig, ContextPolicy, ToolChoice};
+pub use messages::{Ask, AskStream, AskWith, Evict, Fork, GetAgentStats, History, Reset, Save};
 pub use tools::{parse_call, tool_fn, Tool, ToolCall, ToolRun, CALL_CLOSE, CALL_OPEN};
 
 use crate::engine::{Event, Generate, HoldCache, ModelActor, ReleaseCache, Usage};
@@ -611,179 +612,6 @@ impl Actor for AgentActor {
         // A dead agent's cache is gone: stop accounting it.
         self.release_hold().await;
         Ok(())
-    }
-}
-
-/// A user message; replies with the turn's [`AgentReply`].
-#[derive(Debug, Clone)]
-pub struct Ask(pub String);
-
-impl KameoMessage<Ask> for AgentActor {
-    type Reply = Result<AgentReply>;
-    async fn handle(&mut self, m: Ask, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
-        self.turn(m.0, None, None).await
-    }
-}
-
-/// A user message with a per-turn tool choice.
-#[derive(Debug, Clone)]
-pub struct AskWith {
-    /// The message.
-    pub text: String,
-    /// Tool choice for this turn (the agent's default when `None`).
-    pub tool_choice: Option<ToolChoice>,
-    /// Answer grammar for this turn (the agent's own when `None`).
-    pub grammar: Option<Grammar>,
-}
-
-impl AskWith {
-    /// A message whose answer must follow `grammar`.
-    pub fn grammar(text: impl Into<String>, grammar: Grammar) -> Self {
-        Self {
-            text: text.into(),
-            tool_choice: None,
-            grammar: Some(grammar),
-        }
-    }
-
-    /// A message with a tool choice for this turn.
-    pub fn tool_choice(text: impl Into<String>, choice: ToolChoice) -> Self {
-        Self {
-            text: text.into(),
-            tool_choice: Some(choice),
-            grammar: None,
-        }
-    }
-}
-
-impl KameoMessage<AskWith> for AgentActor {
-    type Reply = Result<AgentReply>;
-    async fn handle(&mut self, m: AskWith, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
-        self.turn_grammar = m.grammar;
-        let r = self.turn(m.text, m.tool_choice, None).await;
-        self.turn_grammar = None;
-        r
-    }
-}
-
-/// A user message whose tokens and tool events are sent to `events` as they happen.
-#[derive(Debug)]
-pub struct AskStream {
-    /// The message.
-    pub text: String,
-    /// Where events go.
-    pub events: tokio::sync::mpsc::UnboundedSender<AgentEvent>,
-    /// Tool choice for this turn (the agent's default when `None`).
-    pub tool_choice: Option<ToolChoice>,
-}
-
-impl KameoMessage<AskStream> for AgentActor {
-    type Reply = Result<AgentReply>;
-    async fn handle(&mut self, m: AskStream, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
-        self.turn(m.text, m.tool_choice, Some(m.events)).await
-    }
-}
-
-/// The conversation so far.
-#[derive(Debug, Clone, Copy)]
-pub struct History;
-
-impl KameoMessage<History> for AgentActor {
-    type Reply = Vec<Message>;
-    async fn handle(&mut self, _: History, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
-        self.messages.clone()
-    }
-}
-
-/// The agent's counters.
-#[derive(Debug, Clone, Copy)]
-pub struct GetAgentStats;
-
-impl KameoMessage<GetAgentStats> for AgentActor {
-    type Reply = AgentStats;
-    async fn handle(
-        &mut self,
-        _: GetAgentStats,
-        _: &mut Context<Self, Self::Reply>,
-    ) -> Self::Reply {
-        self.stats.clone()
-    }
-}
-
-/// Spawns a new agent with a copy of the conversation, log and cache (a memory copy,
-/// no recomputation); the two then diverge independently.
-#[derive(Debug, Clone, Copy)]
-pub struct Fork;
-
-impl KameoMessage<Fork> for AgentActor {
-    type Reply = ActorRef<AgentActor>;
-    async fn handle(&mut self, _: Fork, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
-        let child = AgentActor {
-            config: self.config.clone(),
-            model: self.model.clone(),
-            engine: self.engine.clone(),
-            tools: self.tools.clone(),
-            messages: self.messages.clone(),
-            log: self.log.clone(),
-            cache: self.cache.as_ref().map(KvCache::fork),
-            kv_dtype: self.kv_dtype,
-            holder: NEXT_HOLDER.fetch_add(1, Ordering::Relaxed),
-            self_ref: None,
-            stats: AgentStats::default(),
-            checkpoint: None,
-            turn_grammar: None,
-        };
-        child.spawn_agent()
-    }
-}
-
-/// Drops the agent's cache (the conversation and log stay); its next turn
-/// re-prefills.
-#[derive(Debug, Clone, Copy)]
-pub struct Evict;
-
-impl KameoMessage<Evict> for AgentActor {
-    type Reply = ();
-    async fn handle(&mut self, _: Evict, _: &mut Context<Self, Self::Reply>) {
-        if self.cache.take().is_some() {
-            self.stats.evictions += 1;
-        }
-        self.release_hold().await;
-    }
-}
-
-/// Forgets the conversation (back to the system prompt) and the cache.
-#[derive(Debug, Clone, Copy)]
-pub struct Reset;
-
-impl KameoMessage<Reset> for AgentActor {
-    type Reply = ();
-    async fn handle(&mut self, _: Reset, _: &mut Context<Self, Self::Reply>) {
-        self.messages = Self::initial_messages(&self.config, &self.tools);
-        self.log.clear();
-        self.cache = None;
-        self.save_checkpoint();
-        self.release_hold().await;
-    }
-}
-
-/// Writes the whole agent to `path` (atomically).
-#[derive(Debug, Clone)]
-pub struct Save(pub std::path::PathBuf);
-
-impl KameoMessage<Save> for AgentActor {
-    type Reply = Result<()>;
-    async fn handle(&mut self, m: Save, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
-        snapshot::save(
-            &m.0,
-            &snapshot::Snapshot {
-                config: self.config.clone(),
-                messages: self.messages.clone(),
-                log: self.log.clone(),
-            },
-            self.cache.as_ref(),
-            &self.model,
-        )
     }
 }
 

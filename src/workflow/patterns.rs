@@ -55,6 +55,41 @@ async fn ask(n: &Named, input: String, events: &Events) -> Result<AgentReply> {
     Ok(reply)
 }
 
+/// Asks `picker` a question whose answer must be one of the agents' names; returns
+/// that agent.
+async fn pick<'a>(
+    picker: &Named,
+    question: String,
+    agents: &'a [Named],
+    events: &Events,
+) -> Result<&'a Named> {
+    let names: Vec<String> = agents.iter().map(|a| a.name.clone()).collect();
+    let answer = picker
+        .agent
+        .ask(AskWith::grammar(question, Grammar::Choice(names.clone())))
+        .await
+        .map_err(|e| match e {
+            kameo::error::SendError::HandlerError(e) => e,
+            e => send_err(e),
+        })?;
+    let chosen = agents
+        .iter()
+        .find(|a| a.name == answer.text)
+        .ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "{} picked `{}`, not one of {names:?}",
+                picker.name, answer.text
+            ))
+        })?;
+    emit(
+        events,
+        WorkflowEvent::Picked {
+            agent: chosen.name.clone(),
+        },
+    );
+    Ok(chosen)
+}
+
 /// Each agent's answer becomes the next agent's input; returns the last answer.
 pub async fn pipeline(agents: &[Named], input: &str, events: &Events) -> Result<String> {
     let mut text = input.to_string();
@@ -104,30 +139,9 @@ pub async fn route(
     input: &str,
     events: &Events,
 ) -> Result<(String, AgentReply)> {
-    let names: Vec<String> = agents.iter().map(|a| a.name.clone()).collect();
-    let pick = router
-        .agent
-        .ask(AskWith::grammar(
-            format!("Which of {} should handle this? {input}", names.join(", ")),
-            Grammar::Choice(names.clone()),
-        ))
-        .await
-        .map_err(|e| match e {
-            kameo::error::SendError::HandlerError(e) => e,
-            e => send_err(e),
-        })?;
-    let chosen = agents.iter().find(|a| a.name == pick.text).ok_or_else(|| {
-        Error::InvalidInput(format!(
-            "router picked `{}`, not one of {names:?}",
-            pick.text
-        ))
-    })?;
-    emit(
-        events,
-        WorkflowEvent::Picked {
-            agent: chosen.name.clone(),
-        },
-    );
+    let names: Vec<&str> = agents.iter().map(|a| a.name.as_str()).collect();
+    let question = format!("Which of {} should handle this? {input}", names.join(", "));
+    let chosen = pick(router, question, agents, events).await?;
     let reply = ask(chosen, input.to_string(), events).await?;
     Ok((chosen.name.clone(), reply))
 }
@@ -197,34 +211,11 @@ pub async fn group_chat(
         let speaker = match &chat.speaker {
             Speaker::RoundRobin => &chat.agents[round % chat.agents.len()],
             Speaker::Moderator(m) => {
-                let pick = m
-                    .agent
-                    .ask(AskWith::grammar(
-                        format!(
-                            "Who speaks next ({})? Last message: {last}",
-                            names.join(", ")
-                        ),
-                        Grammar::Choice(names.clone()),
-                    ))
-                    .await
-                    .map_err(|e| match e {
-                        kameo::error::SendError::HandlerError(e) => e,
-                        e => send_err(e),
-                    })?;
-                let chosen = chat
-                    .agents
-                    .iter()
-                    .find(|a| a.name == pick.text)
-                    .ok_or_else(|| {
-                        Error::InvalidInput(format!("moderator picked `{}`", pick.text))
-                    })?;
-                emit(
-                    events,
-                    WorkflowEvent::Picked {
-                        agent: chosen.name.clone(),
-                    },
+                let question = format!(
+                    "Who speaks next ({})? Last message: {last}",
+                    names.join(", ")
                 );
-                chosen
+                pick(m, question, &chat.agents, events).await?
             }
         };
         let reply = ask(speaker, last.clone(), events).await?;
