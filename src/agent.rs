@@ -196,7 +196,7 @@ impl AgentActor {
     fn check_grammar(&self, g: &Grammar) -> Result<()> {
         // Compiled by the model actor's cached compiler, so a thousand agents sharing
         // one grammar compile it once.
-        let compiler = crate::grammar::shared_compiler(&self.model)?;
+        let compiler = self.model.grammar_compiler()?;
         compiler.compile(g)?;
         Ok(())
     }
@@ -418,9 +418,8 @@ impl AgentActor {
             .cache
             .take()
             .unwrap_or_else(|| KvCache::new(self.model.config().kv_layout(), self.kv_dtype));
-        let mut g = Generate::new(cache, self.log[..].to_vec(), self.config.max_tokens);
-        let fed = g.cache.len();
-        g.tokens.drain(..fed);
+        let fed = cache.len();
+        let mut g = Generate::new(cache, self.log[fed..].to_vec(), self.config.max_tokens);
         g.sampling = self.config.sampling.clone();
         let answer = self.turn_grammar.as_ref().or(self.config.grammar.as_ref());
         g.grammar = tools::reply_grammar(&self.tools, choice, answer)?;

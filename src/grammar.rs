@@ -302,10 +302,3 @@ impl TokenConstraint for GrammarConstraint {
         &self.mask_micros
     }
 }
-
-/// The grammar compiler of a loaded model, built on first use and shared by everyone
-/// holding that model (the model actor and its agents), so compilations are cached
-/// once per model.
-pub fn shared_compiler(model: &Arc<crate::model::Model>) -> Result<Arc<GrammarCompiler>> {
-    model.grammar_compiler()
-}

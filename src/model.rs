@@ -129,6 +129,11 @@ impl GgufFile {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The header and the reader, e.g. for candle-transformers' own loaders.
+    pub fn into_parts(self) -> (gguf_file::Content, BufReader<File>) {
+        (self.content, self.reader)
+    }
 }
 
 /// How to load a model.

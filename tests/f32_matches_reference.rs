@@ -7,9 +7,6 @@
 
 mod common;
 
-use candle_core::quantized::gguf_file;
-use candle_core::{Device, Tensor};
-use candle_transformers::models::quantized_llama::ModelWeights;
 use common::*;
 use troupe::model::WeightsMode;
 
@@ -24,38 +21,6 @@ fn default_model_f32_matches_candle_transformers_dequantized() {
         .tokenizer()
         .encode("<|im_start|>user\nWrite a haiku about the sea.<|im_end|>\n<|im_start|>assistant\n")
         .unwrap();
-    let mut f = std::fs::File::open(&path).unwrap();
-    let ct = gguf_file::Content::read(&mut f).unwrap();
-    let mut reference = ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
-    let mut c = cache(&ours);
-    let mut mine = feed(&ours, &mut c, &prompt);
-    let input = Tensor::new(prompt.as_slice(), &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let mut theirs: Vec<f32> = reference
-        .forward(&input, 0)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    for step in 0..8 {
-        let d = max_abs_diff(&mine, &theirs);
-        eprintln!("step {step}: max abs difference {d}");
-        assert!(d <= 1e-3, "step {step}: max abs difference {d}");
-        let next = troupe::sampling::argmax(&theirs);
-        mine = feed(&ours, &mut c, &[next]);
-        let input = Tensor::new(&[next], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        theirs = reference
-            .forward(&input, prompt.len() + step)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-    }
+    drop(ours);
+    compare_with_reference(&path, WeightsMode::F32, &prompt, 1e-3);
 }

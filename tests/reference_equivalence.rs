@@ -9,56 +9,11 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use common::*;
-use troupe::model::{LoadOptions, Model, WeightsMode};
+use troupe::model::WeightsMode;
 
-/// Prefill a prompt, then decode 8 tokens; compare the logits at each step, which
-/// must differ by at most `tolerance`.
+/// Our native forward against candle-transformers, within `tolerance`.
 fn check(path: &Path, prompt: &[u32], tolerance: f32) {
-    let ours = Model::load(
-        path,
-        LoadOptions {
-            weights: WeightsMode::Native,
-        },
-    )
-    .unwrap();
-    let mut f = std::fs::File::open(path).unwrap();
-    let ct = gguf_file::Content::read(&mut f).unwrap();
-    let mut reference = ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
-
-    let mut c = cache(&ours);
-    let mut mine = feed(&ours, &mut c, prompt);
-    let input = Tensor::new(prompt, &Device::Cpu)
-        .unwrap()
-        .unsqueeze(0)
-        .unwrap();
-    let mut theirs: Vec<f32> = reference
-        .forward(&input, 0)
-        .unwrap()
-        .squeeze(0)
-        .unwrap()
-        .to_vec1()
-        .unwrap();
-    for step in 0..8 {
-        let d = max_abs_diff(&mine, &theirs);
-        eprintln!("step {step}: ours vs candle-transformers {d}");
-        assert!(
-            d <= tolerance,
-            "step {step}: max abs difference {d} > {tolerance}"
-        );
-        let next = troupe::sampling::argmax(&theirs);
-        mine = feed(&ours, &mut c, &[next]);
-        let input = Tensor::new(&[next], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        theirs = reference
-            .forward(&input, prompt.len() + step)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-    }
+    compare_with_reference(path, WeightsMode::Native, prompt, tolerance);
 }
 
 #[test]

@@ -195,9 +195,7 @@ impl ForwardBench {
 
     /// candle-transformers' single-sequence decode on the same file and prompt.
     fn reference_decode(&self, path: &Path, prompt: &[u32]) -> Result<f64> {
-        let mut file = GgufFile::open(path)?;
-        let content = std::mem::replace(&mut file.content, empty_content());
-        let mut reader = std::io::BufReader::new(std::fs::File::open(path)?);
+        let (content, mut reader) = GgufFile::open(path)?.into_parts();
         let mut model =
             quantized_llama::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu)?;
         let input = Tensor::new(prompt, &Device::Cpu)?.unsqueeze(0)?;
@@ -210,15 +208,6 @@ impl ForwardBench {
             next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
         }
         Ok(self.decode_tokens as f64 / t.elapsed().as_secs_f64())
-    }
-}
-
-fn empty_content() -> candle_core::quantized::gguf_file::Content {
-    candle_core::quantized::gguf_file::Content {
-        magic: candle_core::quantized::gguf_file::VersionedMagic::GgufV3,
-        metadata: Default::default(),
-        tensor_infos: Default::default(),
-        tensor_data_offset: 0,
     }
 }
 

@@ -356,8 +356,7 @@ impl Llama {
                 );
             });
         let mut out = vec![0f32; total * nh * d];
-        for (si, (&a, &n)) in starts.iter().zip(lens).enumerate() {
-            let _ = si;
+        for (&a, &n) in starts.iter().zip(lens) {
             for head in 0..nh {
                 for t in 0..n {
                     let src = (a * nh + head * n + t) * d;

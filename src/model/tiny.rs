@@ -77,22 +77,6 @@ const TINY_MERGES: &[(&str, &str)] = &[
     ("e", "s"),
 ];
 
-/// GPT-2's printable stand-in character for each byte.
-fn byte_chars() -> Vec<char> {
-    let mut next = 256u32;
-    (0..=255u8)
-        .map(|b| {
-            if matches!(b, 33..=126 | 161..=172 | 174..=255) {
-                char::from(b)
-            } else {
-                let c = char::from_u32(next).unwrap_or('?');
-                next += 1;
-                c
-            }
-        })
-        .collect()
-}
-
 /// splitmix64: a small seeded generator, enough for test weights.
 struct Rng(u64);
 
@@ -116,7 +100,7 @@ impl Rng {
 pub fn write_tiny_model(path: &Path, cfg: &TinyConfig) -> Result<()> {
     use gguf_file::Value as V;
     let mut tokens: Vec<String> = TINY_SPECIALS.iter().map(|s| s.to_string()).collect();
-    tokens.extend(byte_chars().into_iter().map(String::from));
+    tokens.extend(super::tokenizer::byte_chars().into_iter().map(String::from));
     let merges: Vec<String> = TINY_MERGES
         .iter()
         .map(|(a, b)| format!("{a} {b}"))

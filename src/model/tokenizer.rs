@@ -104,23 +104,26 @@ fn pre_tokenizer(pre: &str) -> Result<(PreTokenizerWrapper, bool)> {
     })
 }
 
-/// GPT-2's byte-to-character map, reversed: the byte each printable stand-in
-/// character represents.
-fn unicode_to_byte() -> std::collections::HashMap<char, u8> {
-    let mut map = std::collections::HashMap::new();
+/// GPT-2's byte-level alphabet: the printable stand-in character of each byte
+/// (bytes that are not printable map to U+0100 onwards, in order).
+pub(crate) fn byte_chars() -> Vec<char> {
     let mut next = 256u32;
-    for b in 0..=255u8 {
-        let printable = matches!(b, 33..=126 | 161..=172 | 174..=255);
-        let c = if printable {
-            char::from(b)
-        } else {
-            let c = char::from_u32(next).unwrap_or('\u{FFFD}');
-            next += 1;
-            c
-        };
-        map.insert(c, b);
-    }
-    map
+    (0..=255u8)
+        .map(|b| {
+            if matches!(b, 33..=126 | 161..=172 | 174..=255) {
+                char::from(b)
+            } else {
+                let c = char::from_u32(next).unwrap_or('\u{FFFD}');
+                next += 1;
+                c
+            }
+        })
+        .collect()
+}
+
+/// The byte each stand-in character of [`byte_chars`] represents.
+fn unicode_to_byte() -> std::collections::HashMap<char, u8> {
+    byte_chars().into_iter().zip(0..=255u8).collect()
 }
 
 impl Tokenizer {

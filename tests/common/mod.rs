@@ -100,3 +100,47 @@ pub fn engine_config(
         ..Default::default()
     }
 }
+
+/// Prefills `prompt` in our forward (loaded in `mode`) and in candle-transformers'
+/// `quantized_llama`, then decodes 8 tokens (the reference's greedy choices) in both,
+/// asserting the logits differ by at most `tolerance` at every step.
+pub fn compare_with_reference(
+    path: &std::path::Path,
+    mode: WeightsMode,
+    prompt: &[u32],
+    tolerance: f32,
+) {
+    use candle_core::{quantized::gguf_file, Device, Tensor};
+    use candle_transformers::models::quantized_llama::ModelWeights;
+    let ours = Model::load(path, LoadOptions { weights: mode }).unwrap();
+    let mut f = std::fs::File::open(path).unwrap();
+    let ct = gguf_file::Content::read(&mut f).unwrap();
+    let mut reference = ModelWeights::from_gguf(ct, &mut f, &Device::Cpu).unwrap();
+    let mut run_reference = |ids: &[u32], pos: usize| -> Vec<f32> {
+        let input = Tensor::new(ids, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        reference
+            .forward(&input, pos)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    };
+    let mut c = cache(&ours);
+    let mut mine = feed(&ours, &mut c, prompt);
+    let mut theirs = run_reference(prompt, 0);
+    for step in 0..8 {
+        let d = max_abs_diff(&mine, &theirs);
+        eprintln!("step {step}: ours vs candle-transformers {d}");
+        assert!(
+            d <= tolerance,
+            "step {step}: max abs difference {d} > {tolerance}"
+        );
+        let next = troupe::sampling::argmax(&theirs);
+        mine = feed(&ours, &mut c, &[next]);
+        theirs = run_reference(&[next], prompt.len() + step);
+    }
+}
