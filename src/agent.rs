@@ -523,9 +523,13 @@ impl AgentActor {
             }
             self.messages.push(Message::tool(run.result.clone()));
             runs.push(run);
-            // After the step limit's last call, the model must answer.
+            // After the step limit's last call, the model must answer. Otherwise a
+            // forced call (`required` or one named tool) has been made, and the model
+            // is free again to call more or answer: forcing every step would loop.
             if runs.len() >= self.config.max_tool_steps {
                 choice = ToolChoice::None;
+            } else if matches!(choice, ToolChoice::Required | ToolChoice::Tool(_)) {
+                choice = ToolChoice::Auto;
             }
         };
         self.stats.turns += 1;

@@ -1,1 +1,175 @@
-//! Ready-made tool-using agents for troupe (empty until the agents issue lands).
+//! Ready-made tool-using agents for troupe. Each is a configuration (system prompt,
+//! tools, tool choice, grammar) plus its tools, in its own module:
+//!
+//! | agent | what it does | example task |
+//! |---|---|---|
+//! | `calculator` | arithmetic with a required `calculate` call | "What is 17 * 23?" |
+//! | `files` | lists, reads and searches files under a root | "Which file mentions the launch?" |
+//! | `clock` | current date and time, unit conversions | "How many km is 26.2 miles?" |
+//! | `notes` | a key-value memory in a JSON file | "Remember that the door code is 1234." |
+//! | `researcher` | answers from a folder of documents, citing files | "When is the launch?" |
+//!
+//! [`ReadyMade::build`] makes one by name; [`ReadyMade::spawn`] starts it on a model
+//! actor. `troupe run NAME "TASK"` runs one from the command line.
+//!
+//! The source of this crate is also compiled into the `troupe` binary (a package
+//! cannot depend on a crate that depends on it), so it refers to itself only through
+//! relative paths.
+
+pub mod calculator;
+pub mod clock;
+pub mod files;
+pub mod notes;
+pub mod researcher;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use kameo::actor::ActorRef;
+use troupe::agent::{AgentActor, AgentConfig, Tool};
+use troupe::engine::ModelActor;
+use troupe::Model;
+
+/// One ready-made agent, as `troupe agents` lists it.
+#[derive(Clone, Copy, Debug)]
+pub struct AgentInfo {
+    /// Its name.
+    pub name: &'static str,
+    /// What it does.
+    pub description: &'static str,
+    /// A task to try.
+    pub example: &'static str,
+    /// Whether it works on a folder (`--root`).
+    pub uses_root: bool,
+}
+
+/// The ready-made agents.
+pub const CATALOG: &[AgentInfo] = &[
+    AgentInfo {
+        name: "calculator",
+        description: "Arithmetic: always computes with the calculate tool before answering.",
+        example: "What is 17 * 23?",
+        uses_root: false,
+    },
+    AgentInfo {
+        name: "files",
+        description: "Lists, reads and searches text files under --root (never outside it).",
+        example: "Which file mentions the launch date?",
+        uses_root: true,
+    },
+    AgentInfo {
+        name: "clock",
+        description: "Tells the current date and time (UTC) and converts units.",
+        example: "How many kilometres is 26.2 miles?",
+        uses_root: false,
+    },
+    AgentInfo {
+        name: "notes",
+        description: "Remembers and recalls key-value notes kept in a JSON file (--notes).",
+        example: "Remember that the door code is 1234.",
+        uses_root: false,
+    },
+    AgentInfo {
+        name: "researcher",
+        description: "Answers a question from the documents under --root, citing the files.",
+        example: "When is the launch?",
+        uses_root: true,
+    },
+];
+
+/// Where the ready-made agents find their data.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The folder the files and researcher agents work on.
+    pub root: PathBuf,
+    /// The notes agent's JSON file.
+    pub notes: PathBuf,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("."),
+            notes: PathBuf::from("troupe-notes.json"),
+        }
+    }
+}
+
+/// A ready-made agent's configuration and tools, ready to spawn (or to change first).
+pub struct ReadyMade {
+    /// The configuration.
+    pub config: AgentConfig,
+    /// Its tools.
+    pub tools: Vec<Arc<dyn Tool>>,
+}
+
+impl ReadyMade {
+    /// Builds the agent called `name`; an unknown name lists the known ones.
+    pub fn build(name: &str, opts: &Options) -> anyhow::Result<Self> {
+        let (config, tools) = match name {
+            "calculator" => (calculator::config(), calculator::tools()),
+            "files" => (
+                files::config(),
+                files::tools(&files::Root::new(&opts.root)?),
+            ),
+            "clock" => (clock::config(), clock::tools()),
+            "notes" => (
+                notes::config(),
+                notes::tools(&notes::NoteStore::open(&opts.notes)?),
+            ),
+            "researcher" => {
+                let root = files::Root::new(&opts.root)?;
+                (researcher::config(&root), files::tools(&root))
+            }
+            _ => anyhow::bail!(
+                "no ready-made agent `{name}` (agents: {})",
+                CATALOG
+                    .iter()
+                    .map(|a| a.name)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
+        Ok(Self { config, tools })
+    }
+
+    /// Spawns it on `engine`.
+    pub fn spawn(
+        self,
+        model: Arc<Model>,
+        engine: ActorRef<ModelActor>,
+    ) -> anyhow::Result<ActorRef<AgentActor>> {
+        Ok(AgentActor::new(self.config, model, engine, self.tools)?.spawn_agent())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_catalog_entry_builds_with_its_tools() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.md"), "x").unwrap();
+        let opts = Options {
+            root: dir.path().into(),
+            notes: dir.path().join("n.json"),
+        };
+        for info in CATALOG {
+            let r = ReadyMade::build(info.name, &opts).unwrap();
+            assert_eq!(r.config.name, info.name);
+            let names: Vec<&str> = r.tools.iter().map(|t| t.name()).collect();
+            assert_eq!(names, r.config.tools, "{}", info.name);
+            for t in &r.tools {
+                assert_eq!(t.parameters()["type"], "object", "{}", t.name());
+            }
+        }
+        let e = ReadyMade::build("poet", &opts).err().unwrap().to_string();
+        assert!(e.contains("no ready-made agent `poet`") && e.contains("calculator"));
+        let missing = Options {
+            root: dir.path().join("nope"),
+            ..opts
+        };
+        assert!(ReadyMade::build("files", &missing).is_err_and(|e| e.to_string().contains("nope")));
+    }
+}

@@ -18,7 +18,10 @@ pub enum ContextPolicy {
     DropOldest,
 }
 
-/// Which tools the model may (or must) call, as in the OpenAI API.
+/// Which tools the model may (or must) call, as in the OpenAI API. A forced choice
+/// (`Required`, `Tool`) applies to the first model reply of a turn; once that call has
+/// run, the rest of the turn is `Auto` (a final answer or more calls, up to
+/// `max_tool_steps`), so a forced choice cannot loop.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ToolChoice {

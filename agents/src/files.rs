@@ -1,0 +1,349 @@
+//! The files agent and its tools: list, read and search the text files under one root
+//! directory chosen at start. Every path the model gives is relative to the root;
+//! absolute paths, `..` components and anything that resolves (through symlinks)
+//! outside the root are refused, and walks never follow symlinks.
+//!
+//! Example task: "Which file mentions the launch date?" with `--root ./docs`.
+
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use troupe::agent::{tool_fn, AgentConfig, Tool};
+
+/// Largest file `read_file` reads, in bytes.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+/// Most characters of a file shown to the model (the rest is cut, and says so).
+pub const MAX_SHOWN_CHARS: usize = 3000;
+/// Most entries a listing or a search returns.
+pub const MAX_RESULTS: usize = 50;
+/// Most files a walk visits.
+const MAX_WALK: usize = 5000;
+
+/// A directory the tools may not leave.
+#[derive(Clone, Debug)]
+pub struct Root {
+    dir: PathBuf,
+}
+
+impl Root {
+    /// Opens `dir` (it must exist and be a directory).
+    pub fn new(dir: &Path) -> anyhow::Result<Self> {
+        let dir = dir
+            .canonicalize()
+            .map_err(|e| anyhow::anyhow!("root {}: {e}", dir.display()))?;
+        anyhow::ensure!(dir.is_dir(), "root {} is not a directory", dir.display());
+        Ok(Self { dir })
+    }
+
+    /// The root itself.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Resolves a path the model gave, or says why it is refused.
+    pub fn resolve(&self, rel: &str) -> Result<PathBuf, String> {
+        let p = Path::new(rel.trim());
+        let mut clean = PathBuf::new();
+        for c in p.components() {
+            match c {
+                Component::Normal(s) => clean.push(s),
+                Component::CurDir => {}
+                Component::ParentDir => {
+                    return Err(format!("path `{rel}` refused: `..` is not allowed"))
+                }
+                Component::RootDir | Component::Prefix(_) => {
+                    return Err(format!(
+                        "path `{rel}` refused: absolute paths are not allowed; give a path relative to the root"
+                    ))
+                }
+            }
+        }
+        let full = self.dir.join(&clean);
+        let real = full
+            .canonicalize()
+            .map_err(|_| format!("no such file or directory: `{rel}`"))?;
+        if !real.starts_with(&self.dir) {
+            return Err(format!("path `{rel}` refused: it leads outside the root"));
+        }
+        Ok(real)
+    }
+
+    /// The root-relative name of a path inside the root.
+    fn name(&self, p: &Path) -> String {
+        p.strip_prefix(&self.dir)
+            .unwrap_or(p)
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// The regular files under `dir`, depth first in name order, never following
+    /// symlinks.
+    fn walk(&self, dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let mut stack = vec![dir.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+            entries.sort();
+            for p in entries.into_iter().rev() {
+                let Ok(meta) = std::fs::symlink_metadata(&p) else {
+                    continue;
+                };
+                if meta.is_dir() {
+                    stack.push(p);
+                } else if meta.is_file() {
+                    out.push(p);
+                    if out.len() >= MAX_WALK {
+                        return out;
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Lists the files under `rel` (recursively), one root-relative name per line.
+    pub fn list(&self, rel: &str) -> Result<String, String> {
+        let dir = self.resolve(if rel.trim().is_empty() { "." } else { rel })?;
+        if !dir.is_dir() {
+            return Err(format!("`{rel}` is not a directory"));
+        }
+        let files = self.walk(&dir);
+        if files.is_empty() {
+            return Ok("(no files)".into());
+        }
+        let mut s: Vec<String> = files
+            .iter()
+            .take(MAX_RESULTS)
+            .map(|p| self.name(p))
+            .collect();
+        if files.len() > MAX_RESULTS {
+            s.push(format!("... and {} more", files.len() - MAX_RESULTS));
+        }
+        Ok(s.join("\n"))
+    }
+
+    /// Reads a text file, cut to [`MAX_SHOWN_CHARS`].
+    pub fn read(&self, rel: &str) -> Result<String, String> {
+        let p = self.resolve(rel)?;
+        let meta = std::fs::metadata(&p).map_err(|e| format!("`{rel}`: {e}"))?;
+        if !meta.is_file() {
+            return Err(format!("`{rel}` is not a file"));
+        }
+        if meta.len() > MAX_FILE_BYTES {
+            return Err(format!(
+                "`{rel}` is too large: {} bytes (limit {MAX_FILE_BYTES})",
+                meta.len()
+            ));
+        }
+        let bytes = std::fs::read(&p).map_err(|e| format!("`{rel}`: {e}"))?;
+        let text = String::from_utf8(bytes).map_err(|_| format!("`{rel}` is not a text file"))?;
+        Ok(match text.char_indices().nth(MAX_SHOWN_CHARS) {
+            Some((cut, _)) => format!(
+                "{}\n[... cut at {MAX_SHOWN_CHARS} of {} characters]",
+                &text[..cut],
+                text.chars().count()
+            ),
+            None => text,
+        })
+    }
+
+    /// Lines of the text files under the root that contain `query` (ignoring case),
+    /// as `file:line: text`.
+    pub fn search(&self, query: &str) -> Result<String, String> {
+        let q = query.trim().to_lowercase();
+        if q.is_empty() {
+            return Err("empty search query".into());
+        }
+        if q.len() > 200 {
+            return Err(format!(
+                "search query too long: {} bytes (limit 200)",
+                q.len()
+            ));
+        }
+        let mut hits = Vec::new();
+        for p in self.walk(&self.dir) {
+            let small = std::fs::metadata(&p).is_ok_and(|m| m.len() <= MAX_FILE_BYTES);
+            let Some(text) = small.then(|| std::fs::read_to_string(&p).ok()).flatten() else {
+                continue;
+            };
+            for (i, line) in text.lines().enumerate() {
+                if line.to_lowercase().contains(&q) {
+                    let line: String = line.trim().chars().take(200).collect();
+                    hits.push(format!("{}:{}: {line}", self.name(&p), i + 1));
+                    if hits.len() >= MAX_RESULTS {
+                        return Ok(hits.join("\n"));
+                    }
+                }
+            }
+        }
+        if hits.is_empty() {
+            Ok(format!("no line contains `{query}`"))
+        } else {
+            Ok(hits.join("\n"))
+        }
+    }
+}
+
+/// Arguments of `list_files`.
+#[derive(serde::Deserialize, schemars::JsonSchema, Debug)]
+pub struct ListArgs {
+    /// A directory relative to the root (`.` for the root).
+    pub path: String,
+}
+
+/// Arguments of `read_file`.
+#[derive(serde::Deserialize, schemars::JsonSchema, Debug)]
+pub struct ReadArgs {
+    /// A file relative to the root.
+    pub path: String,
+}
+
+/// Arguments of `search_files`.
+#[derive(serde::Deserialize, schemars::JsonSchema, Debug)]
+pub struct SearchArgs {
+    /// Text to look for (case-insensitive).
+    pub query: String,
+}
+
+/// The three file tools on `root`.
+pub fn tools(root: &Root) -> Vec<Arc<dyn Tool>> {
+    let (a, b, c) = (root.clone(), root.clone(), root.clone());
+    vec![
+        tool_fn(
+            "list_files",
+            "Lists the files under a directory (relative to the root).",
+            move |x: ListArgs| {
+                let r = a.clone();
+                async move { r.list(&x.path) }
+            },
+        ),
+        tool_fn(
+            "read_file",
+            "Reads a text file (path relative to the root).",
+            move |x: ReadArgs| {
+                let r = b.clone();
+                async move { r.read(&x.path) }
+            },
+        ),
+        tool_fn(
+            "search_files",
+            "Finds the lines of all files that contain some text; answers file:line: text.",
+            move |x: SearchArgs| {
+                let r = c.clone();
+                async move { r.search(&x.query) }
+            },
+        ),
+    ]
+}
+
+/// The files agent's configuration.
+pub fn config() -> AgentConfig {
+    AgentConfig {
+        tools: vec!["list_files".into(), "read_file".into(), "search_files".into()],
+        max_tool_steps: 4,
+        max_tokens: 160,
+        ..AgentConfig::new(
+            "files",
+            "You answer questions about the files in a folder. Look at them with the tools before you answer, then answer briefly.",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sandbox() -> (tempfile::TempDir, tempfile::TempDir, Root) {
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret.txt"), "the secret").unwrap();
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("sub")).unwrap();
+        std::fs::write(root.path().join("a.txt"), "alpha\nLaunch on Monday\n").unwrap();
+        std::fs::write(
+            root.path().join("sub/b.md"),
+            "beta\nno launch here? yes launch\n",
+        )
+        .unwrap();
+        let r = Root::new(root.path()).unwrap();
+        (outside, root, r)
+    }
+
+    #[test]
+    fn lists_reads_and_searches_inside_the_root() {
+        let (_o, _d, r) = sandbox();
+        assert_eq!(r.list(".").unwrap(), "a.txt\nsub/b.md");
+        assert_eq!(r.list("sub").unwrap(), "sub/b.md");
+        assert_eq!(r.read("a.txt").unwrap(), "alpha\nLaunch on Monday\n");
+        assert_eq!(r.read("./sub/b.md").unwrap().lines().next(), Some("beta"));
+        assert_eq!(
+            r.search("LAUNCH").unwrap(),
+            "a.txt:2: Launch on Monday\nsub/b.md:2: no launch here? yes launch"
+        );
+        assert!(r.search("zebra").unwrap().starts_with("no line"));
+    }
+
+    #[test]
+    fn refuses_escapes_by_dotdot_absolute_path_and_symlink() {
+        let (outside, root, r) = sandbox();
+        let secret = outside.path().join("secret.txt");
+        let e = r.read("../secret.txt").unwrap_err();
+        assert!(e.contains("`..` is not allowed"), "{e}");
+        assert!(r.read("sub/../../x").unwrap_err().contains(".."));
+        let e = r.read(secret.to_str().unwrap()).unwrap_err();
+        assert!(e.contains("absolute"), "{e}");
+        assert!(r.list("/").unwrap_err().contains("absolute"));
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(&secret, root.path().join("link.txt")).unwrap();
+            std::os::unix::fs::symlink(outside.path(), root.path().join("out")).unwrap();
+            let e = r.read("link.txt").unwrap_err();
+            assert!(e.contains("outside the root"), "{e}");
+            assert!(r.read("out/secret.txt").unwrap_err().contains("outside"));
+            assert!(r.list("out").unwrap_err().contains("outside"));
+            // Walks do not follow the links either.
+            assert_eq!(r.list(".").unwrap(), "a.txt\nsub/b.md");
+            assert!(r.search("secret").unwrap().starts_with("no line"));
+        }
+    }
+
+    #[test]
+    fn refuses_missing_large_binary_and_bad_queries() {
+        let (_o, root, r) = sandbox();
+        assert!(r.read("nope.txt").unwrap_err().contains("no such file"));
+        assert!(r.read("sub").unwrap_err().contains("not a file"));
+        assert!(r.list("a.txt").unwrap_err().contains("not a directory"));
+        let big = vec![b'x'; MAX_FILE_BYTES as usize + 1];
+        std::fs::write(root.path().join("big.txt"), big).unwrap();
+        assert!(r.read("big.txt").unwrap_err().contains("too large"));
+        std::fs::write(root.path().join("bin.dat"), [0xff, 0xfe, 0x00]).unwrap();
+        assert!(r.read("bin.dat").unwrap_err().contains("not a text file"));
+        let long = "y".repeat(MAX_SHOWN_CHARS + 10);
+        std::fs::write(root.path().join("long.txt"), long).unwrap();
+        assert!(r.read("long.txt").unwrap().contains("cut at 3000"));
+        assert!(r.search("  ").unwrap_err().contains("empty"));
+        assert!(r.search(&"q".repeat(300)).unwrap_err().contains("too long"));
+        assert!(Root::new(&root.path().join("missing")).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_tools_run_through_the_tool_interface() {
+        let (_o, _d, r) = sandbox();
+        let t = tools(&r);
+        let names: Vec<&str> = t.iter().map(|t| t.name()).collect();
+        assert_eq!(names, config().tools);
+        let out = t[1]
+            .call(serde_json::json!({"path": "a.txt"}))
+            .await
+            .unwrap();
+        assert!(out.contains("Monday"));
+        let e = t[1]
+            .call(serde_json::json!({"path": "../x"}))
+            .await
+            .unwrap_err();
+        assert!(e.contains(".."));
+    }
+}

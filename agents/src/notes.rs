@@ -1,0 +1,261 @@
+//! The notes agent: a key-value memory the model writes and reads with tools,
+//! persisted to a JSON file (one object, keys sorted) that is rewritten atomically on
+//! every change, so it survives restarts and a crash never leaves half a file.
+//!
+//! Example tasks: "Remember that the wifi password is hunter2.", then in a later run
+//! "What is the wifi password?"
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use troupe::agent::{tool_fn, AgentConfig, Tool};
+
+/// Longest key, in characters.
+pub const MAX_KEY_CHARS: usize = 64;
+/// Longest value, in bytes.
+pub const MAX_VALUE_BYTES: usize = 4096;
+/// Most notes kept.
+pub const MAX_NOTES: usize = 1000;
+
+/// Notes kept in a JSON file.
+#[derive(Clone, Debug)]
+pub struct NoteStore {
+    path: PathBuf,
+    notes: Arc<Mutex<BTreeMap<String, String>>>,
+}
+
+impl NoteStore {
+    /// Opens the store at `path` (created on the first write); a file that is not a
+    /// JSON object of strings is an error that names it.
+    pub fn open(path: &Path) -> anyhow::Result<Self> {
+        let notes = match std::fs::read_to_string(path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "notes file {} is not a JSON object of strings: {e}",
+                    path.display()
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => anyhow::bail!("notes file {}: {e}", path.display()),
+        };
+        Ok(Self {
+            path: path.to_path_buf(),
+            notes: Arc::new(Mutex::new(notes)),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        self.notes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn key(key: &str) -> Result<String, String> {
+        let k = key.trim().to_lowercase();
+        if k.is_empty() {
+            return Err("empty key".into());
+        }
+        if k.chars().count() > MAX_KEY_CHARS {
+            return Err(format!("key too long (limit {MAX_KEY_CHARS} characters)"));
+        }
+        Ok(k)
+    }
+
+    /// Writes the whole store: a temporary file in the same folder, then a rename.
+    fn persist(&self, notes: &BTreeMap<String, String>) -> Result<(), String> {
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let fail = |e: &dyn std::fmt::Display| format!("cannot save notes: {e}");
+        std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| fail(&e))?;
+        let text = serde_json::to_string_pretty(notes).map_err(|e| fail(&e))?;
+        tmp.write_all(text.as_bytes()).map_err(|e| fail(&e))?;
+        tmp.persist(&self.path).map_err(|e| fail(&e.error))?;
+        Ok(())
+    }
+
+    /// Stores `value` under `key` (keys ignore case).
+    pub fn write(&self, key: &str, value: &str) -> Result<String, String> {
+        let k = Self::key(key)?;
+        if value.len() > MAX_VALUE_BYTES {
+            return Err(format!(
+                "value too long: {} bytes (limit {MAX_VALUE_BYTES})",
+                value.len()
+            ));
+        }
+        let mut notes = self.lock();
+        if !notes.contains_key(&k) && notes.len() >= MAX_NOTES {
+            return Err(format!("the notebook is full ({MAX_NOTES} notes)"));
+        }
+        let old = notes.insert(k.clone(), value.to_string());
+        if let Err(e) = self.persist(&notes) {
+            match old {
+                Some(v) => notes.insert(k, v),
+                None => notes.remove(&k),
+            };
+            return Err(e);
+        }
+        Ok(format!("saved `{k}`"))
+    }
+
+    /// The value under `key`.
+    pub fn read(&self, key: &str) -> Result<String, String> {
+        let k = Self::key(key)?;
+        let notes = self.lock();
+        notes.get(&k).cloned().ok_or_else(|| {
+            let keys: Vec<&str> = notes.keys().map(String::as_str).collect();
+            format!("no note `{k}` (notes: {})", keys.join(", "))
+        })
+    }
+
+    /// All keys, one per line.
+    pub fn list(&self) -> String {
+        let notes = self.lock();
+        if notes.is_empty() {
+            "(no notes)".into()
+        } else {
+            notes.keys().cloned().collect::<Vec<_>>().join("\n")
+        }
+    }
+}
+
+/// Arguments of `write_note`.
+#[derive(serde::Deserialize, schemars::JsonSchema, Debug)]
+pub struct WriteArgs {
+    /// A short name for the note.
+    pub key: String,
+    /// What to remember.
+    pub value: String,
+}
+
+/// Arguments of `read_note`.
+#[derive(serde::Deserialize, schemars::JsonSchema, Debug)]
+pub struct ReadArgs {
+    /// The note's name.
+    pub key: String,
+}
+
+/// Arguments of `list_notes`.
+#[derive(serde::Deserialize, schemars::JsonSchema, Debug)]
+pub struct ListArgs {}
+
+/// The notes tools on `store`.
+pub fn tools(store: &NoteStore) -> Vec<Arc<dyn Tool>> {
+    let (a, b, c) = (store.clone(), store.clone(), store.clone());
+    vec![
+        tool_fn(
+            "write_note",
+            "Remembers a value under a key.",
+            move |x: WriteArgs| {
+                let s = a.clone();
+                async move { s.write(&x.key, &x.value) }
+            },
+        ),
+        tool_fn(
+            "read_note",
+            "Reads the value remembered under a key.",
+            move |x: ReadArgs| {
+                let s = b.clone();
+                async move { s.read(&x.key) }
+            },
+        ),
+        tool_fn(
+            "list_notes",
+            "Lists the keys of all notes.",
+            move |_: ListArgs| {
+                let s = c.clone();
+                async move { Ok(s.list()) }
+            },
+        ),
+    ]
+}
+
+/// The notes agent's configuration.
+pub fn config() -> AgentConfig {
+    AgentConfig {
+        tools: vec!["write_note".into(), "read_note".into(), "list_notes".into()],
+        tool_choice: troupe::agent::ToolChoice::Required,
+        max_tool_steps: 3,
+        max_tokens: 128,
+        ..AgentConfig::new(
+            "notes",
+            "You keep notes. To remember something, call write_note. To recall something, call list_notes or read_note. Then answer in one sentence.",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_persist_and_read_back_after_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/notes.json");
+        let s = NoteStore::open(&path).unwrap();
+        assert_eq!(s.list(), "(no notes)");
+        assert_eq!(s.write("Wifi", "hunter2").unwrap(), "saved `wifi`");
+        s.write("door", "1234").unwrap();
+        s.write("wifi", "hunter3").unwrap();
+        let again = NoteStore::open(&path).unwrap();
+        assert_eq!(again.read("WIFI").unwrap(), "hunter3");
+        assert_eq!(again.list(), "door\nwifi");
+        let on_disk: BTreeMap<String, String> =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(on_disk.len(), 2);
+        // No temporary file is left beside it.
+        assert_eq!(
+            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
+            1
+        );
+    }
+
+    #[test]
+    fn refuses_bad_keys_oversized_values_and_corrupt_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notes.json");
+        let s = NoteStore::open(&path).unwrap();
+        assert!(s.write(" ", "x").unwrap_err().contains("empty key"));
+        assert!(s
+            .write(&"k".repeat(65), "x")
+            .unwrap_err()
+            .contains("key too long"));
+        let e = s
+            .write("big", &"v".repeat(MAX_VALUE_BYTES + 1))
+            .unwrap_err();
+        assert!(e.contains("value too long"), "{e}");
+        s.write("a", "1").unwrap();
+        assert_eq!(s.read("zzz").unwrap_err(), "no note `zzz` (notes: a)");
+        std::fs::write(&path, "[1, 2]").unwrap();
+        let e = NoteStore::open(&path).unwrap_err().to_string();
+        assert!(e.contains("not a JSON object of strings"), "{e}");
+    }
+
+    #[test]
+    fn a_full_notebook_refuses_new_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = NoteStore::open(&dir.path().join("n.json")).unwrap();
+        s.lock()
+            .extend((0..MAX_NOTES).map(|i| (format!("k{i}"), String::new())));
+        assert!(s.write("new", "x").unwrap_err().contains("full"));
+        assert!(s.write("k1", "x").is_ok(), "overwriting is still allowed");
+    }
+
+    #[tokio::test]
+    async fn the_tools_run_through_the_tool_interface() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = NoteStore::open(&dir.path().join("n.json")).unwrap();
+        let t = tools(&s);
+        t[0].call(serde_json::json!({"key": "k", "value": "v"}))
+            .await
+            .unwrap();
+        assert_eq!(
+            t[1].call(serde_json::json!({"key": "k"})).await.unwrap(),
+            "v"
+        );
+        assert_eq!(t[2].call(serde_json::json!({})).await.unwrap(), "k");
+        assert!(t[1].call(serde_json::json!({})).await.is_err());
+    }
+}

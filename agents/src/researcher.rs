@@ -1,0 +1,84 @@
+//! The researcher agent: answers a question from a local folder of documents with the
+//! files tools, and cites the files it used. Its final answer is constrained to start
+//! with a `Sources:` line naming one to three files that exist under the root (a
+//! regex over the folder's file names, built at start), then the answer itself, so
+//! every answer cites, and cites only real files.
+//!
+//! Example task: "When is the launch?" with `--root ./docs`.
+
+use troupe::agent::{AgentConfig, ToolChoice};
+use troupe::grammar::Grammar;
+
+use crate::files::Root;
+
+/// Most file names the citation grammar enumerates; beyond this any name is allowed.
+pub const MAX_CITABLE: usize = 200;
+
+/// The researcher's configuration for the documents under `root` (its tools are
+/// [`crate::files::tools`] on the same root).
+pub fn config(root: &Root) -> AgentConfig {
+    AgentConfig {
+        tools: vec!["list_files".into(), "read_file".into(), "search_files".into()],
+        tool_choice: ToolChoice::Required,
+        max_tool_steps: 3,
+        max_tokens: 160,
+        grammar: Some(Grammar::Regex(citation_regex(root))),
+        ..AgentConfig::new(
+            "researcher",
+            "You answer questions from the documents in a folder. First search or read the files with the tools. Then answer: a line `Sources:` with the file names you used, then the answer in one or two sentences taken from the files.",
+        )
+    }
+}
+
+/// `Sources: a, b` over the files under `root`, then a line of answer.
+pub fn citation_regex(root: &Root) -> String {
+    let names: Vec<String> = root
+        .list(".")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.starts_with("... and ") && *l != "(no files)")
+        .map(escape)
+        .collect();
+    let file = if names.is_empty() || names.len() > MAX_CITABLE {
+        "[^\\n<,]+".to_string()
+    } else {
+        format!("({})", names.join("|"))
+    };
+    format!("Sources: {file}(, {file}){{0,2}}\\n[^<\\n][^\\n]*")
+}
+
+/// Escapes regex metacharacters in a file name (`/` is left to the tools grammar,
+/// which escapes it for Lark).
+fn escape(name: &str) -> String {
+    let mut s = String::with_capacity(name.len());
+    for c in name.chars() {
+        if "\\.+*?()|[]{}^$#&-~".contains(c) {
+            s.push('\\');
+        }
+        s.push(c);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn citations_name_only_files_under_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join("a+b.md"), "x").unwrap();
+        std::fs::write(dir.path().join("d/c.txt"), "y").unwrap();
+        let root = Root::new(dir.path()).unwrap();
+        let re = regex::Regex::new(&format!("^(?:{})$", citation_regex(&root))).unwrap();
+        assert!(re.is_match("Sources: a+b.md\nThe answer."));
+        assert!(re.is_match("Sources: d/c.txt, a+b.md\nIt is so."));
+        assert!(!re.is_match("Sources: other.md\nNo."));
+        assert!(!re.is_match("The answer without sources."));
+        assert!(!re.is_match("Sources: ab.md\nNo."), "`+` is literal");
+        let cfg = config(&root);
+        assert_eq!(cfg.tools, crate::files::config().tools);
+        assert!(matches!(cfg.grammar, Some(Grammar::Regex(_))));
+    }
+}
