@@ -22,7 +22,10 @@ use kameo::Actor;
 
 pub use config::{AgentConfig, ContextPolicy, ToolChoice};
 pub use messages::{Ask, AskStream, AskWith, Evict, Fork, GetAgentStats, History, Reset, Save};
-pub use tools::{parse_call, tool_fn, Tool, ToolCall, ToolRun, CALL_CLOSE, CALL_OPEN};
+pub use tools::{
+    example_exchange, format_call, parse_call, tool_fn, tools_prompt, Tool, ToolCall, ToolRun,
+    CALL_CLOSE, CALL_OPEN,
+};
 
 use crate::engine::{Event, Generate, HoldCache, ModelActor, ReleaseCache, Usage};
 use crate::grammar::Grammar;
@@ -209,11 +212,12 @@ impl AgentActor {
             }
             system.push_str(&tools::tools_prompt(tools));
         }
-        if system.is_empty() {
-            Vec::new()
-        } else {
-            vec![Message::system(system)]
+        let mut messages = Vec::new();
+        if !system.is_empty() {
+            messages.push(Message::system(system));
         }
+        messages.extend(config.examples.iter().cloned());
+        messages
     }
 
     /// Spawns the agent as an actor.
@@ -330,10 +334,11 @@ impl AgentActor {
                     self.messages
                         .first()
                         .is_some_and(|m| m.role == Role::System),
-                );
+                ) + self.config.examples.len();
                 while need(self) > context {
                     // Drop the oldest turn: from the first message after the system
-                    // prompt up to (not including) the next user message.
+                    // prompt and the examples up to (not including) the next user
+                    // message.
                     if self.messages.len() <= keep + 1 {
                         return Err(Error::RequestTooLong {
                             cached: 0,

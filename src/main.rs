@@ -3,6 +3,15 @@
 
 #[path = "cli/chat.rs"]
 mod chat;
+#[path = "cli/run.rs"]
+mod run;
+#[path = "cli/workflow.rs"]
+mod workflow_demo;
+// The ready-made agents of the `agents/` crate (troupe-agents), compiled in here
+// because a package cannot depend on a crate that depends on it.
+#[path = "../agents/src/lib.rs"]
+#[allow(dead_code)]
+mod ready_made;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -148,6 +157,38 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Run a ready-made agent on a task (more tasks: more turns of one conversation),
+    /// printing each tool call, its result and time, the answer and the token usage.
+    Run {
+        /// The agent (see `troupe agents`).
+        agent: String,
+        /// The task(s).
+        #[arg(required = true)]
+        tasks: Vec<String>,
+        /// Folder the files and researcher agents work on.
+        #[arg(long, default_value = ".")]
+        root: PathBuf,
+        /// JSON file of the notes agent (default: notes.json in the troupe home).
+        #[arg(long)]
+        notes: Option<PathBuf>,
+        /// Most tokens per model reply (default: the agent's own).
+        #[arg(long)]
+        max_tokens: Option<usize>,
+    },
+    /// List the ready-made agents.
+    Agents,
+    /// Run a bundled demo workflow: pipeline, fan-out, router or group-chat (`list`
+    /// lists them).
+    Workflow {
+        /// The workflow.
+        name: String,
+        /// Input instead of the demo's own.
+        #[arg(long)]
+        input: Option<String>,
+        /// Most tokens per agent reply.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+    },
 }
 
 #[derive(Subcommand)]
@@ -317,6 +358,49 @@ fn main() -> anyhow::Result<()> {
                 },
             )?;
             writeln!(out, "{}", dec.finish())?;
+        }
+        Command::Run {
+            agent,
+            tasks,
+            root,
+            notes,
+            max_tokens,
+        } => {
+            let path = model_path()?;
+            run::run(run::RunOptions {
+                model: &path,
+                weights: cli.weights,
+                agent,
+                tasks,
+                data: ready_made::Options {
+                    root: root.clone(),
+                    notes: notes
+                        .clone()
+                        .unwrap_or_else(|| fetch::troupe_home().join("notes.json")),
+                },
+                max_tokens: *max_tokens,
+            })?;
+        }
+        Command::Agents => run::list(),
+        Command::Workflow {
+            name,
+            input,
+            max_tokens,
+        } => {
+            if name == "list" {
+                for (n, what, input) in workflow_demo::DEMOS {
+                    println!("{n:<11} {what}  (default input: {input:?})");
+                }
+            } else {
+                let path = model_path()?;
+                workflow_demo::run(workflow_demo::WorkflowOptions {
+                    model: &path,
+                    weights: cli.weights,
+                    name,
+                    input: input.as_deref(),
+                    max_tokens: *max_tokens,
+                })?;
+            }
         }
         Command::Chat {
             system,

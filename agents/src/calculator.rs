@@ -13,7 +13,8 @@ use evalexpr::{
 };
 
 type Function = evalexpr::Function<DefaultNumericTypes>;
-use troupe::agent::{tool_fn, AgentConfig, Tool, ToolChoice};
+use troupe::agent::{example_exchange, tool_fn, AgentConfig, Tool, ToolChoice};
+use troupe::grammar::Grammar;
 
 /// Longest expression accepted, in bytes.
 pub const MAX_EXPRESSION_BYTES: usize = 256;
@@ -25,6 +26,10 @@ pub const FUNCTIONS: &[&str] = &[
     "sqrt", "abs", "ln", "log10", "log2", "exp", "sin", "cos", "tan", "floor", "ceil", "round",
     "min", "max", "pow",
 ];
+
+/// The form of a final answer: the number(s) the tool computed, so a small model
+/// cannot wander off into prose and drop the result.
+pub const ANSWER: &str = r"The answer is -?[0-9][0-9.,]*( and -?[0-9][0-9.,]*)*\.";
 
 /// Arguments of `calculate`.
 #[derive(serde::Deserialize, schemars::JsonSchema, Debug)]
@@ -38,11 +43,19 @@ pub fn config() -> AgentConfig {
     AgentConfig {
         tools: vec!["calculate".into()],
         tool_choice: ToolChoice::Required,
-        max_tool_steps: 2,
+        max_tool_steps: 1,
         max_tokens: 96,
+        grammar: Some(Grammar::Regex(ANSWER.into())),
+        examples: example_exchange(
+            "What is 6 times 7?",
+            "calculate",
+            serde_json::json!({"expression": "6 * 7"}),
+            "42",
+            "The answer is 42.",
+        ),
         ..AgentConfig::new(
             "calculator",
-            "You are a calculator. Compute every number with the calculate tool, then answer in one short sentence that states the result.",
+            "You are a calculator. For every question, call calculate with the arithmetic expression, then give the result.",
         )
     }
 }

@@ -3,12 +3,12 @@
 //! data and temperature units. Converting between kinds, or an unknown unit, is
 //! refused with the list of what is known.
 //!
-//! Example tasks: "What day of the week is it?", "How many kilometres is 26.2 miles?"
+//! Example tasks: "What day of the week is it?", "Convert 26.2 miles to kilometres."
 
 use std::sync::Arc;
 
 use chrono::{Datelike, Utc};
-use troupe::agent::{tool_fn, AgentConfig, Tool};
+use troupe::agent::{example_exchange, tool_fn, AgentConfig, Tool};
 
 /// A unit: names it is known by, its kind, and how it maps to the kind's base unit
 /// (`base = value * scale + offset`).
@@ -121,7 +121,7 @@ const UNITS: &[Unit] = &[
         1e6,
     ),
     u(&["ha", "hectare", "hectares"], "area", 1e4),
-    u(&["acre", "acres"], "area", 4046.856_422_4),
+    u(&["acre", "acres"], "area", 4_046.856_422_4),
     u(&["ft2", "square foot", "square feet"], "area", 0.092_903_04),
     u(
         &["m/s", "meters per second", "metres per second"],
@@ -238,11 +238,35 @@ pub fn config() -> AgentConfig {
     AgentConfig {
         tools: vec!["now".into(), "convert".into()],
         tool_choice: troupe::agent::ToolChoice::Required,
-        max_tool_steps: 2,
+        max_tool_steps: 1,
         max_tokens: 96,
+        examples: [
+            example_exchange(
+                "How many pounds is 3 kg?",
+                "convert",
+                serde_json::json!({"value": 3, "from": "kg", "to": "pounds"}),
+                "3 kg = 6.613868 pounds",
+                "3 kg is about 6.61 pounds.",
+            ),
+            example_exchange(
+                "Convert 2 metres to feet.",
+                "convert",
+                serde_json::json!({"value": 2, "from": "metres", "to": "feet"}),
+                "2 metres = 6.56168 feet",
+                "2 metres is about 6.56 feet.",
+            ),
+            example_exchange(
+                "What time is it?",
+                "now",
+                serde_json::json!({}),
+                "2024-03-05 14:02:10 (Tuesday, UTC; day 65 of the year)",
+                "It is 14:02 UTC on Tuesday, 5 March 2024.",
+            ),
+        ]
+        .concat(),
         ..AgentConfig::new(
             "clock",
-            "You tell the date and time and convert units. Always use a tool first, then answer in one sentence.",
+            "You tell the date and time and convert units. Always call a tool first (now for the date and time, convert for units), then answer in one sentence.",
         )
     }
 }

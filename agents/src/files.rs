@@ -3,12 +3,12 @@
 //! absolute paths, `..` components and anything that resolves (through symlinks)
 //! outside the root are refused, and walks never follow symlinks.
 //!
-//! Example task: "Which file mentions the launch date?" with `--root ./docs`.
+//! Example task: "Which file mentions Lisbon?" with `--root ./docs`.
 
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
-use troupe::agent::{tool_fn, AgentConfig, Tool};
+use troupe::agent::{example_exchange, tool_fn, AgentConfig, Tool};
 
 /// Largest file `read_file` reads, in bytes.
 pub const MAX_FILE_BYTES: u64 = 1 << 20;
@@ -151,8 +151,9 @@ impl Root {
         })
     }
 
-    /// Lines of the text files under the root that contain `query` (ignoring case),
-    /// as `file:line: text`.
+    /// Lines of the text files under the root that contain the words of `query`
+    /// (ignoring case and words under three letters), as `file:line: text`, the lines
+    /// with the most of those words first.
     pub fn search(&self, query: &str) -> Result<String, String> {
         let q = query.trim().to_lowercase();
         if q.is_empty() {
@@ -164,6 +165,14 @@ impl Root {
                 q.len()
             ));
         }
+        let mut words: Vec<&str> = q
+            .split(|c: char| !c.is_alphanumeric())
+            .filter(|w| w.chars().count() >= 3)
+            .collect();
+        words.dedup();
+        if words.is_empty() {
+            words.push(q.as_str());
+        }
         let mut hits = Vec::new();
         for p in self.walk(&self.dir) {
             let small = std::fs::metadata(&p).is_ok_and(|m| m.len() <= MAX_FILE_BYTES);
@@ -171,20 +180,20 @@ impl Root {
                 continue;
             };
             for (i, line) in text.lines().enumerate() {
-                if line.to_lowercase().contains(&q) {
+                let lower = line.to_lowercase();
+                let score = words.iter().filter(|w| lower.contains(**w)).count();
+                if score > 0 {
                     let line: String = line.trim().chars().take(200).collect();
-                    hits.push(format!("{}:{}: {line}", self.name(&p), i + 1));
-                    if hits.len() >= MAX_RESULTS {
-                        return Ok(hits.join("\n"));
-                    }
+                    hits.push((score, format!("{}:{}: {line}", self.name(&p), i + 1)));
                 }
             }
         }
         if hits.is_empty() {
-            Ok(format!("no line contains `{query}`"))
-        } else {
-            Ok(hits.join("\n"))
+            return Ok(format!("no line contains `{query}`"));
         }
+        hits.sort_by_key(|h| std::cmp::Reverse(h.0));
+        let shown: Vec<String> = hits.into_iter().take(MAX_RESULTS).map(|h| h.1).collect();
+        Ok(shown.join("\n"))
     }
 }
 
@@ -205,7 +214,7 @@ pub struct ReadArgs {
 /// Arguments of `search_files`.
 #[derive(serde::Deserialize, schemars::JsonSchema, Debug)]
 pub struct SearchArgs {
-    /// Text to look for (case-insensitive).
+    /// Words to look for (case-insensitive).
     pub query: String,
 }
 
@@ -214,11 +223,11 @@ pub fn tools(root: &Root) -> Vec<Arc<dyn Tool>> {
     let (a, b, c) = (root.clone(), root.clone(), root.clone());
     vec![
         tool_fn(
-            "list_files",
-            "Lists the files under a directory (relative to the root).",
-            move |x: ListArgs| {
-                let r = a.clone();
-                async move { r.list(&x.path) }
+            "search_files",
+            "Finds the lines of all files that contain the words of a query, best first; answers file:line: text.",
+            move |x: SearchArgs| {
+                let r = c.clone();
+                async move { r.search(&x.query) }
             },
         ),
         tool_fn(
@@ -230,11 +239,11 @@ pub fn tools(root: &Root) -> Vec<Arc<dyn Tool>> {
             },
         ),
         tool_fn(
-            "search_files",
-            "Finds the lines of all files that contain some text; answers file:line: text.",
-            move |x: SearchArgs| {
-                let r = c.clone();
-                async move { r.search(&x.query) }
+            "list_files",
+            "Lists the files under a directory (relative to the root).",
+            move |x: ListArgs| {
+                let r = a.clone();
+                async move { r.list(&x.path) }
             },
         ),
     ]
@@ -243,12 +252,30 @@ pub fn tools(root: &Root) -> Vec<Arc<dyn Tool>> {
 /// The files agent's configuration.
 pub fn config() -> AgentConfig {
     AgentConfig {
-        tools: vec!["list_files".into(), "read_file".into(), "search_files".into()],
-        max_tool_steps: 4,
+        tools: vec!["search_files".into(), "read_file".into(), "list_files".into()],
+        tool_choice: troupe::agent::ToolChoice::Required,
+        max_tool_steps: 2,
+        examples: [
+            example_exchange(
+                "What does recipes.txt say?",
+                "read_file",
+                serde_json::json!({"path": "recipes.txt"}),
+                "Pancakes: flour, milk, eggs.",
+                "recipes.txt has a pancake recipe: flour, milk and eggs.",
+            ),
+            example_exchange(
+                "Which file talks about dogs?",
+                "search_files",
+                serde_json::json!({"query": "dogs"}),
+                "pets/list.md:2: Dogs bark at night.",
+                "The file pets/list.md talks about dogs.",
+            ),
+        ]
+        .concat(),
         max_tokens: 160,
         ..AgentConfig::new(
             "files",
-            "You answer questions about the files in a folder. Look at them with the tools before you answer, then answer briefly.",
+            "You answer questions about the files in a folder. First call a tool: search_files with the key words of the question to find where something is said, read_file to read a file, list_files only to see what files there are. Then answer briefly.",
         )
     }
 }
@@ -284,6 +311,15 @@ mod tests {
             "a.txt:2: Launch on Monday\nsub/b.md:2: no launch here? yes launch"
         );
         assert!(r.search("zebra").unwrap().starts_with("no line"));
+        // Words, best match first; short words do not count.
+        assert_eq!(
+            r.search("monday_launch to").unwrap(),
+            "a.txt:2: Launch on Monday\nsub/b.md:2: no launch here? yes launch"
+        );
+        assert_eq!(
+            r.search("beta or alpha").unwrap(),
+            "a.txt:1: alpha\nsub/b.md:1: beta"
+        );
     }
 
     #[test]

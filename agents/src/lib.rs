@@ -4,8 +4,8 @@
 //! | agent | what it does | example task |
 //! |---|---|---|
 //! | `calculator` | arithmetic with a required `calculate` call | "What is 17 * 23?" |
-//! | `files` | lists, reads and searches files under a root | "Which file mentions the launch?" |
-//! | `clock` | current date and time, unit conversions | "How many km is 26.2 miles?" |
+//! | `files` | lists, reads and searches files under a root | "Which file mentions Lisbon?" |
+//! | `clock` | current date and time, unit conversions | "Convert 26.2 miles to kilometres." |
 //! | `notes` | a key-value memory in a JSON file | "Remember that the door code is 1234." |
 //! | `researcher` | answers from a folder of documents, citing files | "When is the launch?" |
 //!
@@ -54,13 +54,13 @@ pub const CATALOG: &[AgentInfo] = &[
     AgentInfo {
         name: "files",
         description: "Lists, reads and searches text files under --root (never outside it).",
-        example: "Which file mentions the launch date?",
+        example: "Which file mentions Lisbon?",
         uses_root: true,
     },
     AgentInfo {
         name: "clock",
         description: "Tells the current date and time (UTC) and converts units.",
-        example: "How many kilometres is 26.2 miles?",
+        example: "Convert 26.2 miles to kilometres.",
         uses_root: false,
     },
     AgentInfo {

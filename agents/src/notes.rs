@@ -10,7 +10,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use troupe::agent::{tool_fn, AgentConfig, Tool};
+use troupe::agent::{example_exchange, tool_fn, AgentConfig, Tool};
 
 /// Longest key, in characters.
 pub const MAX_KEY_CHARS: usize = 64;
@@ -76,8 +76,10 @@ impl NoteStore {
         Ok(())
     }
 
-    /// Stores `value` under `key` (keys ignore case).
-    pub fn write(&self, key: &str, value: &str) -> Result<String, String> {
+    /// Stores `value` under `key` (keys ignore case). A key that already holds another
+    /// value is changed only with `replace`; otherwise the error shows the value kept,
+    /// so a model that meant to look a note up still sees it and nothing is lost.
+    pub fn write(&self, key: &str, value: &str, replace: bool) -> Result<String, String> {
         let k = Self::key(key)?;
         if value.len() > MAX_VALUE_BYTES {
             return Err(format!(
@@ -86,6 +88,15 @@ impl NoteStore {
             ));
         }
         let mut notes = self.lock();
+        match notes.get(&k) {
+            Some(old) if old == value => return Ok(format!("`{k}` already holds that")),
+            Some(old) if !replace => {
+                return Err(format!(
+                    "`{k}` already holds {old:?}; not changed (set replace to change it)"
+                ))
+            }
+            _ => {}
+        }
         if !notes.contains_key(&k) && notes.len() >= MAX_NOTES {
             return Err(format!("the notebook is full ({MAX_NOTES} notes)"));
         }
@@ -121,40 +132,32 @@ impl NoteStore {
     }
 }
 
-/// Arguments of `write_note`.
+/// Arguments of `remember`.
 #[derive(serde::Deserialize, schemars::JsonSchema, Debug)]
 pub struct WriteArgs {
     /// A short name for the note.
     pub key: String,
     /// What to remember.
     pub value: String,
+    /// Whether to change a note that already exists.
+    #[serde(default)]
+    pub replace: bool,
 }
 
-/// Arguments of `read_note`.
+/// Arguments of `recall`.
 #[derive(serde::Deserialize, schemars::JsonSchema, Debug)]
 pub struct ReadArgs {
     /// The note's name.
     pub key: String,
 }
 
-/// Arguments of `list_notes`.
-#[derive(serde::Deserialize, schemars::JsonSchema, Debug)]
-pub struct ListArgs {}
-
-/// The notes tools on `store`.
+/// The notes tools on `store` (reading a missing key answers with the keys there are,
+/// so no listing tool is needed).
 pub fn tools(store: &NoteStore) -> Vec<Arc<dyn Tool>> {
-    let (a, b, c) = (store.clone(), store.clone(), store.clone());
+    let (a, b) = (store.clone(), store.clone());
     vec![
         tool_fn(
-            "write_note",
-            "Remembers a value under a key.",
-            move |x: WriteArgs| {
-                let s = a.clone();
-                async move { s.write(&x.key, &x.value) }
-            },
-        ),
-        tool_fn(
-            "read_note",
+            "recall",
             "Reads the value remembered under a key.",
             move |x: ReadArgs| {
                 let s = b.clone();
@@ -162,11 +165,11 @@ pub fn tools(store: &NoteStore) -> Vec<Arc<dyn Tool>> {
             },
         ),
         tool_fn(
-            "list_notes",
-            "Lists the keys of all notes.",
-            move |_: ListArgs| {
-                let s = c.clone();
-                async move { Ok(s.list()) }
+            "remember",
+            "Remembers a value under a key.",
+            move |x: WriteArgs| {
+                let s = a.clone();
+                async move { s.write(&x.key, &x.value, x.replace) }
             },
         ),
     ]
@@ -175,13 +178,37 @@ pub fn tools(store: &NoteStore) -> Vec<Arc<dyn Tool>> {
 /// The notes agent's configuration.
 pub fn config() -> AgentConfig {
     AgentConfig {
-        tools: vec!["write_note".into(), "read_note".into(), "list_notes".into()],
+        tools: vec!["recall".into(), "remember".into()],
         tool_choice: troupe::agent::ToolChoice::Required,
-        max_tool_steps: 3,
+        max_tool_steps: 1,
         max_tokens: 128,
+        examples: [
+            example_exchange(
+                "What is the wifi password?",
+                "recall",
+                serde_json::json!({"key": "wifi password"}),
+                "hunter2",
+                "The wifi password is hunter2.",
+            ),
+            example_exchange(
+                "Remember that my bike lock code is 4412.",
+                "remember",
+                serde_json::json!({"key": "bike lock code", "value": "4412"}),
+                "saved `bike lock code`",
+                "Noted: your bike lock code is 4412.",
+            ),
+            example_exchange(
+                "What is my bike lock code?",
+                "recall",
+                serde_json::json!({"key": "bike lock code"}),
+                "4412",
+                "Your bike lock code is 4412.",
+            ),
+        ]
+        .concat(),
         ..AgentConfig::new(
             "notes",
-            "You keep notes. To remember something, call write_note. To recall something, call list_notes or read_note. Then answer in one sentence.",
+            "You keep notes. When the user asks a question, call recall with the key. When the user tells you something to remember, call remember with a short key and the value. Then answer in one sentence.",
         )
     }
 }
@@ -196,9 +223,18 @@ mod tests {
         let path = dir.path().join("sub/notes.json");
         let s = NoteStore::open(&path).unwrap();
         assert_eq!(s.list(), "(no notes)");
-        assert_eq!(s.write("Wifi", "hunter2").unwrap(), "saved `wifi`");
-        s.write("door", "1234").unwrap();
-        s.write("wifi", "hunter3").unwrap();
+        assert_eq!(s.write("Wifi", "hunter2", false).unwrap(), "saved `wifi`");
+        s.write("door", "1234", false).unwrap();
+        let e = s.write("wifi", "hunter3", false).unwrap_err();
+        assert_eq!(
+            e,
+            "`wifi` already holds \"hunter2\"; not changed (set replace to change it)"
+        );
+        assert!(s
+            .write("wifi", "hunter2", false)
+            .unwrap()
+            .contains("already holds"));
+        s.write("wifi", "hunter3", true).unwrap();
         let again = NoteStore::open(&path).unwrap();
         assert_eq!(again.read("WIFI").unwrap(), "hunter3");
         assert_eq!(again.list(), "door\nwifi");
@@ -217,16 +253,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notes.json");
         let s = NoteStore::open(&path).unwrap();
-        assert!(s.write(" ", "x").unwrap_err().contains("empty key"));
+        assert!(s.write(" ", "x", false).unwrap_err().contains("empty key"));
         assert!(s
-            .write(&"k".repeat(65), "x")
+            .write(&"k".repeat(65), "x", false)
             .unwrap_err()
             .contains("key too long"));
         let e = s
-            .write("big", &"v".repeat(MAX_VALUE_BYTES + 1))
+            .write("big", &"v".repeat(MAX_VALUE_BYTES + 1), false)
             .unwrap_err();
         assert!(e.contains("value too long"), "{e}");
-        s.write("a", "1").unwrap();
+        s.write("a", "1", false).unwrap();
         assert_eq!(s.read("zzz").unwrap_err(), "no note `zzz` (notes: a)");
         std::fs::write(&path, "[1, 2]").unwrap();
         let e = NoteStore::open(&path).unwrap_err().to_string();
@@ -239,8 +275,11 @@ mod tests {
         let s = NoteStore::open(&dir.path().join("n.json")).unwrap();
         s.lock()
             .extend((0..MAX_NOTES).map(|i| (format!("k{i}"), String::new())));
-        assert!(s.write("new", "x").unwrap_err().contains("full"));
-        assert!(s.write("k1", "x").is_ok(), "overwriting is still allowed");
+        assert!(s.write("new", "x", false).unwrap_err().contains("full"));
+        assert!(
+            s.write("k1", "x", true).is_ok(),
+            "replacing is still allowed"
+        );
     }
 
     #[tokio::test]
@@ -248,14 +287,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = NoteStore::open(&dir.path().join("n.json")).unwrap();
         let t = tools(&s);
-        t[0].call(serde_json::json!({"key": "k", "value": "v"}))
+        t[1].call(serde_json::json!({"key": "k", "value": "v"}))
             .await
             .unwrap();
         assert_eq!(
-            t[1].call(serde_json::json!({"key": "k"})).await.unwrap(),
+            t[0].call(serde_json::json!({"key": "k"})).await.unwrap(),
             "v"
         );
-        assert_eq!(t[2].call(serde_json::json!({})).await.unwrap(), "k");
-        assert!(t[1].call(serde_json::json!({})).await.is_err());
+        assert!(t[0].call(serde_json::json!({})).await.is_err());
     }
 }

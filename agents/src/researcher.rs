@@ -6,26 +6,43 @@
 //!
 //! Example task: "When is the launch?" with `--root ./docs`.
 
-use troupe::agent::{AgentConfig, ToolChoice};
+use troupe::agent::{example_exchange, AgentConfig, ToolChoice};
 use troupe::grammar::Grammar;
 
-use crate::files::Root;
+use super::files::Root;
 
 /// Most file names the citation grammar enumerates; beyond this any name is allowed.
 pub const MAX_CITABLE: usize = 200;
 
 /// The researcher's configuration for the documents under `root` (its tools are
-/// [`crate::files::tools`] on the same root).
+/// [`super::files::tools`] on the same root).
 pub fn config(root: &Root) -> AgentConfig {
     AgentConfig {
-        tools: vec!["list_files".into(), "read_file".into(), "search_files".into()],
+        tools: super::files::config().tools,
         tool_choice: ToolChoice::Required,
-        max_tool_steps: 3,
+        max_tool_steps: 1,
         max_tokens: 160,
         grammar: Some(Grammar::Regex(citation_regex(root))),
+        examples: [
+            example_exchange(
+                "Where do the cats sleep?",
+                "search_files",
+                serde_json::json!({"query": "cats sleep"}),
+                "pets.md:3: The cats sleep in the barn.",
+                "Sources: pets.md\nThe cats sleep in the barn.",
+            ),
+            example_exchange(
+                "How much did the new roof cost?",
+                "search_files",
+                serde_json::json!({"query": "roof cost"}),
+                "house/bills.txt:7: The new roof cost 9,000 dollars.",
+                "Sources: house/bills.txt\nThe new roof cost 9,000 dollars.",
+            ),
+        ]
+        .concat(),
         ..AgentConfig::new(
             "researcher",
-            "You answer questions from the documents in a folder. First search or read the files with the tools. Then answer: a line `Sources:` with the file names you used, then the answer in one or two sentences taken from the files.",
+            "You answer questions from the documents in a folder. First call search_files with the main words of the question. Then answer with a line `Sources:` naming the files you used, then one sentence taken from them.",
         )
     }
 }
@@ -44,7 +61,7 @@ pub fn citation_regex(root: &Root) -> String {
     } else {
         format!("({})", names.join("|"))
     };
-    format!("Sources: {file}(, {file}){{0,2}}\\n[^<\\n][^\\n]*")
+    format!("Sources: {file}(, {file}){{0,2}}\\n[^<\\n]{{1,300}}")
 }
 
 /// Escapes regex metacharacters in a file name (`/` is left to the tools grammar,
@@ -78,7 +95,7 @@ mod tests {
         assert!(!re.is_match("The answer without sources."));
         assert!(!re.is_match("Sources: ab.md\nNo."), "`+` is literal");
         let cfg = config(&root);
-        assert_eq!(cfg.tools, crate::files::config().tools);
+        assert_eq!(cfg.tools, super::super::files::config().tools);
         assert!(matches!(cfg.grammar, Some(Grammar::Regex(_))));
     }
 }

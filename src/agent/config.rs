@@ -44,6 +44,12 @@ pub struct AgentConfig {
     pub name: String,
     /// The system prompt (none when empty).
     pub system_prompt: String,
+    /// Few-shot example messages placed after the system prompt, before the first
+    /// turn (say a user question, the assistant's tool call, the tool's result and the
+    /// answer): a small model copies the shape of a demonstrated exchange far more
+    /// reliably than it follows a description. They are part of the cached prefix and
+    /// are never dropped by `DropOldest`.
+    pub examples: Vec<crate::model::chat::Message>,
     /// Names of the tools it may call (the tools themselves are given at spawn).
     pub tools: Vec<String>,
     /// Which tools the model may call by default.
@@ -67,6 +73,7 @@ impl Default for AgentConfig {
         Self {
             name: "agent".into(),
             system_prompt: String::new(),
+            examples: Vec::new(),
             tools: Vec::new(),
             tool_choice: ToolChoice::Auto,
             grammar: None,

@@ -144,6 +144,34 @@ pub struct ToolRun {
     pub seconds: f64,
 }
 
+/// A tool call written exactly as the tools grammar makes the model write it
+/// (compact JSON, `name` before `arguments`).
+pub fn format_call(name: &str, arguments: &serde_json::Value) -> String {
+    format!(
+        "{CALL_OPEN}{{\"name\":{},\"arguments\":{arguments}}}{CALL_CLOSE}",
+        serde_json::Value::String(name.into())
+    )
+}
+
+/// A demonstrated exchange for [`AgentConfig::examples`](super::AgentConfig): the user
+/// asks, the assistant calls `tool` with `arguments`, the tool answers `result`, the
+/// assistant answers.
+pub fn example_exchange(
+    question: &str,
+    tool: &str,
+    arguments: serde_json::Value,
+    result: &str,
+    answer: &str,
+) -> Vec<crate::model::chat::Message> {
+    use crate::model::chat::Message;
+    vec![
+        Message::user(question),
+        Message::assistant(format_call(tool, &arguments)),
+        Message::tool(result),
+        Message::assistant(answer),
+    ]
+}
+
 /// Parses a reply as a tool call, if it is one.
 pub fn parse_call(reply: &str) -> Option<ToolCall> {
     let body = reply
@@ -153,20 +181,72 @@ pub fn parse_call(reply: &str) -> Option<ToolCall> {
     serde_json::from_str(body.trim()).ok()
 }
 
-/// The system prompt's paragraph that tells the model its tools and the format.
+/// The system prompt's paragraph that tells the model its tools and the format. Each
+/// tool is shown as a signature, `name(arg: type, opt?: type): description`, then what
+/// each argument means: compact, and (unlike a JSON Schema, whose `description`
+/// strings a small model copies into its calls) unlike the calls themselves. The
+/// grammar enforces the schema either way.
 pub fn tools_prompt(tools: &[Arc<dyn Tool>]) -> String {
     let mut s = String::from(
         "You can call tools. To call one, reply with only <tool_call>{\"name\": \"TOOL\", \"arguments\": {...}}</tool_call> and wait for its result. Otherwise reply with your answer.\nTools:\n",
     );
     for t in tools {
+        let schema = t.parameters();
+        let required: Vec<&str> = schema["required"]
+            .as_array()
+            .map(|r| r.iter().filter_map(|v| v.as_str()).collect())
+            .unwrap_or_default();
+        let mut args = Vec::new();
+        let mut notes = Vec::new();
+        if let Some(props) = schema["properties"].as_object() {
+            for (name, p) in props {
+                let opt = if required.contains(&name.as_str()) {
+                    ""
+                } else {
+                    "?"
+                };
+                args.push(format!("{name}{opt}: {}", type_name(p)));
+                if let Some(d) = p["description"].as_str() {
+                    notes.push(format!(
+                        "{name} is {}",
+                        d.trim_end_matches('.').to_lowercase()
+                    ));
+                }
+            }
+        }
         s.push_str(&format!(
-            "- {}: {} Arguments: {}\n",
+            "- {}({}): {}",
             t.name(),
-            t.description(),
-            t.parameters()
+            args.join(", "),
+            t.description()
         ));
+        if !notes.is_empty() {
+            s.push_str(&format!(" ({})", notes.join("; ")));
+        }
+        s.push('\n');
     }
     s
+}
+
+/// A short name for the type a JSON Schema describes.
+fn type_name(p: &serde_json::Value) -> String {
+    if let Some(e) = p["enum"].as_array() {
+        return e
+            .iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join(" | ");
+    }
+    match &p["type"] {
+        serde_json::Value::String(t) if t == "array" => format!("{}[]", type_name(&p["items"])),
+        serde_json::Value::String(t) => t.clone(),
+        serde_json::Value::Array(ts) => ts
+            .iter()
+            .filter_map(|t| t.as_str())
+            .collect::<Vec<_>>()
+            .join(" | "),
+        _ => "any".into(),
+    }
 }
 
 /// The grammar of a reply under `choice`, or `None` for an unconstrained reply.
@@ -232,4 +312,21 @@ pub fn reply_grammar(
         format!("start: call | answer\n{call}\n{answer_rule}\n")
     };
     Ok(Some(Grammar::Lark(lark)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_formatted_call_parses_back() {
+        let args = serde_json::json!({"b": 2, "a": "x"});
+        let text = format_call("add", &args);
+        assert!(
+            text.starts_with("<tool_call>{\"name\":\"add\",\"arguments\":"),
+            "{text}"
+        );
+        let call = parse_call(&text).unwrap();
+        assert_eq!((call.name.as_str(), call.arguments), ("add", args));
+    }
 }
