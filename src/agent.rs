@@ -21,7 +21,9 @@ use kameo::actor::{ActorRef, Spawn, WeakActorRef};
 use kameo::Actor;
 
 pub use config::{AgentConfig, ContextPolicy, ToolChoice};
-pub use messages::{Ask, AskStream, AskWith, Evict, Fork, GetAgentStats, History, Reset, Save};
+pub use messages::{
+    Ask, AskStream, AskWith, Evict, Fork, ForkVaried, GetAgentStats, History, Reset, Save,
+};
 pub use tools::{
     example_exchange, format_call, parse_call, tool_fn, tools_prompt, Tool, ToolCall, ToolRun,
     CALL_CLOSE, CALL_OPEN,

@@ -228,18 +228,32 @@ async fn an_agent_can_be_another_agents_tool() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fork_explore_keeps_the_best_and_reuses_the_prefix() {
     let (m, e) = setup();
-    let base = named(&m, &e, "base");
+    // Sampling at a temperature (high: the tiny random model is very peaked), each fork
+    // gets its own seed and writes its own answer.
+    let cfg = AgentConfig {
+        max_tokens: 8,
+        sampling: troupe::sampling::SamplingParams::with_temperature(50.0, 7),
+        ..AgentConfig::new("base", "You are base.")
+    };
+    let base = Named::new(
+        "base",
+        AgentActor::new(cfg, m.clone(), e.clone(), vec![])
+            .unwrap()
+            .spawn_agent(),
+    );
     base.agent
         .ask(troupe::agent::Ask("some shared context".into()))
         .await
         .unwrap();
     let scored = std::sync::Mutex::new(Vec::new());
+    let texts = std::sync::Mutex::new(Vec::new());
     let (best, reply) = fork_explore(
         &base.agent,
         3,
         "try",
         |r| {
             scored.lock().unwrap().push(r.text.len());
+            texts.lock().unwrap().push(r.text.clone());
             r.text.len() as f64
         },
         &None,
@@ -250,6 +264,12 @@ async fn fork_explore_keeps_the_best_and_reuses_the_prefix() {
     assert_eq!(
         reply.text.len(),
         *scored.lock().unwrap().iter().max().unwrap()
+    );
+    let texts = texts.lock().unwrap().clone();
+    assert_eq!(texts.len(), 3);
+    assert!(
+        texts.iter().any(|t| t != &texts[0]),
+        "forks with their own seeds diverge: {texts:?}"
     );
     assert!(
         reply.usage.cached_tokens > 0,

@@ -16,6 +16,8 @@
 //! cannot depend on a crate that depends on it), so it refers to itself only through
 //! relative paths.
 
+#![warn(missing_docs)]
+
 pub mod calculator;
 pub mod clock;
 pub mod files;

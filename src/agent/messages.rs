@@ -117,8 +117,33 @@ pub struct Fork;
 impl KameoMessage<Fork> for AgentActor {
     type Reply = ActorRef<AgentActor>;
     async fn handle(&mut self, _: Fork, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        self.fork_child(0)
+    }
+}
+
+/// A [`Fork`] whose sampling seed is the parent's plus the given offset, so that forks
+/// sampling at a temperature explore different continuations of the shared prefix
+/// (with the same seed they would all write the same thing).
+#[derive(Debug, Clone, Copy)]
+pub struct ForkVaried(pub u64);
+
+impl KameoMessage<ForkVaried> for AgentActor {
+    type Reply = ActorRef<AgentActor>;
+    async fn handle(
+        &mut self,
+        ForkVaried(offset): ForkVaried,
+        _: &mut Context<Self, Self::Reply>,
+    ) -> Self::Reply {
+        self.fork_child(offset)
+    }
+}
+
+impl AgentActor {
+    fn fork_child(&self, seed_offset: u64) -> ActorRef<AgentActor> {
+        let mut config = self.config.clone();
+        config.sampling.seed = config.sampling.seed.wrapping_add(seed_offset);
         let child = AgentActor {
-            config: self.config.clone(),
+            config,
             model: self.model.clone(),
             engine: self.engine.clone(),
             tools: self.tools.clone(),

@@ -6,7 +6,7 @@ use futures::future::BoxFuture;
 use kameo::actor::ActorRef;
 
 use super::{emit, Events, WorkflowEvent};
-use crate::agent::{AgentActor, AgentReply, Ask, AskWith, Fork, Tool};
+use crate::agent::{AgentActor, AgentReply, Ask, AskWith, ForkVaried, Tool};
 use crate::grammar::Grammar;
 use crate::{Error, Result};
 
@@ -293,8 +293,9 @@ impl Tool for AgentTool {
 }
 
 /// Forks `agent` `n` times from its current state (the shared prefix is never
-/// recomputed), asks each fork the task, and returns the best answer by `score`
-/// with the index of its fork.
+/// recomputed), each fork with its own sampling seed ([`ForkVaried`]), asks each fork
+/// the task, and returns the best answer by `score` with the index of its fork. The
+/// forks differ only if the agent samples at a temperature above zero.
 pub async fn fork_explore(
     agent: &ActorRef<AgentActor>,
     n: usize,
@@ -304,14 +305,19 @@ pub async fn fork_explore(
 ) -> Result<(usize, AgentReply)> {
     let mut forks = Vec::with_capacity(n);
     for i in 0..n {
-        let child = agent.ask(Fork).await.map_err(send_err)?;
+        let child = agent
+            .ask(ForkVaried(i as u64 + 1))
+            .await
+            .map_err(send_err)?;
         forks.push(Named::new(format!("fork-{i}"), child));
     }
     let answers = fan_out(&forks, task, events).await?;
+    // Each answer is scored once.
     answers
         .into_iter()
         .enumerate()
-        .map(|(i, (_, r))| (i, r))
-        .max_by(|a, b| score(&a.1).total_cmp(&score(&b.1)))
+        .map(|(i, (_, r))| (score(&r), i, r))
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, i, r)| (i, r))
         .ok_or_else(|| Error::InvalidInput("fork_explore needs n >= 1".into()))
 }
