@@ -105,6 +105,12 @@ impl Root {
         out
     }
 
+    /// The root-relative names of all the files under the root (at most 5,000), in
+    /// name order.
+    pub fn file_names(&self) -> Vec<String> {
+        self.walk(&self.dir).iter().map(|p| self.name(p)).collect()
+    }
+
     /// Lists the files under `rel` (recursively), one root-relative name per line.
     pub fn list(&self, rel: &str) -> Result<String, String> {
         let dir = self.resolve(if rel.trim().is_empty() { "." } else { rel })?;

@@ -50,11 +50,10 @@ pub fn config(root: &Root) -> AgentConfig {
 /// `Sources: a, b` over the files under `root`, then a line of answer.
 pub fn citation_regex(root: &Root) -> String {
     let names: Vec<String> = root
-        .list(".")
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| !l.starts_with("... and ") && *l != "(no files)")
-        .map(escape)
+        .file_names()
+        .iter()
+        .filter(|n| !n.contains('\n'))
+        .map(|n| escape(n))
         .collect();
     let file = if names.is_empty() || names.len() > MAX_CITABLE {
         "[^\\n<,]+".to_string()
@@ -94,6 +93,13 @@ mod tests {
         assert!(!re.is_match("Sources: other.md\nNo."));
         assert!(!re.is_match("The answer without sources."));
         assert!(!re.is_match("Sources: ab.md\nNo."), "`+` is literal");
+        // Every file is citable, past the listing tool's 50 lines.
+        for i in 0..60 {
+            std::fs::write(dir.path().join(format!("f{i:02}.txt")), "z").unwrap();
+        }
+        let re = regex::Regex::new(&format!("^(?:{})$", citation_regex(&root))).unwrap();
+        assert!(re.is_match("Sources: f59.txt\nYes."));
+        assert!(!re.is_match("Sources: f60.txt\nNo."));
         let cfg = config(&root);
         assert_eq!(cfg.tools, super::super::files::config().tools);
         assert!(matches!(cfg.grammar, Some(Grammar::Regex(_))));
