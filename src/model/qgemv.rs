@@ -284,24 +284,34 @@ mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
-    /// Every supported format: the kernel equals x @ dequantize(w)^T to float rounding.
+    /// Every supported format: the kernel equals x @ dequantize(w)^T to float rounding,
+    /// for row counts that fill tiles and leave remainders, and an output width that
+    /// is not a multiple of the tile; and each row's result is bitwise the same as
+    /// when that row is multiplied alone.
     #[test]
     fn matches_dense_product_of_dequantized_weights() {
         let dev = Device::Cpu;
-        let w = Tensor::randn(0f32, 1.0, (80, 96), &dev).unwrap();
-        let x = Tensor::randn(0f32, 1.0, (3, 96), &dev).unwrap();
-        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
-            let q = QTensor::quantize(&w, dtype).unwrap();
-            let dense = x.matmul(&q.dequantize(&dev).unwrap().t().unwrap()).unwrap();
-            let want: Vec<f32> = dense.flatten_all().unwrap().to_vec1().unwrap();
-            let rows = QuantRows::new(&q).unwrap().unwrap();
-            let got = rows.matmul(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), 3);
-            let diff = want
-                .iter()
-                .zip(&got)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(diff < 1e-4, "{dtype:?}: {diff}");
+        let w = Tensor::randn(0f32, 1.0, (83, 96), &dev).unwrap();
+        for m in [1, 3, 4, 5, 9] {
+            let x = Tensor::randn(0f32, 1.0, (m, 96), &dev).unwrap();
+            let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+                let q = QTensor::quantize(&w, dtype).unwrap();
+                let dense = x.matmul(&q.dequantize(&dev).unwrap().t().unwrap()).unwrap();
+                let want: Vec<f32> = dense.flatten_all().unwrap().to_vec1().unwrap();
+                let rows = QuantRows::new(&q).unwrap().unwrap();
+                let got = rows.matmul(&xs, m);
+                let diff = want
+                    .iter()
+                    .zip(&got)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(diff < 1e-4, "{dtype:?} m={m}: {diff}");
+                for r in 0..m {
+                    let alone = rows.matmul(&xs[r * 96..(r + 1) * 96], 1);
+                    assert_eq!(alone, got[r * 83..(r + 1) * 83], "{dtype:?} m={m} row {r}");
+                }
+            }
         }
     }
 }
