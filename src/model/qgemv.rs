@@ -285,9 +285,9 @@ mod tests {
     use candle_core::{Device, Tensor};
 
     /// Every supported format: the kernel equals x @ dequantize(w)^T to float rounding,
-    /// for row counts that fill tiles and leave remainders, and an output width that
-    /// is not a multiple of the tile; and each row's result is bitwise the same as
-    /// when that row is multiplied alone.
+    /// for row counts below, at and across the kernel's group of 8 rows and an odd
+    /// output width; and each row's result is bitwise the same as when that row is
+    /// multiplied alone.
     #[test]
     fn matches_dense_product_of_dequantized_weights() {
         let dev = Device::Cpu;
