@@ -366,17 +366,15 @@ fn main() -> anyhow::Result<()> {
             notes,
             max_tokens,
         } => {
-            let path = model_path()?;
+            let defaults = ready_made::Options::default();
             run::run(run::RunOptions {
-                model: &path,
+                model: cli.model.as_deref(),
                 weights: cli.weights,
                 agent,
                 tasks,
                 data: ready_made::Options {
                     root: root.clone(),
-                    notes: notes
-                        .clone()
-                        .unwrap_or_else(|| fetch::troupe_home().join("notes.json")),
+                    notes: notes.clone().unwrap_or(defaults.notes),
                 },
                 max_tokens: *max_tokens,
             })?;
@@ -392,9 +390,8 @@ fn main() -> anyhow::Result<()> {
                     println!("{n:<11} {what}  (default input: {input:?})");
                 }
             } else {
-                let path = model_path()?;
                 workflow_demo::run(workflow_demo::WorkflowOptions {
-                    model: &path,
+                    model: cli.model.as_deref(),
                     weights: cli.weights,
                     name,
                     input: input.as_deref(),

@@ -74,12 +74,11 @@ fn fan_out_batches_the_panel() {
 #[test]
 fn router_routes_each_task() {
     let out = run_example("router");
-    assert_eq!(
-        out.lines().filter(|l| l.starts_with("> ")).count(),
-        2,
+    assert!(
+        out.contains("> What is 12 * 12?\n[calculator] The answer is 144."),
         "{out}"
     );
-    assert!(out.contains("[calculator]") || out.contains("[clock]") || out.contains("[writer]"));
+    assert!(out.contains("> Write a haiku about rain.\n["), "{out}");
 }
 
 #[test]

@@ -28,8 +28,9 @@ pub const FUNCTIONS: &[&str] = &[
 ];
 
 /// The form of a final answer: the number(s) the tool computed, so a small model
-/// cannot wander off into prose and drop the result.
-pub const ANSWER: &str = r"The answer is -?[0-9][0-9.,]*( and -?[0-9][0-9.,]*)*\.";
+/// cannot wander off into prose and drop the result, or, when the tool refused the
+/// expression, a sentence that says so (rather than a number it would have to invent).
+pub const ANSWER: &str = r"The answer is -?[0-9][0-9.,e+-]*( and -?[0-9][0-9.,e+-]*)*\.|I cannot compute that: [^<\n]{1,120}";
 
 /// Arguments of `calculate`.
 #[derive(serde::Deserialize, schemars::JsonSchema, Debug)]
@@ -101,7 +102,7 @@ pub fn calculate(expression: &str) -> Result<String, String> {
     if !x.is_finite() {
         return Err(format!("`{expr}` has no finite value"));
     }
-    Ok(format_number(x))
+    Ok(format_number(x, 10))
 }
 
 /// Checks the characters and nesting, and writes every integer literal as a float so
@@ -198,13 +199,33 @@ fn function(name: &str) -> Function {
     }
 }
 
-/// Whole numbers without a fraction, others with up to 10 significant decimals.
-fn format_number(x: f64) -> String {
-    if x == x.trunc() && x.abs() < 1e15 {
-        format!("{}", x as i64)
+/// `x` with at most `digits` significant digits: whole numbers below 1e15 as
+/// integers, others in plain decimals between 1e-6 and 1e15 and in exponent notation
+/// outside, trailing zeros trimmed.
+pub fn format_number(x: f64, digits: usize) -> String {
+    let digits = digits.clamp(1, 17);
+    let a = x.abs();
+    if x == 0.0 {
+        return "0".into();
+    }
+    if x == x.trunc() && a < 1e15 {
+        return format!("{}", x as i64);
+    }
+    let trim = |s: String| {
+        if s.contains('.') {
+            s.trim_end_matches('0').trim_end_matches('.').to_string()
+        } else {
+            s
+        }
+    };
+    if (1e-6..1e15).contains(&a) {
+        let int_digits = a.log10().floor() as i64 + 1;
+        let decimals = (digits as i64 - int_digits).max(0) as usize;
+        trim(format!("{x:.decimals$}"))
     } else {
-        let s = format!("{x:.10}");
-        s.trim_end_matches('0').trim_end_matches('.').to_string()
+        let s = format!("{x:.prec$e}", prec = digits - 1);
+        let (mantissa, exp) = s.split_once('e').unwrap_or((&s, "0"));
+        format!("{}e{exp}", trim(mantissa.to_string()))
     }
 }
 
@@ -219,11 +240,16 @@ mod tests {
         assert_eq!(calculate("(1 + 2) * 3 - 4 % 3").unwrap(), "8");
         assert_eq!(calculate("2 ^ 10").unwrap(), "1024");
         assert_eq!(calculate("sqrt(16) + max(2, 5)").unwrap(), "9");
-        assert_eq!(calculate("pow(2, 0.5)").unwrap(), "1.4142135624");
+        assert_eq!(calculate("pow(2, 0.5)").unwrap(), "1.414213562");
         assert_eq!(calculate(".5 * 4").unwrap(), "2");
         assert_eq!(calculate("-3 + 1").unwrap(), "-2");
         assert_eq!(calculate("12 × 3").unwrap(), "36");
         assert!(calculate("pi").unwrap().starts_with("3.14159"));
+        // Significant digits, not decimal places; exponents outside 1e-6..1e15.
+        assert_eq!(calculate("1 / 100000000000").unwrap(), "1e-11");
+        assert_eq!(calculate("10 ^ 300").unwrap(), "1e300");
+        assert_eq!(calculate("2 / 3 * 1000000").unwrap(), "666666.6667");
+        assert_eq!(calculate("-1 / 3").unwrap(), "-0.3333333333");
     }
 
     #[test]

@@ -183,12 +183,16 @@ pub fn convert(value: f64, from: &str, to: &str) -> Result<String, String> {
         ));
     }
     let x = (value * a.scale + a.offset - b.offset) / b.scale;
-    let shown = if (x - x.round()).abs() < 1e-9 {
-        format!("{}", x.round() + 0.0)
-    } else {
-        format!("{}", (x * 1e6).round() / 1e6)
-    };
-    Ok(format!("{value} {from} = {shown} {to}"))
+    if !x.is_finite() {
+        return Err(format!("{value} {from} in {to} is too large"));
+    }
+    // What is left of the offsets' cancellation (32 F -> 0 C) is rounding, not value.
+    let magnitude = ((value * a.scale).abs() + a.offset.abs() + b.offset.abs()) / b.scale;
+    let x = if x.abs() < magnitude * 1e-12 { 0.0 } else { x };
+    Ok(format!(
+        "{value} {from} = {} {to}",
+        super::calculator::format_number(x, 8)
+    ))
 }
 
 /// The current date and time in UTC, with the weekday.
@@ -294,6 +298,8 @@ mod tests {
         assert_eq!(convert(2.0, "hours", "min").unwrap(), "2 hours = 120 min");
         assert_eq!(convert(1.0, "lb", "g").unwrap(), "1 lb = 453.59237 g");
         assert_eq!(convert(36.0, "km/h", "m/s").unwrap(), "36 km/h = 10 m/s");
+        assert_eq!(convert(1.0, "byte", "GB").unwrap(), "1 byte = 1e-9 GB");
+        assert_eq!(convert(-40.0, "C", "F").unwrap(), "-40 C = -40 F");
     }
 
     #[test]
@@ -306,6 +312,9 @@ mod tests {
         let e = convert(1.0, "kg", "m").unwrap_err();
         assert_eq!(e, "cannot convert mass (`kg`) to length (`m`)");
         assert!(convert(f64::NAN, "kg", "g").is_err());
+        assert!(convert(1e308, "km", "mm")
+            .unwrap_err()
+            .contains("too large"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //!
 //! Example task: "Which file mentions Lisbon?" with `--root ./docs`.
 
+use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
@@ -16,7 +17,9 @@ pub const MAX_FILE_BYTES: u64 = 1 << 20;
 pub const MAX_SHOWN_CHARS: usize = 3000;
 /// Most entries a listing or a search returns.
 pub const MAX_RESULTS: usize = 50;
-/// Most files a walk visits.
+/// Most matching lines a search ranks (it shows the best [`MAX_RESULTS`]).
+const MAX_HITS: usize = 2000;
+/// Most entries (files and folders) a walk visits.
 const MAX_WALK: usize = 5000;
 
 /// A directory the tools may not leave.
@@ -81,13 +84,19 @@ impl Root {
     fn walk(&self, dir: &Path) -> Vec<PathBuf> {
         let mut out = Vec::new();
         let mut stack = vec![dir.to_path_buf()];
-        while let Some(d) = stack.pop() {
+        let mut visited = 0;
+        'walk: while let Some(d) = stack.pop() {
             let Ok(rd) = std::fs::read_dir(&d) else {
                 continue;
             };
             let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
             entries.sort();
             for p in entries.into_iter().rev() {
+                // Folders count too, so a tree of empty folders is still bounded.
+                visited += 1;
+                if visited > MAX_WALK {
+                    break 'walk;
+                }
                 let Ok(meta) = std::fs::symlink_metadata(&p) else {
                     continue;
                 };
@@ -95,9 +104,6 @@ impl Root {
                     stack.push(p);
                 } else if meta.is_file() {
                     out.push(p);
-                    if out.len() >= MAX_WALK {
-                        return out;
-                    }
                 }
             }
         }
@@ -145,7 +151,16 @@ impl Root {
                 meta.len()
             ));
         }
-        let bytes = std::fs::read(&p).map_err(|e| format!("`{rel}`: {e}"))?;
+        // At most the limit plus one byte, even if the file grew since the check.
+        let mut bytes = Vec::new();
+        std::fs::File::open(&p)
+            .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(|e| format!("`{rel}`: {e}"))?;
+        if bytes.len() as u64 > MAX_FILE_BYTES {
+            return Err(format!(
+                "`{rel}` is too large (limit {MAX_FILE_BYTES} bytes)"
+            ));
+        }
         let text = String::from_utf8(bytes).map_err(|_| format!("`{rel}` is not a text file"))?;
         Ok(match text.char_indices().nth(MAX_SHOWN_CHARS) {
             Some((cut, _)) => format!(
@@ -175,14 +190,20 @@ impl Root {
             .split(|c: char| !c.is_alphanumeric())
             .filter(|w| w.chars().count() >= 3)
             .collect();
+        words.sort_unstable();
         words.dedup();
         if words.is_empty() {
             words.push(q.as_str());
         }
         let mut hits = Vec::new();
-        for p in self.walk(&self.dir) {
-            let small = std::fs::metadata(&p).is_ok_and(|m| m.len() <= MAX_FILE_BYTES);
-            let Some(text) = small.then(|| std::fs::read_to_string(&p).ok()).flatten() else {
+        'files: for p in self.walk(&self.dir) {
+            let mut bytes = Vec::new();
+            let read = std::fs::File::open(&p)
+                .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes));
+            if read.is_err() || bytes.len() as u64 > MAX_FILE_BYTES {
+                continue;
+            }
+            let Ok(text) = String::from_utf8(bytes) else {
                 continue;
             };
             for (i, line) in text.lines().enumerate() {
@@ -191,6 +212,9 @@ impl Root {
                 if score > 0 {
                     let line: String = line.trim().chars().take(200).collect();
                     hits.push((score, format!("{}:{}: {line}", self.name(&p), i + 1)));
+                    if hits.len() >= MAX_HITS {
+                        break 'files;
+                    }
                 }
             }
         }
@@ -224,6 +248,15 @@ pub struct SearchArgs {
     pub query: String,
 }
 
+/// Runs file work on tokio's blocking pool, off the runtime's worker threads.
+async fn blocking(
+    f: impl FnOnce() -> Result<String, String> + Send + 'static,
+) -> Result<String, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("file tool failed: {e}"))?
+}
+
 /// The three file tools on `root`.
 pub fn tools(root: &Root) -> Vec<Arc<dyn Tool>> {
     let (a, b, c) = (root.clone(), root.clone(), root.clone());
@@ -233,7 +266,7 @@ pub fn tools(root: &Root) -> Vec<Arc<dyn Tool>> {
             "Finds the lines of all files that contain the words of a query, best first; answers file:line: text.",
             move |x: SearchArgs| {
                 let r = c.clone();
-                async move { r.search(&x.query) }
+                blocking(move || r.search(&x.query))
             },
         ),
         tool_fn(
@@ -241,7 +274,7 @@ pub fn tools(root: &Root) -> Vec<Arc<dyn Tool>> {
             "Reads a text file (path relative to the root).",
             move |x: ReadArgs| {
                 let r = b.clone();
-                async move { r.read(&x.path) }
+                blocking(move || r.read(&x.path))
             },
         ),
         tool_fn(
@@ -249,7 +282,7 @@ pub fn tools(root: &Root) -> Vec<Arc<dyn Tool>> {
             "Lists the files under a directory (relative to the root).",
             move |x: ListArgs| {
                 let r = a.clone();
-                async move { r.list(&x.path) }
+                blocking(move || r.list(&x.path))
             },
         ),
     ]

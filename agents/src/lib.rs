@@ -82,9 +82,9 @@ pub const CATALOG: &[AgentInfo] = &[
 /// Where the ready-made agents find their data.
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// The folder the files and researcher agents work on.
+    /// The folder the files and researcher agents work on (default: the current one).
     pub root: PathBuf,
-    /// The notes agent's JSON file.
+    /// The notes agent's JSON file (default: `notes.json` in the troupe home).
     pub notes: PathBuf,
 }
 
@@ -92,7 +92,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             root: PathBuf::from("."),
-            notes: PathBuf::from("troupe-notes.json"),
+            notes: troupe::model::fetch::troupe_home().join("notes.json"),
         }
     }
 }
@@ -173,5 +173,32 @@ mod tests {
             ..opts
         };
         assert!(ReadyMade::build("files", &missing).is_err_and(|e| e.to_string().contains("nope")));
+    }
+
+    /// Every agent's grammars (tool calls, the calculator's answers, the researcher's
+    /// citations over escaped file names) compile: `AgentActor::new` compiles them all.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_agent_spawns_with_its_grammars_compiled() {
+        use kameo::actor::Spawn;
+        let dir = tempfile::tempdir().unwrap();
+        let gguf = dir.path().join("tiny.gguf");
+        troupe::model::tiny::write_tiny_model(&gguf, &Default::default()).unwrap();
+        let model = Arc::new(Model::load(&gguf, Default::default()).unwrap());
+        let engine = ModelActor::spawn(ModelActor::new(model.clone(), Default::default()).unwrap());
+        let docs = dir.path().join("docs");
+        std::fs::create_dir(&docs).unwrap();
+        for name in ["a+b (1).md", "c[2].txt", "plain.txt"] {
+            std::fs::write(docs.join(name), "text").unwrap();
+        }
+        let opts = Options {
+            root: docs,
+            notes: dir.path().join("n.json"),
+        };
+        for info in CATALOG {
+            let made = ReadyMade::build(info.name, &opts).unwrap();
+            if let Err(e) = made.spawn(model.clone(), engine.clone()) {
+                panic!("{}: {e}", info.name);
+            }
+        }
     }
 }

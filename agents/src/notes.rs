@@ -1,6 +1,8 @@
 //! The notes agent: a key-value memory the model writes and reads with tools,
 //! persisted to a JSON file (one object, keys sorted) that is rewritten atomically on
-//! every change, so it survives restarts and a crash never leaves half a file.
+//! every change (a synced temporary file, then a rename), so it survives restarts and
+//! a crash never leaves half a file. The file is read when the store opens: one
+//! process should use a notes file at a time (two would overwrite each other).
 //!
 //! Example tasks: "Remember that the wifi password is hunter2.", then in a later run
 //! "What is the wifi password?"
@@ -72,6 +74,8 @@ impl NoteStore {
         let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| fail(&e))?;
         let text = serde_json::to_string_pretty(notes).map_err(|e| fail(&e))?;
         tmp.write_all(text.as_bytes()).map_err(|e| fail(&e))?;
+        // On disk before the rename, so a crash leaves the old file or the new one.
+        tmp.as_file().sync_all().map_err(|e| fail(&e))?;
         tmp.persist(&self.path).map_err(|e| fail(&e.error))?;
         Ok(())
     }

@@ -1,8 +1,10 @@
 //! The researcher agent: answers a question from a local folder of documents with the
 //! files tools, and cites the files it used. Its final answer is constrained to start
 //! with a `Sources:` line naming one to three files that exist under the root (a
-//! regex over the folder's file names, built at start), then the answer itself, so
-//! every answer cites, and cites only real files.
+//! regex over the folder's file names, built when the agent is built), or `none` when
+//! nothing was found, then the answer itself: every answer cites, and cites only real
+//! files. Files added later cannot be cited; past [`MAX_CITABLE`] files any name is
+//! allowed (the regex would grow too large).
 //!
 //! Example task: "When is the launch?" with `--root ./docs`.
 
@@ -58,7 +60,7 @@ pub fn citation_regex(root: &Root) -> String {
     let file = if names.is_empty() || names.len() > MAX_CITABLE {
         "[^\\n<,]+".to_string()
     } else {
-        format!("({})", names.join("|"))
+        format!("({}|none)", names.join("|"))
     };
     format!("Sources: {file}(, {file}){{0,2}}\\n[^<\\n]{{1,300}}")
 }
@@ -92,6 +94,7 @@ mod tests {
         assert!(re.is_match("Sources: d/c.txt, a+b.md\nIt is so."));
         assert!(!re.is_match("Sources: other.md\nNo."));
         assert!(!re.is_match("The answer without sources."));
+        assert!(re.is_match("Sources: none\nThe files do not say."));
         assert!(!re.is_match("Sources: ab.md\nNo."), "`+` is literal");
         // Every file is citable, past the listing tool's 50 lines.
         for i in 0..60 {

@@ -83,7 +83,7 @@ impl KameoMessage<AskStream> for AgentActor {
     }
 }
 
-/// The conversation so far.
+/// The conversation so far (system prompt and few-shot examples included).
 #[derive(Debug, Clone, Copy)]
 pub struct History;
 
@@ -176,7 +176,8 @@ impl KameoMessage<Evict> for AgentActor {
     }
 }
 
-/// Forgets the conversation (back to the system prompt) and the cache.
+/// Forgets the conversation (back to the system prompt and the few-shot examples)
+/// and the cache.
 #[derive(Debug, Clone, Copy)]
 pub struct Reset;
 

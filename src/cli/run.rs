@@ -17,11 +17,17 @@ use crate::ready_made::{Options, ReadyMade, CATALOG};
 
 /// Options of `troupe run`.
 pub struct RunOptions<'a> {
-    pub model: &'a Path,
+    /// `--model`, if given (else the default model).
+    pub model: Option<&'a Path>,
+    /// How weights are stored and multiplied.
     pub weights: WeightsMode,
+    /// The ready-made agent's name.
     pub agent: &'a str,
+    /// The tasks, one turn each.
     pub tasks: &'a [String],
+    /// Where the agents find their data.
     pub data: Options,
+    /// Most tokens per model reply, overriding the agent's.
     pub max_tokens: Option<usize>,
 }
 
@@ -45,7 +51,9 @@ fn clip(s: &str, n: usize) -> String {
 
 /// Runs the agent on each task in turn (one conversation) and prints the trace.
 pub fn run(o: RunOptions<'_>) -> anyhow::Result<()> {
+    // The agent (its name, its folder) is checked before the model is looked for.
     let mut made = ReadyMade::build(o.agent, &o.data)?;
+    let model_path = troupe::model::fetch::resolve_model_path(o.model)?;
     if let Some(n) = o.max_tokens {
         made.config.max_tokens = n;
     }
@@ -55,7 +63,7 @@ pub fn run(o: RunOptions<'_>) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let model = Arc::new(Model::load(o.model, LoadOptions { weights: o.weights })?);
+        let model = Arc::new(Model::load(&model_path, LoadOptions { weights: o.weights })?);
         let engine = ModelActor::spawn(ModelActor::new(model.clone(), EngineConfig::default())?);
         let agent = made.spawn(model, engine)?;
         let mut out = std::io::stdout();

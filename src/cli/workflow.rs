@@ -39,10 +39,15 @@ pub const DEMOS: &[(&str, &str, &str)] = &[
 
 /// Options of `troupe workflow`.
 pub struct WorkflowOptions<'a> {
-    pub model: &'a Path,
+    /// `--model`, if given (else the default model).
+    pub model: Option<&'a Path>,
+    /// How weights are stored and multiplied.
     pub weights: WeightsMode,
+    /// The demo's name.
     pub name: &'a str,
+    /// Input instead of the demo's own.
     pub input: Option<&'a str>,
+    /// Most tokens per agent reply.
     pub max_tokens: usize,
 }
 
@@ -89,12 +94,13 @@ pub fn run(o: WorkflowOptions<'_>) -> anyhow::Result<()> {
         );
     };
     let input = o.input.unwrap_or(default_input).to_string();
+    let model_path = troupe::model::fetch::resolve_model_path(o.model)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let model = Arc::new(Model::load(o.model, LoadOptions { weights: o.weights })?);
+        let model = Arc::new(Model::load(&model_path, LoadOptions { weights: o.weights })?);
         let engine = ModelActor::spawn(ModelActor::new(model.clone(), EngineConfig::default())?);
         let agent = |name: &str, prompt: &str| -> anyhow::Result<Named> {
             let config = AgentConfig {
