@@ -611,6 +611,9 @@ impl Actor for AgentActor {
         me: ActorRef<Self>,
     ) -> std::result::Result<Self, Self::Error> {
         args.self_ref = Some(me.downgrade());
+        // A forked or loaded agent starts with a cache: account for it (and make it
+        // evictable) now rather than after its first request.
+        args.hold().await;
         Ok(args)
     }
 

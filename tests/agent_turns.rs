@@ -96,7 +96,12 @@ async fn fork_shares_the_state_without_recomputation_and_diverges() {
         parent.ask(Ask(q.to_string())).await.unwrap();
         twin.ask(Ask(q.to_string())).await.unwrap();
     }
+    let before = engine.ask(GetStats).await.unwrap().kv_live_bytes;
     let child = parent.ask(Fork).await.unwrap();
+    // Once the child has started, its copy of the cache is accounted as held.
+    child.ask(GetAgentStats).await.unwrap();
+    let after = engine.ask(GetStats).await.unwrap().kv_live_bytes;
+    assert!(after > before, "fork's cache accounted: {before} -> {after}");
     let c = child.ask(Ask("a different road".into())).await.unwrap();
     let p = parent.ask(Ask("the same road".into())).await.unwrap();
     let t = twin.ask(Ask("the same road".into())).await.unwrap();
