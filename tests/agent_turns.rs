@@ -101,7 +101,10 @@ async fn fork_shares_the_state_without_recomputation_and_diverges() {
     // Once the child has started, its copy of the cache is accounted as held.
     child.ask(GetAgentStats).await.unwrap();
     let after = engine.ask(GetStats).await.unwrap().kv_live_bytes;
-    assert!(after > before, "fork's cache accounted: {before} -> {after}");
+    assert!(
+        after > before,
+        "fork's cache accounted: {before} -> {after}"
+    );
     let c = child.ask(Ask("a different road".into())).await.unwrap();
     let p = parent.ask(Ask("the same road".into())).await.unwrap();
     let t = twin.ask(Ask("the same road".into())).await.unwrap();
