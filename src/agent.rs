@@ -21,8 +21,10 @@ use kameo::actor::{ActorRef, Spawn, WeakActorRef};
 use kameo::Actor;
 
 pub use config::{AgentConfig, ContextPolicy, ToolChoice};
+pub(crate) use messages::{ask_error, unreachable};
 pub use messages::{
-    Ask, AskStream, AskWith, Evict, Fork, ForkVaried, GetAgentStats, History, Reset, Save,
+    ask_streaming, Ask, AskStream, AskWith, Evict, Fork, ForkVaried, GetAgentStats, History, Reset,
+    Save,
 };
 pub use tools::{
     example_exchange, format_call, parse_call, tool_fn, tools_prompt, Tool, ToolCall, ToolRun,

@@ -16,7 +16,7 @@ mod worker;
 
 use std::time::Duration;
 
-pub use actor::{CompileGrammar, GetStats, HoldCache, ModelActor, ReleaseCache};
+pub use actor::{GetStats, HoldCache, ModelActor, ReleaseCache};
 pub use scheduler::{HolderId, Scheduler, SchedulerConfig, SeqId, StepPlan};
 
 use crate::kv::{KvCache, KvDtype};
@@ -44,6 +44,38 @@ pub trait TokenConstraint: Send {
     fn mask_times(&self) -> &[f64] {
         &[]
     }
+}
+
+/// One sampling step, shared by the model actor and [`Model::generate`](crate::Model):
+/// masks `logits` with the constraint, samples a token and commits it, then appends
+/// the tokens the constraint forces (fast-forward, no decode step each). `tokens`
+/// receives the new tokens, the sampled one first; the sampler observes each (for its
+/// penalties). Returns whether the constraint is complete.
+pub(crate) fn sample_step<C: TokenConstraint + ?Sized>(
+    logits: &mut [f32],
+    sampler: &mut crate::sampling::Sampler,
+    constraint: Option<&mut C>,
+    tokens: &mut Vec<u32>,
+) -> Result<bool> {
+    let Some(c) = constraint else {
+        let token = sampler.sample(logits);
+        sampler.observe_generated(token);
+        tokens.push(token);
+        return Ok(false);
+    };
+    c.mask(logits)?;
+    let token = sampler.sample(logits);
+    sampler.observe_generated(token);
+    tokens.push(token);
+    if c.commit(token)? {
+        return Ok(true);
+    }
+    let forced = c.forced();
+    for &t in &forced {
+        sampler.observe_generated(t);
+    }
+    tokens.extend(forced);
+    Ok(c.is_complete())
 }
 
 /// Settings of one model actor's engine.

@@ -257,11 +257,6 @@ impl GrammarConstraint {
         }
         self.matcher.is_stopped() || self.matcher.is_accepting().unwrap_or(false)
     }
-
-    /// Mask computation times so far (µs).
-    pub fn mask_micros(&self) -> &[f64] {
-        &self.mask_micros
-    }
 }
 
 impl TokenConstraint for GrammarConstraint {
@@ -272,10 +267,21 @@ impl TokenConstraint for GrammarConstraint {
             .compute_mask()
             .map_err(|e| self.fail("cannot continue", e))?;
         self.mask_micros.push(t.elapsed().as_secs_f64() * 1e6);
-        for (i, l) in logits.iter_mut().enumerate() {
-            if !mask.is_allowed(i as u32) {
-                *l = f32::NEG_INFINITY;
+        // A 32-bit word of the mask per 32 logits; words with every token allowed (most
+        // of them, outside narrow grammars) cost one comparison.
+        let words = mask.as_slice();
+        for (chunk, &word) in logits.chunks_mut(32).zip(words) {
+            if word != u32::MAX {
+                for (bit, l) in chunk.iter_mut().enumerate() {
+                    if word >> bit & 1 == 0 {
+                        *l = f32::NEG_INFINITY;
+                    }
+                }
             }
+        }
+        // Logits past the tokenizer's vocabulary are never allowed.
+        if let Some(rest) = logits.get_mut(words.len() * 32..) {
+            rest.fill(f32::NEG_INFINITY);
         }
         Ok(())
     }

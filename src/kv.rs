@@ -355,7 +355,7 @@ impl KvCache {
         layout: KvLayout,
         dtype: KvDtype,
         len: usize,
-        layers: &[(Vec<f32>, Vec<f32>)],
+        layers: Vec<(Vec<f32>, Vec<f32>)>,
     ) -> Result<Self> {
         let per = layout.n_kv_heads * len * layout.head_dim;
         if layers.len() != layout.n_layers
@@ -366,22 +366,27 @@ impl KvCache {
                 found: format!("{} layers of other sizes", layers.len()),
             });
         }
-        let mut c = Self::new(layout, dtype);
-        c.reserve_exact(len);
-        let convert = |x: &[f32]| match dtype {
-            KvDtype::F32 => KvBuf::F32(x.to_vec()),
+        if len == 0 {
+            return Ok(Self::new(layout, dtype));
+        }
+        let convert = |x: Vec<f32>| match dtype {
+            KvDtype::F32 => KvBuf::F32(x),
             KvDtype::F16 => KvBuf::F16(x.iter().map(|&v| f16::from_f32(v)).collect()),
         };
-        // With capacity == len the buffers have exactly the given layout.
-        c.layers = layers
-            .iter()
-            .map(|(k, v)| LayerKv {
-                k: convert(k),
-                v: convert(v),
-            })
-            .collect();
-        c.len = len;
-        Ok(c)
+        // With capacity == len the given buffers have exactly the cache's layout.
+        Ok(Self {
+            layout,
+            dtype,
+            len,
+            capacity: len,
+            layers: layers
+                .into_iter()
+                .map(|(k, v)| LayerKv {
+                    k: convert(k),
+                    v: convert(v),
+                })
+                .collect(),
+        })
     }
 
     /// Keys and values of every layer as f32 `[n_kv_heads, len, head_dim]` vectors,

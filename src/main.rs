@@ -15,11 +15,14 @@ mod ready_made;
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
+use kameo::actor::{ActorRef, Spawn};
 use troupe::bench::engine::EngineBench;
 use troupe::bench::forward::ForwardBench;
+use troupe::engine::{EngineConfig, ModelActor};
 use troupe::grammar::{Grammar, GrammarCompiler};
 use troupe::model::fetch::{self, FetchOutcome};
 use troupe::model::{LoadOptions, Message, Model, WeightsMode};
@@ -237,6 +240,44 @@ enum BenchCommand {
     },
 }
 
+/// The async runtime of the commands that run actors: two workers (the engine's
+/// forward runs on its own thread).
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+/// Loads the model at `path` and spawns its model actor (call inside [`runtime`]).
+fn start_model(
+    path: &std::path::Path,
+    weights: WeightsMode,
+) -> anyhow::Result<(Arc<Model>, ActorRef<ModelActor>)> {
+    let model = Arc::new(
+        Model::load(path, LoadOptions { weights })
+            .with_context(|| format!("loading {}", path.display()))?,
+    );
+    let engine = ModelActor::spawn(ModelActor::new(model.clone(), EngineConfig::default())?);
+    Ok((model, engine))
+}
+
+/// `text` on one line (newlines become `sep`), cut after `max` characters with `…`.
+fn one_line(text: &str, max: usize, sep: &str) -> String {
+    let line = text.replace('\n', sep);
+    match line.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &line[..i]),
+        None => line,
+    }
+}
+
+/// Writes a report as pretty JSON and says so on stderr.
+fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
+    std::fs::write(path, serde_json::to_string_pretty(value)?)?;
+    eprintln!("wrote {}", path.display());
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let model_path =
@@ -435,10 +476,7 @@ fn main() -> anyhow::Result<()> {
             plot,
         } => {
             let model = std::sync::Arc::new(load()?);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
+            let rt = runtime()?;
             let mut runs = Vec::new();
             for &n in agents {
                 let o = troupe::loadtest::LoadtestOptions {
@@ -467,8 +505,7 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     serde_json::json!({ "runs": runs })
                 };
-                std::fs::write(j, serde_json::to_string_pretty(&value)?)?;
-                eprintln!("wrote {}", j.display());
+                write_json(j, &value)?;
             }
             if let Some(p) = plot {
                 troupe::loadtest::plot(&runs, p)?;
@@ -477,10 +514,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Grammar { json }) => {
             let path = model_path()?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
+            let rt = runtime()?;
             let r = rt.block_on(troupe::bench::grammar::run(&path, cli.weights, |line| {
                 eprintln!("{line}")
             }))?;
@@ -499,8 +533,7 @@ fn main() -> anyhow::Result<()> {
                 r.constrained_tok_s / r.unconstrained_tok_s
             );
             if let Some(j) = json {
-                std::fs::write(j, serde_json::to_string_pretty(&r)?)?;
-                eprintln!("wrote {}", j.display());
+                write_json(j, &r)?;
             }
         }
         Command::Bench(BenchCommand::Engine { json, concurrency }) => {
@@ -509,15 +542,11 @@ fn main() -> anyhow::Result<()> {
                 concurrency: concurrency.clone(),
                 ..Default::default()
             };
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
+            let rt = runtime()?;
             let report = rt.block_on(bench.run(&path, cli.weights, |line| eprintln!("{line}")))?;
             print_engine(&report);
             if let Some(j) = json {
-                std::fs::write(j, serde_json::to_string_pretty(&report)?)?;
-                eprintln!("wrote {}", j.display());
+                write_json(j, &report)?;
             }
         }
         Command::Bench(BenchCommand::Forward {
@@ -534,8 +563,7 @@ fn main() -> anyhow::Result<()> {
             let report = bench.run(&path, cli.weights, |line| eprintln!("{line}"))?;
             print_forward(&report);
             if let Some(j) = json {
-                std::fs::write(j, serde_json::to_string_pretty(&report)?)?;
-                eprintln!("wrote {}", j.display());
+                write_json(j, &report)?;
             }
         }
     }

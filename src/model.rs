@@ -413,20 +413,13 @@ impl Model {
                 cache,
             }])?;
             let mut row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
-            if let Some(c) = constraint.as_deref_mut() {
-                c.mask(&mut row)?;
-            }
-            let id = sampler.sample(&mut row);
-            sampler.observe_generated(id);
-            next = vec![id];
-            let mut done = false;
-            if let Some(c) = constraint.as_deref_mut() {
-                done = c.commit(id)?;
-                if !done {
-                    next.extend(c.forced());
-                    done = c.is_complete();
-                }
-            }
+            next.clear();
+            let done = crate::engine::sample_step(
+                &mut row,
+                sampler,
+                constraint.as_deref_mut(),
+                &mut next,
+            )?;
             for &t in &next {
                 if self.tokenizer.eos_token_ids().contains(&t) {
                     let finish = if done { Finish::Grammar } else { Finish::Stop };

@@ -43,8 +43,9 @@ pub enum WorkflowEvent {
 /// Where a workflow sends its events (or nowhere).
 pub type Events = Option<tokio::sync::mpsc::UnboundedSender<WorkflowEvent>>;
 
-pub(crate) fn emit(events: &Events, ev: WorkflowEvent) {
+/// Sends the event `ev` builds, if anyone listens (nothing is built otherwise).
+pub(crate) fn emit(events: &Events, ev: impl FnOnce() -> WorkflowEvent) {
     if let Some(tx) = events {
-        let _ = tx.send(ev);
+        let _ = tx.send(ev());
     }
 }

@@ -257,33 +257,43 @@ async fn blocking(
         .map_err(|e| format!("file tool failed: {e}"))?
 }
 
+/// A tool running `op` on the root, on tokio's blocking pool.
+fn file_tool<A>(
+    root: &Root,
+    name: &str,
+    description: &str,
+    op: fn(&Root, A) -> Result<String, String>,
+) -> Arc<dyn Tool>
+where
+    A: schemars::JsonSchema + serde::de::DeserializeOwned + Send + 'static,
+{
+    let root = root.clone();
+    tool_fn(name, description, move |args: A| {
+        let root = root.clone();
+        blocking(move || op(&root, args))
+    })
+}
+
 /// The three file tools on `root`.
 pub fn tools(root: &Root) -> Vec<Arc<dyn Tool>> {
-    let (a, b, c) = (root.clone(), root.clone(), root.clone());
     vec![
-        tool_fn(
+        file_tool(
+            root,
             "search_files",
             "Finds the lines of all files that contain the words of a query, best first; answers file:line: text.",
-            move |x: SearchArgs| {
-                let r = c.clone();
-                blocking(move || r.search(&x.query))
-            },
+            |r, x: SearchArgs| r.search(&x.query),
         ),
-        tool_fn(
+        file_tool(
+            root,
             "read_file",
             "Reads a text file (path relative to the root).",
-            move |x: ReadArgs| {
-                let r = b.clone();
-                blocking(move || r.read(&x.path))
-            },
+            |r, x: ReadArgs| r.read(&x.path),
         ),
-        tool_fn(
+        file_tool(
+            root,
             "list_files",
             "Lists the files under a directory (relative to the root).",
-            move |x: ListArgs| {
-                let r = a.clone();
-                blocking(move || r.list(&x.path))
-            },
+            |r, x: ListArgs| r.list(&x.path),
         ),
     ]
 }

@@ -83,6 +83,45 @@ impl KameoMessage<AskStream> for AgentActor {
     }
 }
 
+/// Asks `agent` with [`AskStream`] and hands each token and tool event to `on_event`
+/// as it happens; returns the turn's reply.
+pub async fn ask_streaming(
+    agent: &ActorRef<AgentActor>,
+    text: impl Into<String>,
+    tool_choice: Option<ToolChoice>,
+    mut on_event: impl FnMut(AgentEvent),
+) -> Result<AgentReply> {
+    let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let ask = agent.ask(AskStream {
+        text: text.into(),
+        events,
+        tool_choice,
+    });
+    // The channel closes when the turn ends (the agent drops its sender).
+    let drain = async {
+        while let Some(ev) = rx.recv().await {
+            on_event(ev);
+        }
+    };
+    let (reply, ()) = tokio::join!(async { ask.await }, drain);
+    reply.map_err(ask_error)
+}
+
+/// An agent that cannot be reached (stopped, or its mailbox gone), as an error.
+pub(crate) fn unreachable(e: impl std::fmt::Debug) -> crate::Error {
+    crate::Error::InvalidInput(format!("agent unreachable: {e:?}"))
+}
+
+/// The error of an ask: the agent's own, or [`unreachable`].
+pub(crate) fn ask_error<M: std::fmt::Debug>(
+    e: kameo::error::SendError<M, crate::Error>,
+) -> crate::Error {
+    match e {
+        kameo::error::SendError::HandlerError(e) => e,
+        e => unreachable(e),
+    }
+}
+
 /// The conversation so far (system prompt and few-shot examples included).
 #[derive(Debug, Clone, Copy)]
 pub struct History;

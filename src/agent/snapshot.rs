@@ -157,7 +157,7 @@ pub(super) fn load(path: &Path, model: &Model) -> Result<(Snapshot, Option<KvCac
                 layout,
                 dtype,
                 header.cache_len,
-                &layers,
+                layers,
             )?)
         }
     };

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use kameo::actor::Spawn;
 
-use super::percentile;
+use super::percentiles;
 use crate::engine::{EngineConfig, Event, Generate, ModelActor, SchedulerConfig};
 use crate::kv::KvDtype;
 use crate::model::{LoadOptions, Model, SeqInput, WeightsMode};
@@ -225,13 +225,17 @@ impl EngineBench {
             .iter()
             .flat_map(|t| t.itl.iter().map(|x| x * 1e3))
             .collect();
+        let (ttft_q, itl_q) = (
+            percentiles(&ttft, &[50.0, 95.0]),
+            percentiles(&itl, &[50.0, 95.0]),
+        );
         Ok((
             LevelReport {
                 tok_s: (n * self.new_tokens) as f64 / wall,
-                ttft_ms_p50: percentile(&ttft, 50.0),
-                ttft_ms_p95: percentile(&ttft, 95.0),
-                itl_ms_p50: percentile(&itl, 50.0),
-                itl_ms_p95: percentile(&itl, 95.0),
+                ttft_ms_p50: ttft_q[0],
+                ttft_ms_p95: ttft_q[1],
+                itl_ms_p50: itl_q[0],
+                itl_ms_p95: itl_q[1],
             },
             traces,
         ))

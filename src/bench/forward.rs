@@ -62,7 +62,7 @@ impl Default for ForwardBench {
         Self {
             prefill_tokens: 512,
             decode_tokens: 128,
-            decode_prompt_tokens: 128,
+            decode_prompt_tokens: 16,
             batch_context: 256,
             batch_sizes: vec![1, 2, 4, 8, 16, 32, 64],
             batch_steps: 6,
@@ -108,13 +108,7 @@ impl ForwardBench {
         ));
 
         // Single-sequence decode after a short prompt.
-        let short = prompt(
-            std::env::var("TROUPE_BENCH_PROMPT")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(16),
-            vocab,
-        );
+        let short = prompt(self.decode_prompt_tokens, vocab);
         let decode_tok_s = {
             let mut cache = model.new_cache(KvDtype::F32);
             let logits = model.forward(&mut [SeqInput {

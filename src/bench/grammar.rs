@@ -10,22 +10,13 @@ use std::time::Instant;
 use kameo::actor::Spawn;
 use serde_json::json;
 
-use super::percentile;
+use super::MaskQuantiles;
 use crate::engine::{EngineConfig, Generate, ModelActor, SchedulerConfig, TokenConstraint};
-use crate::grammar::{Grammar, GrammarCompiler};
+use crate::grammar::Grammar;
 use crate::kv::KvDtype;
 use crate::model::{LoadOptions, Message, Model, WeightsMode};
 use crate::sampling::{Sampler, SamplingParams};
 use crate::{Error, Result};
-
-/// p50 and p99 of a measure.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Quantiles {
-    /// Median.
-    pub p50: f64,
-    /// 99th percentile.
-    pub p99: f64,
-}
 
 /// What the grammar bench measured.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -33,7 +24,7 @@ pub struct GrammarReport {
     /// The model file.
     pub model: String,
     /// Grammar kind -> mask computation time per token (µs).
-    pub mask_us: BTreeMap<String, Quantiles>,
+    pub mask_us: BTreeMap<String, MaskQuantiles>,
     /// Masks measured per kind.
     pub masks_measured: BTreeMap<String, usize>,
     /// Generated tokens/s of 16 concurrent JSON-Schema-constrained generations.
@@ -73,7 +64,7 @@ pub async fn run(
     mut progress: impl FnMut(&str),
 ) -> Result<GrammarReport> {
     let model = Arc::new(Model::load(path, LoadOptions { weights })?);
-    let compiler = GrammarCompiler::new(model.tokenizer())?;
+    let compiler = model.grammar_compiler()?;
     let kinds = [
         ("regex", Grammar::Regex(r"[A-Z][a-z]+ (is|was) [a-z ,]{5,60}\.".into()), "Describe the sea."),
         ("json_schema", Grammar::JsonSchema(nested_schema()), "Describe a person as JSON."),
@@ -90,19 +81,16 @@ pub async fn run(
     let mut counts = BTreeMap::new();
     for (name, grammar, prompt) in &kinds {
         let compiled = compiler.compile(grammar)?;
+        let ids = chat(&model, prompt)?;
         let mut times = Vec::new();
         for seed in 0..4 {
             let mut c = compiled.constraint();
             let mut cache = model.new_cache(KvDtype::F32);
             let mut sampler = Sampler::new(SamplingParams::with_temperature(0.8, seed))?;
-            let ids = chat(&model, prompt)?;
             model.generate(&mut cache, &ids, 64, &mut sampler, Some(&mut c), |_| Ok(()))?;
             times.extend_from_slice(c.mask_times());
         }
-        let q = Quantiles {
-            p50: percentile(&times, 50.0),
-            p99: percentile(&times, 99.0),
-        };
+        let q = MaskQuantiles::of(&times);
         progress(&format!(
             "{name}: mask p50 {:.0} µs, p99 {:.0} µs over {} masks",
             q.p50,
@@ -124,16 +112,13 @@ pub async fn run(
             ..EngineConfig::default()
         },
     )?);
+    let json_prompt = chat(&model, "Describe a person as JSON.")?;
     let mut rates = Vec::new();
     for constrained in [true, false] {
         let start = Instant::now();
         let mut streams = Vec::new();
         for i in 0..16u64 {
-            let mut g = Generate::new(
-                model.new_cache(KvDtype::F32),
-                chat(&model, "Describe a person as JSON.")?,
-                64,
-            );
+            let mut g = Generate::new(model.new_cache(KvDtype::F32), json_prompt.clone(), 64);
             g.sampling = SamplingParams::with_temperature(0.8, i);
             if constrained {
                 g.grammar = Some(Grammar::JsonSchema(nested_schema()));

@@ -3,13 +3,10 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::Context;
-use kameo::actor::Spawn;
-use troupe::agent::{AgentActor, AgentConfig, AgentEvent, AgentReply, Ask, AskStream};
-use troupe::engine::{EngineConfig, ModelActor};
-use troupe::model::{LoadOptions, Model, WeightsMode};
+use troupe::agent::{ask_streaming, AgentActor, AgentConfig, AgentEvent, AgentReply, Ask};
+use troupe::model::WeightsMode;
 
 /// Options of `troupe chat`.
 pub struct ChatOptions<'a> {
@@ -48,79 +45,67 @@ pub fn run(o: ChatOptions<'_>) -> anyhow::Result<()> {
     if let Some(s) = o.seed {
         config.sampling.seed = s;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let model = Arc::new(Model::load(o.model, LoadOptions { weights: o.weights })?);
-        let engine = ModelActor::spawn(ModelActor::new(model.clone(), EngineConfig::default())?);
-        let agent = AgentActor::new(config, model, engine, vec![])?.spawn_agent();
-        let stdin = std::io::stdin();
-        let interactive = stdin.is_terminal();
-        let mut out = std::io::stdout();
-        if interactive {
-            eprintln!("troupe chat: one message per line, Ctrl-D to quit.");
-        }
-        loop {
+    crate::runtime()?
+        .block_on(async move {
+            let (model, engine) = crate::start_model(o.model, o.weights)?;
+            let agent = AgentActor::new(config, model, engine, vec![])?.spawn_agent();
+            let stdin = std::io::stdin();
+            let interactive = stdin.is_terminal();
+            let mut out = std::io::stdout();
             if interactive {
-                eprint!("> ");
+                eprintln!("troupe chat: one message per line, Ctrl-D to quit.");
             }
-            let mut line = String::new();
-            if stdin.lock().read_line(&mut line)? == 0 {
-                break;
-            }
-            let text = line.trim_end_matches(['\n', '\r']).to_string();
-            if text.is_empty() {
-                continue;
-            }
-            if interactive {
-                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-                let a = agent.clone();
-                let turn = tokio::spawn(async move {
-                    a.ask(AskStream {
-                        text,
-                        events: tx,
-                        tool_choice: None,
-                    })
-                    .await
-                });
-                while let Some(ev) = rx.recv().await {
-                    match ev {
+            loop {
+                if interactive {
+                    eprint!("> ");
+                }
+                let mut line = String::new();
+                if stdin.lock().read_line(&mut line)? == 0 {
+                    break;
+                }
+                let text = line.trim_end_matches(['\n', '\r']).to_string();
+                if text.is_empty() {
+                    continue;
+                }
+                if interactive {
+                    let mut written = Ok(());
+                    let reply = ask_streaming(&agent, text, None, |ev| match ev {
                         AgentEvent::Token(t) => {
-                            write!(out, "{t}")?;
-                            out.flush()?;
+                            if written.is_ok() {
+                                written = write!(out, "{t}").and_then(|()| out.flush());
+                            }
                         }
                         AgentEvent::ToolCall(c) => {
                             eprintln!("\n[tool call {} {}]", c.name, c.arguments)
                         }
                         AgentEvent::ToolResult(r) => eprintln!("[tool result {}]", r.result),
+                    })
+                    .await;
+                    written?;
+                    match reply {
+                        Ok(r) => {
+                            writeln!(out)?;
+                            eprintln!(
+                                "[reused {} tokens, computed {}, time to first token {:.0} ms]",
+                                r.usage.cached_tokens,
+                                r.usage.computed_tokens,
+                                r.ttft.as_secs_f64() * 1e3
+                            );
+                        }
+                        Err(e) => eprintln!("\nerror: {e}"),
                     }
-                }
-                match turn.await? {
-                    Ok(r) => {
-                        writeln!(out)?;
-                        eprintln!(
-                            "[reused {} tokens, computed {}, time to first token {:.0} ms]",
-                            r.usage.cached_tokens,
-                            r.usage.computed_tokens,
-                            r.ttft.as_secs_f64() * 1e3
-                        );
+                } else {
+                    match agent.ask(Ask(text)).await {
+                        Ok(r) => {
+                            writeln!(out, "{}", r.text)?;
+                            writeln!(out, "{}", usage_line(&r))?;
+                        }
+                        Err(e) => writeln!(out, "error: {e}")?,
                     }
-                    Err(e) => eprintln!("\nerror: {e}"),
+                    out.flush()?;
                 }
-            } else {
-                match agent.ask(Ask(text)).await {
-                    Ok(r) => {
-                        writeln!(out, "{}", r.text)?;
-                        writeln!(out, "{}", usage_line(&r))?;
-                    }
-                    Err(e) => writeln!(out, "error: {e}")?,
-                }
-                out.flush()?;
             }
-        }
-        Ok::<_, anyhow::Error>(())
-    })
-    .context("troupe chat")
+            Ok::<_, anyhow::Error>(())
+        })
+        .context("troupe chat")
 }

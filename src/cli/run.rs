@@ -5,13 +5,10 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::Context;
-use kameo::actor::Spawn;
-use troupe::agent::{AgentEvent, AskStream};
-use troupe::engine::{EngineConfig, ModelActor};
-use troupe::model::{LoadOptions, Model, WeightsMode};
+use troupe::agent::{ask_streaming, AgentEvent};
+use troupe::model::WeightsMode;
 
 use crate::ready_made::{Options, ReadyMade, CATALOG};
 
@@ -40,15 +37,6 @@ pub fn list() {
     println!("\nrun one: troupe run AGENT [--root DIR] [--notes FILE] \"TASK\" [\"NEXT TASK\"...]");
 }
 
-/// Shortens a tool result for the trace.
-fn clip(s: &str, n: usize) -> String {
-    let one_line = s.replace('\n', " | ");
-    match one_line.char_indices().nth(n) {
-        Some((i, _)) => format!("{}…", &one_line[..i]),
-        None => one_line,
-    }
-}
-
 /// Runs the agent on each task in turn (one conversation) and prints the trace.
 pub fn run(o: RunOptions<'_>) -> anyhow::Result<()> {
     // The agent (its name, its folder) is checked before the model is looked for.
@@ -58,46 +46,34 @@ pub fn run(o: RunOptions<'_>) -> anyhow::Result<()> {
         made.config.max_tokens = n;
     }
     let tool_names = made.config.tools.join(", ");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let model = Arc::new(Model::load(&model_path, LoadOptions { weights: o.weights })?);
-        let engine = ModelActor::spawn(ModelActor::new(model.clone(), EngineConfig::default())?);
+    crate::runtime()?.block_on(async move {
+        let (model, engine) = crate::start_model(&model_path, o.weights)?;
         let agent = made.spawn(model, engine)?;
         let mut out = std::io::stdout();
         writeln!(out, "agent {} (tools: {tool_names})", o.agent)?;
         for task in o.tasks {
             writeln!(out, "\ntask: {task}")?;
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-            let a = agent.clone();
-            let text = task.clone();
-            let turn = tokio::spawn(async move {
-                a.ask(AskStream {
-                    text,
-                    events: tx,
-                    tool_choice: None,
-                })
-                .await
-            });
-            while let Some(ev) = rx.recv().await {
-                match ev {
-                    AgentEvent::Token(_) => {}
+            let mut written = Ok(());
+            let reply = ask_streaming(&agent, task.clone(), None, |ev| {
+                let line = match ev {
+                    AgentEvent::Token(_) => return,
                     AgentEvent::ToolCall(c) => {
-                        writeln!(out, "  tool call   {} {}", c.name, c.arguments)?;
+                        format!("  tool call   {} {}", c.name, c.arguments)
                     }
-                    AgentEvent::ToolResult(r) => writeln!(
-                        out,
+                    AgentEvent::ToolResult(r) => format!(
                         "  {} ({:.1} ms) {}",
                         if r.failed { "tool error " } else { "tool result" },
                         r.seconds * 1e3,
-                        clip(&r.result, 200)
-                    )?,
+                        crate::one_line(&r.result, 200, " | ")
+                    ),
+                };
+                if written.is_ok() {
+                    written = writeln!(out, "{line}").and_then(|()| out.flush());
                 }
-                out.flush()?;
-            }
-            let r = turn.await?.map_err(|e| anyhow::anyhow!("{e}"))?;
+            })
+            .await;
+            written?;
+            let r = reply?;
             writeln!(out, "answer: {}", r.text.trim())?;
             writeln!(
                 out,

@@ -2,13 +2,12 @@
 //! group chat), each on one model actor, printing every step as it happens.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::Context;
-use kameo::actor::{ActorRef, Spawn};
+use kameo::actor::ActorRef;
 use troupe::agent::{AgentActor, AgentConfig};
-use troupe::engine::{EngineConfig, GetStats, ModelActor};
-use troupe::model::{LoadOptions, Model, WeightsMode};
+use troupe::engine::{GetStats, ModelActor};
+use troupe::model::WeightsMode;
 use troupe::workflow::{self, GroupChat, Named, Speaker, Termination, WorkflowEvent};
 
 use crate::ready_made::{Options, ReadyMade};
@@ -51,12 +50,9 @@ pub struct WorkflowOptions<'a> {
     pub max_tokens: usize,
 }
 
+/// One line of at most 160 characters.
 fn clip(s: &str) -> String {
-    let s = s.trim().replace('\n', " ");
-    match s.char_indices().nth(160) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s,
-    }
+    crate::one_line(s.trim(), 160, " ")
 }
 
 fn print_event(ev: WorkflowEvent) {
@@ -95,13 +91,8 @@ pub fn run(o: WorkflowOptions<'_>) -> anyhow::Result<()> {
     };
     let input = o.input.unwrap_or(default_input).to_string();
     let model_path = troupe::model::fetch::resolve_model_path(o.model)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    rt.block_on(async move {
-        let model = Arc::new(Model::load(&model_path, LoadOptions { weights: o.weights })?);
-        let engine = ModelActor::spawn(ModelActor::new(model.clone(), EngineConfig::default())?);
+    crate::runtime()?.block_on(async move {
+        let (model, engine) = crate::start_model(&model_path, o.weights)?;
         let agent = |name: &str, prompt: &str| -> anyhow::Result<Named> {
             let config = AgentConfig {
                 max_tokens: o.max_tokens,

@@ -11,7 +11,7 @@ use kameo::Actor;
 
 use super::worker::{self, Command, Submission};
 use super::{EngineConfig, EvictFn, Generate, GenerationStream, Rejected, Stats};
-use crate::grammar::{CompiledGrammar, Grammar, GrammarCompiler};
+use crate::grammar::GrammarCompiler;
 use crate::kv::KvCache;
 use crate::model::Model;
 use crate::sampling::Sampler;
@@ -52,11 +52,6 @@ impl ModelActor {
     /// The model this actor serves.
     pub fn model(&self) -> &Arc<Model> {
         &self.model
-    }
-
-    /// The grammar compiler of this model's tokenizer (shared, cached).
-    pub fn grammars(&self) -> &Arc<GrammarCompiler> {
-        &self.grammars
     }
 
     /// Checks a request; on success returns the tokens its cache must have room for
@@ -169,23 +164,6 @@ impl Message<Generate> for ModelActor {
             });
         }
         Ok(GenerationStream { rx })
-    }
-}
-
-/// Compiles a grammar with the actor's (cached) compiler, so that a bad grammar
-/// fails when an agent is configured rather than at its first request.
-#[derive(Debug, Clone)]
-pub struct CompileGrammar(pub Grammar);
-
-impl Message<CompileGrammar> for ModelActor {
-    type Reply = std::result::Result<Arc<CompiledGrammar>, Error>;
-
-    async fn handle(
-        &mut self,
-        c: CompileGrammar,
-        _: &mut Context<Self, Self::Reply>,
-    ) -> Self::Reply {
-        self.grammars.compile(&c.0)
     }
 }
 

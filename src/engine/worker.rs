@@ -11,8 +11,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::scheduler::{HolderId, Scheduler, SeqId};
 use super::stop::StopMatcher;
 use super::{
-    Done, EngineConfig, Event, EvictFn, FinishReason, Generate, Stats, Timings, TokenConstraint,
-    Usage,
+    sample_step, Done, EngineConfig, Event, EvictFn, FinishReason, Generate, Stats, Timings,
+    TokenConstraint, Usage,
 };
 use crate::kv::KvCache;
 use crate::model::{IncrementalDecoder, Model, SeqInput};
@@ -108,6 +108,18 @@ pub(crate) fn spawn(
 }
 
 impl Worker {
+    /// An idle cache of `holder`: accounted by the scheduler, evictable through `evict`.
+    fn hold_idle(&mut self, holder: HolderId, bytes: usize, last: bool, evict: EvictFn) {
+        self.sched.hold(holder, bytes, last);
+        self.holders.insert(holder, evict);
+    }
+
+    /// `holder`'s idle cache is gone (taken into a request, or dropped).
+    fn release_idle(&mut self, holder: HolderId) {
+        self.sched.release(holder);
+        self.holders.remove(&holder);
+    }
+
     fn run(&mut self, rx: Receiver<Command>) {
         let mut waiting_on_evictions = false;
         loop {
@@ -157,14 +169,10 @@ impl Worker {
                 last,
                 evict,
             } => {
-                self.sched.hold(holder, bytes, last);
-                self.holders.insert(holder, evict);
+                self.hold_idle(holder, bytes, last, evict);
                 self.note_kv();
             }
-            Command::Release { holder } => {
-                self.sched.release(holder);
-                self.holders.remove(&holder);
-            }
+            Command::Release { holder } => self.release_idle(holder),
         }
     }
 
@@ -182,8 +190,7 @@ impl Worker {
         sampler.observe_prompt(&request.tokens);
         if let Some((holder, _)) = &request.holder {
             // The holder's idle cache is this request's cache now.
-            self.sched.release(*holder);
-            self.holders.remove(holder);
+            self.release_idle(*holder);
         }
         self.sched.submit(id, request.cache.bytes(), needed_bytes);
         self.seqs.insert(
@@ -327,41 +334,29 @@ impl Worker {
             self.sched.set_to_feed(id, s.feed.len());
             return;
         }
-        if let Some(c) = s.constraint.as_mut() {
-            if let Err(e) = guard(|| c.mask(&mut logits)) {
+        // The sampled token and the ones the grammar forces after it, fed together in
+        // the next step (`feed` is empty here).
+        let grammar_done = match guard(|| {
+            sample_step(
+                &mut logits,
+                &mut s.sampler,
+                s.constraint.as_deref_mut(),
+                &mut s.feed,
+            )
+        }) {
+            Ok(done) => done,
+            Err(e) => {
                 self.fail(id, e);
                 return;
             }
-        }
-        let token = s.sampler.sample(&mut logits);
-        s.sampler.observe_generated(token);
-        let mut tokens = vec![token];
-        let mut grammar_done = false;
-        if let Some(c) = s.constraint.as_mut() {
-            match guard(|| c.commit(token)) {
-                Ok(done) => grammar_done = done,
-                Err(e) => {
-                    self.fail(id, e);
-                    return;
-                }
-            }
-            if !grammar_done {
-                // Fast-forward: tokens the grammar forces join this one, and are fed
-                // together in the next step instead of a decode step each.
-                let forced = guard(|| Ok(c.forced())).unwrap_or_default();
-                for &t in &forced {
-                    s.sampler.observe_generated(t);
-                }
-                tokens.extend(forced);
-                grammar_done = c.is_complete();
-            }
-        }
+        };
         let now = Instant::now();
         if s.first_token.is_none() {
             s.first_token = Some(now);
         }
         let mut finish = None;
-        for &t in &tokens {
+        for i in 0..s.feed.len() {
+            let t = s.feed[i];
             s.generated.push(t);
             s.usage.generated_tokens += 1;
             self.stats.tokens_generated += 1;
@@ -398,7 +393,6 @@ impl Worker {
         match finish {
             Some(f) => self.finish(id, f),
             None => {
-                s.feed.extend(tokens);
                 let n = s.feed.len();
                 self.sched.set_to_feed(id, n);
             }
@@ -421,14 +415,12 @@ impl Worker {
         }
         if let Some(c) = &s.constraint {
             self.mask_times.extend(c.mask_times());
-            while self.mask_times.len() > 20_000 {
-                self.mask_times.pop_front();
-            }
+            let excess = self.mask_times.len().saturating_sub(20_000);
+            self.mask_times.drain(..excess);
         }
         if let Some((holder, evict)) = s.holder.take() {
             // The cache goes back to an idle holder: still accounted, now evictable.
-            self.sched.hold(holder, s.cache.bytes(), false);
-            self.holders.insert(holder, evict);
+            self.hold_idle(holder, s.cache.bytes(), false, evict);
         }
         let now = Instant::now();
         let first = s.first_token.unwrap_or(now);
@@ -468,13 +460,14 @@ impl Worker {
 
     fn stats(&self) -> Stats {
         let (running, waiting) = self.sched.counts();
-        let masks: Vec<f64> = self.mask_times.iter().copied().collect();
+        let (front, back) = self.mask_times.as_slices();
+        let masks = crate::bench::MaskQuantiles::of(&[front, back].concat());
         Stats {
             running,
             waiting,
             kv_live_bytes: self.sched.live_bytes(),
-            mask_us_p50: crate::bench::percentile(&masks, 50.0),
-            mask_us_p99: crate::bench::percentile(&masks, 99.0),
+            mask_us_p50: masks.p50,
+            mask_us_p99: masks.p99,
             ..self.stats.clone()
         }
     }

@@ -9,6 +9,7 @@ use hdrhistogram::Histogram;
 
 use super::workload::{GrammarKind, LoadtestOptions};
 use crate::agent::AgentReply;
+use crate::bench::MaskQuantiles;
 use crate::engine::Stats;
 
 /// p50, p95 and p99 of a latency, in milliseconds.
@@ -18,15 +19,6 @@ pub struct Quantiles {
     pub p50: f64,
     /// 95th percentile.
     pub p95: f64,
-    /// 99th percentile.
-    pub p99: f64,
-}
-
-/// p50 and p99 of the grammar mask time, in microseconds.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
-pub struct MaskQuantiles {
-    /// Median.
-    pub p50: f64,
     /// 99th percentile.
     pub p99: f64,
 }

@@ -12,7 +12,7 @@ use serde_json::json;
 
 use super::report::{Recorder, RunReport};
 use crate::agent::{
-    tool_fn, AgentActor, AgentConfig, AgentEvent, AskStream, Evict, Tool, ToolChoice,
+    ask_streaming, tool_fn, AgentActor, AgentConfig, AgentEvent, Evict, Tool, ToolChoice,
 };
 use crate::engine::{EngineConfig, GetStats, ModelActor, SchedulerConfig};
 use crate::grammar::Grammar;
@@ -184,31 +184,22 @@ pub async fn run(model: Arc<Model>, o: &LoadtestOptions) -> Result<RunReport> {
                 if o.no_cache_reuse {
                     let _ = agent.tell(Evict).await;
                 }
-                let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
                 let choice = if o.tool_ms > 0.0 {
                     ToolChoice::Tool("lookup".into())
                 } else {
                     ToolChoice::Auto
                 };
-                let a = agent.clone();
                 let sent = Instant::now();
-                let ask = tokio::spawn(async move {
-                    a.ask(AskStream {
-                        text,
-                        events: tx,
-                        tool_choice: Some(choice),
-                    })
-                    .await
-                });
                 let mut token_times = Vec::new();
-                while let Some(ev) = rx.recv().await {
+                let reply = ask_streaming(&agent, text, Some(choice), |ev| {
                     if let AgentEvent::Token(_) = ev {
                         token_times.push(Instant::now());
                     }
-                }
-                match ask.await {
-                    Ok(Ok(reply)) => recorder.turn(turn, &reply, sent, &token_times),
-                    _ => recorder.error(),
+                })
+                .await;
+                match reply {
+                    Ok(reply) => recorder.turn(turn, &reply, sent, &token_times),
+                    Err(_) => recorder.error(),
                 }
             }
         }));

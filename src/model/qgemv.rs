@@ -59,8 +59,13 @@ impl QuantRows {
         let (n, k) = (self.n, self.k);
         let row_bytes = k / BLOCK * self.block_bytes();
         // Per row and block, the sum of the activations: the Q4_1 offset `m` of a
-        // block contributes `m * sum(x)`, added once per block instead of per weight.
-        let xsum: Vec<f32> = x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
+        // block contributes `m * sum(x)`, added once per block instead of per weight
+        // (the portable path; the AVX-512 kernel folds `m` into the decoded weights).
+        let xsum: Vec<f32> = if simd_path(self.dtype) {
+            Vec::new()
+        } else {
+            x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect()
+        };
         // Column-major result: each column's m values are computed together so that a
         // weight block is decoded once for all rows.
         let mut out_t = vec![0f32; n * m];
@@ -98,25 +103,16 @@ impl QuantRows {
         out: &mut [f32],
     ) {
         #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
-        if self.dtype != GgmlDType::Q4_0 {
+        if simd_path(self.dtype) {
             // Rows in groups that keep their accumulators in registers; the weight row
             // stays in L1 across groups.
-            let (k, blocks) = (self.k, self.k / BLOCK);
+            let k = self.k;
             for (g, out) in out.chunks_mut(simd::MAX_ROWS).enumerate() {
                 let r0 = g * simd::MAX_ROWS;
                 let rows = out.len();
                 // SAFETY: the build targets AVX-512F (cfg above); `w` is one weight row
-                // of this matrix and the x and xsum slices hold exactly `rows` rows.
-                unsafe {
-                    simd::column(
-                        self.dtype,
-                        w,
-                        &x[r0 * k..(r0 + rows) * k],
-                        k,
-                        &xsum[r0 * blocks..(r0 + rows) * blocks],
-                        out,
-                    )
-                };
+                // of this matrix and the x slice holds exactly `rows` rows.
+                unsafe { simd::column(self.dtype, w, &x[r0 * k..(r0 + rows) * k], k, out) };
             }
             return;
         }
@@ -169,15 +165,8 @@ mod simd {
 
     /// # Safety
     /// Needs AVX-512F; `w` holds `k / 32` blocks of `dtype` (Q4_1 or Q8_0), `x` holds
-    /// `out.len()` rows of `k` floats, `xsum` their per-block sums.
-    pub(super) unsafe fn column(
-        dtype: GgmlDType,
-        w: &[u8],
-        x: &[f32],
-        k: usize,
-        xsum: &[f32],
-        out: &mut [f32],
-    ) {
+    /// `out.len()` rows of `k` floats.
+    pub(super) unsafe fn column(dtype: GgmlDType, w: &[u8], x: &[f32], k: usize, out: &mut [f32]) {
         let m = out.len();
         let blocks = k / 32;
         // Two accumulators per row (low and high half of each block) so that the
@@ -188,7 +177,6 @@ mod simd {
             0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
         );
         let xp = x.as_ptr();
-        let _ = xsum;
         for b in 0..blocks {
             // The block's 32 weights as floats: q * d + m (Q4_1) or q * d (Q8_0).
             let (lo, hi) = match dtype {
@@ -222,6 +210,11 @@ mod simd {
             out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc_lo[r], acc_hi[r]));
         }
     }
+}
+
+/// Whether this build multiplies `dtype` with the AVX-512 kernel.
+fn simd_path(dtype: GgmlDType) -> bool {
+    cfg!(all(target_arch = "x86_64", target_feature = "avx512f")) && dtype != GgmlDType::Q4_0
 }
 
 /// Decodes one block into `wv = d * q` and returns the block's offset (`m` for
@@ -284,6 +277,25 @@ mod tests {
     use super::*;
     use candle_core::{Device, Tensor};
 
+    /// The dense product of `x [m, 96]` with the dequantized `q`.
+    fn dense(q: &QTensor, x: &Tensor) -> Vec<f32> {
+        let w = q.dequantize(&Device::Cpu).unwrap();
+        x.matmul(&w.t().unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    }
+
     /// Every supported format: the kernel equals x @ dequantize(w)^T to float rounding,
     /// for row counts below, at and across the kernel's group of 8 rows and an odd
     /// output width; and each row's result is bitwise the same as when that row is
@@ -292,26 +304,49 @@ mod tests {
     fn matches_dense_product_of_dequantized_weights() {
         let dev = Device::Cpu;
         let w = Tensor::randn(0f32, 1.0, (83, 96), &dev).unwrap();
-        for m in [1, 3, 4, 5, 9] {
+        for m in [1, 3, 7, 8, 9, 17] {
             let x = Tensor::randn(0f32, 1.0, (m, 96), &dev).unwrap();
             let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
                 let q = QTensor::quantize(&w, dtype).unwrap();
-                let dense = x.matmul(&q.dequantize(&dev).unwrap().t().unwrap()).unwrap();
-                let want: Vec<f32> = dense.flatten_all().unwrap().to_vec1().unwrap();
                 let rows = QuantRows::new(&q).unwrap().unwrap();
                 let got = rows.matmul(&xs, m);
-                let diff = want
-                    .iter()
-                    .zip(&got)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
+                let diff = max_diff(&dense(&q, &x), &got);
                 assert!(diff < 1e-4, "{dtype:?} m={m}: {diff}");
-                for r in 0..m {
+                for r in (0..m).filter(|_| m > 1) {
                     let alone = rows.matmul(&xs[r * 96..(r + 1) * 96], 1);
                     assert_eq!(alone, got[r * 83..(r + 1) * 83], "{dtype:?} m={m} row {r}");
                 }
             }
+        }
+    }
+
+    /// The portable column kernel, which an AVX-512 build does not use for Q4_1 and
+    /// Q8_0, equals the dense product too.
+    #[test]
+    fn portable_kernel_matches_dense_product() {
+        let dev = Device::Cpu;
+        let (m, n, k) = (5, 40, 96);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+        let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let xsum: Vec<f32> = xs.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect();
+        for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+            let q = QTensor::quantize(&w, dtype).unwrap();
+            let rows = QuantRows::new(&q).unwrap().unwrap();
+            let row_bytes = k / BLOCK * rows.block_bytes();
+            let (mut acc, mut offs) = (vec![[0f32; BLOCK]; m], vec![0f32; m]);
+            let mut got = vec![0f32; m * n];
+            for col in 0..n {
+                let mut out = vec![0f32; m];
+                let wcol = &rows.data[col * row_bytes..(col + 1) * row_bytes];
+                rows.column_portable(wcol, &xs, &xsum, &mut acc, &mut offs, &mut out);
+                for (r, v) in out.into_iter().enumerate() {
+                    got[r * n + col] = v;
+                }
+            }
+            let diff = max_diff(&dense(&q, &x), &got);
+            assert!(diff < 1e-4, "{dtype:?}: {diff}");
         }
     }
 }

@@ -2,11 +2,12 @@
 
 use std::sync::Arc;
 
-use futures::future::BoxFuture;
 use kameo::actor::ActorRef;
 
 use super::{emit, Events, WorkflowEvent};
-use crate::agent::{AgentActor, AgentReply, Ask, AskWith, ForkVaried, Tool};
+use crate::agent::{
+    ask_error, tool_fn, unreachable, AgentActor, AgentReply, Ask, AskWith, ForkVaried, Tool,
+};
 use crate::grammar::Grammar;
 use crate::{Error, Result};
 
@@ -29,29 +30,16 @@ impl Named {
     }
 }
 
-fn send_err(e: impl std::fmt::Debug) -> Error {
-    Error::InvalidInput(format!("agent unreachable: {e:?}"))
-}
-
 async fn ask(n: &Named, input: String, events: &Events) -> Result<AgentReply> {
-    emit(
-        events,
-        WorkflowEvent::Asked {
-            agent: n.name.clone(),
-            input: input.clone(),
-        },
-    );
-    let reply = n.agent.ask(Ask(input)).await.map_err(|e| match e {
-        kameo::error::SendError::HandlerError(e) => e,
-        e => send_err(e),
-    })?;
-    emit(
-        events,
-        WorkflowEvent::Answered {
-            agent: n.name.clone(),
-            reply: Box::new(reply.clone()),
-        },
-    );
+    emit(events, || WorkflowEvent::Asked {
+        agent: n.name.clone(),
+        input: input.clone(),
+    });
+    let reply = n.agent.ask(Ask(input)).await.map_err(ask_error)?;
+    emit(events, || WorkflowEvent::Answered {
+        agent: n.name.clone(),
+        reply: Box::new(reply.clone()),
+    });
     Ok(reply)
 }
 
@@ -68,10 +56,7 @@ async fn pick<'a>(
         .agent
         .ask(AskWith::grammar(question, Grammar::Choice(names.clone())))
         .await
-        .map_err(|e| match e {
-            kameo::error::SendError::HandlerError(e) => e,
-            e => send_err(e),
-        })?;
+        .map_err(ask_error)?;
     let chosen = agents
         .iter()
         .find(|a| a.name == answer.text)
@@ -81,12 +66,9 @@ async fn pick<'a>(
                 picker.name, answer.text
             ))
         })?;
-    emit(
-        events,
-        WorkflowEvent::Picked {
-            agent: chosen.name.clone(),
-        },
-    );
+    emit(events, || WorkflowEvent::Picked {
+        agent: chosen.name.clone(),
+    });
     Ok(chosen)
 }
 
@@ -233,63 +215,34 @@ pub async fn group_chat(
             }
         }
     };
-    emit(
-        events,
-        WorkflowEvent::Ended {
-            reason: reason.clone(),
-        },
-    );
+    emit(events, || WorkflowEvent::Ended {
+        reason: reason.clone(),
+    });
     Ok((transcript, reason))
 }
 
 /// Exposes an agent as a tool another agent can call: the tool's argument is the
 /// message, its result the agent's answer.
 pub fn agent_tool(name: &str, description: &str, agent: ActorRef<AgentActor>) -> Arc<dyn Tool> {
-    Arc::new(AgentTool {
-        name: name.into(),
-        description: description.into(),
-        agent,
+    tool_fn(name, description, move |args: AgentToolArgs| {
+        let agent = agent.clone();
+        async move {
+            agent
+                .ask(Ask(args.message))
+                .await
+                .map(|r| r.text)
+                .map_err(|e| ask_error(e).to_string())
+        }
     })
 }
 
-struct AgentTool {
-    name: String,
-    description: String,
-    agent: ActorRef<AgentActor>,
-}
-
-impl Tool for AgentTool {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn description(&self) -> &str {
-        &self.description
-    }
-    fn parameters(&self) -> serde_json::Value {
-        serde_json::json!({
-            "type": "object",
-            "properties": {"message": {"type": "string", "maxLength": 200}},
-            "required": ["message"],
-            "additionalProperties": false
-        })
-    }
-    fn call(
-        &self,
-        arguments: serde_json::Value,
-    ) -> BoxFuture<'static, std::result::Result<String, String>> {
-        let agent = self.agent.clone();
-        Box::pin(async move {
-            let message = arguments["message"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            agent
-                .ask(Ask(message))
-                .await
-                .map(|r| r.text)
-                .map_err(|e| format!("{e:?}"))
-        })
-    }
+/// What an agent called as a tool is given.
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct AgentToolArgs {
+    // The message for the agent (a plain comment: a doc comment would become a schema
+    // description, and so text in the tools prompt).
+    #[schemars(length(max = 200))]
+    message: String,
 }
 
 /// Forks `agent` `n` times from its current state (the shared prefix is never
@@ -308,7 +261,7 @@ pub async fn fork_explore(
         let child = agent
             .ask(ForkVaried(i as u64 + 1))
             .await
-            .map_err(send_err)?;
+            .map_err(unreachable)?;
         forks.push(Named::new(format!("fork-{i}"), child));
     }
     let answers = fan_out(&forks, task, events).await?;
