@@ -97,15 +97,12 @@ pub struct AgentActor {
     log: Vec<u32>,
     /// `None` when evicted (or never filled).
     cache: Option<KvCache>,
-    kv_dtype: KvDtype,
     holder: u64,
     self_ref: Option<WeakActorRef<AgentActor>>,
     stats: AgentStats,
     /// The state after the last completed turn, kept outside the actor so a
     /// supervised agent restarts from it after a crash.
     checkpoint: Option<Arc<std::sync::Mutex<Checkpoint>>>,
-    /// The answer grammar of the current turn, when a message overrides the config's.
-    turn_grammar: Option<Grammar>,
 }
 
 /// What a restarted agent resumes from.
@@ -172,12 +169,10 @@ impl AgentActor {
             tools,
             log: Vec::new(),
             cache: None,
-            kv_dtype: KvDtype::F32,
             holder: NEXT_HOLDER.fetch_add(1, Ordering::Relaxed),
             self_ref: None,
             stats: AgentStats::default(),
             checkpoint: None,
-            turn_grammar: None,
         };
         // Compile every grammar the agent may use, so that errors surface now.
         for choice in [ToolChoice::Auto, ToolChoice::Required, ToolChoice::None] {
@@ -264,12 +259,10 @@ impl AgentActor {
                 messages: cp.messages,
                 log: cp.log,
                 cache: None,
-                kv_dtype: KvDtype::F32,
                 holder,
                 self_ref: None,
                 stats: AgentStats::default(),
                 checkpoint: Some(checkpoint.clone()),
-                turn_grammar: None,
             }
         };
         AgentActor::supervise_with(supervisor, factory)
@@ -413,6 +406,7 @@ impl AgentActor {
     async fn generate(
         &mut self,
         choice: &ToolChoice,
+        answer: Option<&Grammar>,
         events: Option<&tokio::sync::mpsc::UnboundedSender<AgentEvent>>,
     ) -> Result<(crate::engine::Done, usize)> {
         self.sync_log()?;
@@ -426,11 +420,11 @@ impl AgentActor {
         let cache = self
             .cache
             .take()
-            .unwrap_or_else(|| KvCache::new(self.model.config().kv_layout(), self.kv_dtype));
+            .unwrap_or_else(|| self.model.new_cache(KvDtype::F32));
         let fed = cache.len();
         let mut g = Generate::new(cache, self.log[fed..].to_vec(), self.config.max_tokens);
         g.sampling = self.config.sampling.clone();
-        let answer = self.turn_grammar.as_ref().or(self.config.grammar.as_ref());
+        let answer = answer.or(self.config.grammar.as_ref());
         g.grammar = tools::reply_grammar(&self.tools, choice, answer)?;
         g.holder = self.evict_handle().map(|e| (self.holder, e));
         let mut stream = match self.engine.ask(g).await {
@@ -465,11 +459,13 @@ impl AgentActor {
     }
 
     /// A whole turn: the user's message, then model calls and tool runs until a final
-    /// answer or the step limit.
+    /// answer or the step limit. `choice` and `answer` override the config's tool
+    /// choice and answer grammar for this turn.
     async fn turn(
         &mut self,
         user: String,
         choice: Option<ToolChoice>,
+        answer: Option<Grammar>,
         events: Option<tokio::sync::mpsc::UnboundedSender<AgentEvent>>,
     ) -> Result<AgentReply> {
         let start = Instant::now();
@@ -483,12 +479,16 @@ impl AgentActor {
         let mut queue = Duration::ZERO;
         let text = loop {
             let submitted = start.elapsed();
-            let mut result = self.generate(&choice, events.as_ref()).await;
+            let mut result = self
+                .generate(&choice, answer.as_ref(), events.as_ref())
+                .await;
             while matches!(result, Err(Error::Preempted)) {
                 // Dropped while queued: start again from an empty cache.
                 self.cache = None;
                 self.stats.evictions += 1;
-                result = self.generate(&choice, events.as_ref()).await;
+                result = self
+                    .generate(&choice, answer.as_ref(), events.as_ref())
+                    .await;
             }
             let (done, rec) = match result {
                 Ok(d) => d,

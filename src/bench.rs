@@ -5,6 +5,33 @@ pub mod engine;
 pub mod forward;
 pub mod grammar;
 
+/// Greedy single-sequence decode timed step by step: prefills `prompt` into a fresh
+/// cache, then decodes `n` tokens one forward each; returns each step's seconds.
+pub(crate) fn decode_step_times(
+    model: &crate::Model,
+    prompt: &[u32],
+    n: usize,
+) -> crate::Result<Vec<f64>> {
+    use crate::model::SeqInput;
+    let mut cache = model.new_cache(crate::KvDtype::F32);
+    let logits = model.forward(&mut [SeqInput {
+        tokens: prompt,
+        cache: &mut cache,
+    }])?;
+    let mut next = crate::sampling::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = std::time::Instant::now();
+        let logits = model.forward(&mut [SeqInput {
+            tokens: &[next],
+            cache: &mut cache,
+        }])?;
+        next = crate::sampling::argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
+        times.push(t.elapsed().as_secs_f64());
+    }
+    Ok(times)
+}
+
 /// Median of a list of samples (0 when empty).
 pub fn median(samples: &[f64]) -> f64 {
     if samples.is_empty() {

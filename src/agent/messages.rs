@@ -20,7 +20,7 @@ pub struct Ask(pub String);
 impl KameoMessage<Ask> for AgentActor {
     type Reply = Result<AgentReply>;
     async fn handle(&mut self, m: Ask, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
-        self.turn(m.0, None, None).await
+        self.turn(m.0, None, None, None).await
     }
 }
 
@@ -58,10 +58,7 @@ impl AskWith {
 impl KameoMessage<AskWith> for AgentActor {
     type Reply = Result<AgentReply>;
     async fn handle(&mut self, m: AskWith, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
-        self.turn_grammar = m.grammar;
-        let r = self.turn(m.text, m.tool_choice, None).await;
-        self.turn_grammar = None;
-        r
+        self.turn(m.text, m.tool_choice, m.grammar, None).await
     }
 }
 
@@ -79,7 +76,7 @@ pub struct AskStream {
 impl KameoMessage<AskStream> for AgentActor {
     type Reply = Result<AgentReply>;
     async fn handle(&mut self, m: AskStream, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
-        self.turn(m.text, m.tool_choice, Some(m.events)).await
+        self.turn(m.text, m.tool_choice, None, Some(m.events)).await
     }
 }
 
@@ -189,12 +186,10 @@ impl AgentActor {
             messages: self.messages.clone(),
             log: self.log.clone(),
             cache: self.cache.as_ref().map(KvCache::fork),
-            kv_dtype: self.kv_dtype,
             holder: NEXT_HOLDER.fetch_add(1, Ordering::Relaxed),
             self_ref: None,
             stats: AgentStats::default(),
             checkpoint: None,
-            turn_grammar: None,
         };
         child.spawn_agent()
     }
@@ -240,7 +235,7 @@ impl KameoMessage<Save> for AgentActor {
     async fn handle(&mut self, m: Save, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
         snapshot::save(
             &m.0,
-            &snapshot::Snapshot {
+            snapshot::Snapshot {
                 config: self.config.clone(),
                 messages: self.messages.clone(),
                 log: self.log.clone(),

@@ -61,7 +61,7 @@ fn corrupt(path: &Path, why: impl std::fmt::Display) -> Error {
 
 pub(super) fn save(
     path: &Path,
-    snap: &Snapshot,
+    snap: Snapshot,
     cache: Option<&KvCache>,
     model: &Model,
 ) -> Result<()> {
@@ -70,7 +70,7 @@ pub(super) fn save(
         model: model_id(model),
         cache_len: cache.map_or(0, KvCache::len),
         kv_dtype: cache.map(KvCache::dtype),
-        agent: snap.clone(),
+        agent: snap,
     };
     let meta = HashMap::from([(
         "troupe".to_string(),

@@ -12,8 +12,7 @@ use kameo::actor::Spawn;
 use super::percentiles;
 use crate::engine::{EngineConfig, Event, Generate, ModelActor, SchedulerConfig};
 use crate::kv::KvDtype;
-use crate::model::{LoadOptions, Model, SeqInput, WeightsMode};
-use crate::sampling::argmax;
+use crate::model::{LoadOptions, Model, WeightsMode};
 use crate::{Error, Result};
 
 /// Figures of one concurrency level.
@@ -146,23 +145,8 @@ impl EngineBench {
     /// One sequence: prefill, then decode `new_tokens` calling the forward directly;
     /// tokens/s from the median time per token (as the actor figure is).
     fn direct_decode(&self, model: &Model) -> Result<f64> {
-        let mut cache = model.new_cache(KvDtype::F32);
         let p = self.prompt(0, model.config().vocab_size);
-        let logits = model.forward(&mut [SeqInput {
-            tokens: &p,
-            cache: &mut cache,
-        }])?;
-        let mut next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
-        let mut times = Vec::with_capacity(self.new_tokens);
-        for _ in 0..self.new_tokens {
-            let t = Instant::now();
-            let logits = model.forward(&mut [SeqInput {
-                tokens: &[next],
-                cache: &mut cache,
-            }])?;
-            next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
-            times.push(t.elapsed().as_secs_f64());
-        }
+        let times = super::decode_step_times(model, &p, self.new_tokens)?;
         Ok(1.0 / super::median(&times))
     }
 

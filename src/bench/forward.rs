@@ -109,23 +109,8 @@ impl ForwardBench {
 
         // Single-sequence decode after a short prompt.
         let short = prompt(self.decode_prompt_tokens, vocab);
-        let decode_tok_s = {
-            let mut cache = model.new_cache(KvDtype::F32);
-            let logits = model.forward(&mut [SeqInput {
-                tokens: &short,
-                cache: &mut cache,
-            }])?;
-            let mut next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
-            let t = Instant::now();
-            for _ in 0..self.decode_tokens {
-                let logits = model.forward(&mut [SeqInput {
-                    tokens: &[next],
-                    cache: &mut cache,
-                }])?;
-                next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
-            }
-            self.decode_tokens as f64 / t.elapsed().as_secs_f64()
-        };
+        let times = super::decode_step_times(&model, &short, self.decode_tokens)?;
+        let decode_tok_s = self.decode_tokens as f64 / times.iter().sum::<f64>();
         progress(&format!(
             "decode {} tokens: {decode_tok_s:.1} tok/s",
             self.decode_tokens
