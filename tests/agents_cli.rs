@@ -69,5 +69,6 @@ fn every_demo_workflow_runs() {
         assert!(out.contains("\nresult: "), "{name}:\n{out}");
     }
     let o = troupe(&["workflow", "dance"]);
+    assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("no demo workflow `dance`"));
 }

@@ -197,6 +197,7 @@ NUMBER: /[0-9]{1,3}/
         streams.push((g, a.ask(r).await.unwrap()));
     }
     let mut completed = 0;
+    let mut kinds_checked = std::collections::BTreeSet::new();
     for (g, s) in streams {
         let done = s.finish().await.unwrap();
         if done.finish != FinishReason::Grammar {
@@ -204,6 +205,12 @@ NUMBER: /[0-9]{1,3}/
             continue;
         }
         completed += 1;
+        kinds_checked.insert(match &g {
+            Grammar::Regex(_) => "regex",
+            Grammar::Choice(_) => "choice",
+            Grammar::Lark(_) => "lark",
+            Grammar::JsonSchema(_) => "json",
+        });
         match &g {
             Grammar::Regex(r) => {
                 let full = regex::Regex::new(&format!("^(?:{r})$")).unwrap();
@@ -230,6 +237,11 @@ NUMBER: /[0-9]{1,3}/
     assert!(
         completed >= 8,
         "only {completed} of 10 outputs completed their grammar"
+    );
+    // Each kind's check ran at least once.
+    assert_eq!(
+        kinds_checked.into_iter().collect::<Vec<_>>(),
+        ["choice", "lark", "regex"]
     );
 }
 
@@ -341,14 +353,16 @@ async fn bad_grammars_fail_at_configuration_naming_the_problem() {
         assert!(msg.contains(detail), "{msg:?} should say {detail:?}");
     }
     // Through the actor: rejected at once, cache handed back.
-    let c0 = cache(&model);
+    // A cache that already holds a conversation comes back unchanged.
+    let mut c0 = cache(&model);
+    feed(&model, &mut c0, &[1, 2, 3]);
     let a = actor(model, engine_config(64, 4, usize::MAX));
     let mut g = Generate::new(c0, vec![5, 6], 4);
     g.grammar = Some(Grammar::Regex("(abc".into()));
     match a.ask(g).await {
         Err(kameo::error::SendError::HandlerError(r)) => {
             assert!(r.error.to_string().contains("regex"), "{}", r.error);
-            assert_eq!(r.cache.len(), 0);
+            assert_eq!(r.cache.len(), 3);
         }
         other => panic!("expected a rejection, got {:?}", other.map(|_| ())),
     }

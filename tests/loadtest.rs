@@ -1,6 +1,7 @@
-//! The loadtest report is consistent: reused + computed = prompt tokens, no request is
-//! lost, the no-cache-reuse ablation computes every prompt token, and `--duration`
-//! stops the run on time.
+//! The loadtest report is consistent: no request is lost, the same conversations give
+//! the same prompt tokens with and without cache reuse, the no-cache-reuse ablation
+//! reuses nothing, and `--duration` stops the run on time. (The report defines
+//! computed tokens as prompt minus reused, so that sum is not tested.)
 
 mod common;
 
@@ -29,7 +30,6 @@ async fn counters_add_up_and_reuse_computes_only_new_tokens() {
     assert_eq!(r.errors, 0);
     assert_eq!(r.requests, 6 * 3, "no request lost");
     assert_eq!(r.requests_by_turn, vec![6, 6, 6]);
-    assert_eq!(r.reused_tokens + r.computed_tokens, r.prompt_tokens);
     assert!(r.generated_tokens > 0 && r.gen_tok_s > 0.0);
     assert!(r.batch_max >= 2, "agents share steps: {}", r.batch_max);
     // Turns after the first reuse everything before them.
@@ -46,8 +46,9 @@ async fn counters_add_up_and_reuse_computes_only_new_tokens() {
     .unwrap();
     assert_eq!(ablation.requests, 18);
     assert_eq!(ablation.reused_tokens, 0);
-    assert_eq!(ablation.computed_tokens, ablation.prompt_tokens);
-    // Same conversations, so the reuse run computed strictly less.
+    // Same conversations (greedy, bitwise batch-invariant): the same prompts, of which
+    // the reuse run computed strictly less.
+    assert_eq!(r.prompt_tokens, ablation.prompt_tokens);
     assert!(r.computed_tokens < ablation.computed_tokens);
 }
 
@@ -66,9 +67,15 @@ async fn duration_stops_the_run_on_time() {
     )
     .await
     .unwrap();
-    assert!(r.wall_s < 1.3, "ran {:.2} s", r.wall_s);
-    assert!(r.requests > 0 && r.requests < 40_000);
-    assert_eq!(r.reused_tokens + r.computed_tokens, r.prompt_tokens);
+    assert!((0.8..1.3).contains(&r.wall_s), "ran {:.2} s", r.wall_s);
+    // (Errors are possible here: conversations this long outgrow the tiny model's
+    // 512-token context.) 4 agents, at least 20 ms of thinking per turn on average: far fewer than the
+    // 40,000 turns asked for.
+    assert!(
+        r.requests > 0 && r.requests <= 4 * 80,
+        "{} requests",
+        r.requests
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

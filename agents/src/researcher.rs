@@ -104,7 +104,11 @@ mod tests {
         assert!(re.is_match("Sources: f59.txt\nYes."));
         assert!(!re.is_match("Sources: f60.txt\nNo."));
         let cfg = config(&root);
-        assert_eq!(cfg.tools, super::super::files::config().tools);
+        let names: Vec<String> = super::super::files::tools(&root)
+            .iter()
+            .map(|t| t.name().to_string())
+            .collect();
+        assert_eq!(cfg.tools, names);
         assert!(matches!(cfg.grammar, Some(Grammar::Regex(_))));
     }
 }
