@@ -33,7 +33,7 @@ pub use tools::{
 
 use crate::engine::{Event, Generate, HoldCache, ModelActor, ReleaseCache, Usage};
 use crate::grammar::Grammar;
-use crate::kv::{KvCache, KvDtype};
+use crate::kv::KvCache;
 use crate::model::{Message, Model, Role};
 use crate::{Error, Result};
 
@@ -417,13 +417,14 @@ impl AgentActor {
             } else {
                 0
             };
-        let cache = self
-            .cache
-            .take()
-            .unwrap_or_else(|| self.model.new_cache(KvDtype::F32));
+        let cache = self.cache.take().unwrap_or_else(|| {
+            self.model
+                .new_cache(self.config.kv_dtype.unwrap_or_default())
+        });
         let fed = cache.len();
         let mut g = Generate::new(cache, self.log[fed..].to_vec(), self.config.max_tokens);
         g.sampling = self.config.sampling.clone();
+        g.engine_kv_dtype = self.config.kv_dtype.is_none();
         let answer = answer.or(self.config.grammar.as_ref());
         g.grammar = tools::reply_grammar(&self.tools, choice, answer)?;
         g.holder = self.evict_handle().map(|e| (self.holder, e));

@@ -4,6 +4,8 @@
 pub mod engine;
 pub mod forward;
 pub mod grammar;
+pub mod perplexity;
+pub mod profile;
 
 /// Greedy single-sequence decode timed step by step: prefills `prompt` into a fresh
 /// cache, then decodes `n` tokens one forward each; returns each step's seconds.
@@ -11,9 +13,10 @@ pub(crate) fn decode_step_times(
     model: &crate::Model,
     prompt: &[u32],
     n: usize,
+    kv_dtype: crate::KvDtype,
 ) -> crate::Result<Vec<f64>> {
     use crate::model::SeqInput;
-    let mut cache = model.new_cache(crate::KvDtype::F32);
+    let mut cache = model.new_cache(kv_dtype);
     let logits = model.forward(&mut [SeqInput {
         tokens: prompt,
         cache: &mut cache,

@@ -79,22 +79,15 @@ pub(crate) fn sample_step<C: TokenConstraint + ?Sized>(
 }
 
 /// Settings of one model actor's engine.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct EngineConfig {
     /// Step token budget, running-sequence limit and KV budget.
     pub scheduler: SchedulerConfig,
-    /// Element type of caches the engine creates (callers bring their own).
+    /// Element type of the caches of agents that name none: a request with
+    /// [`Generate::engine_kv_dtype`] and an empty cache gets a cache of this type.
     pub kv_dtype: KvDtype,
 }
 
-impl Default for EngineConfig {
-    fn default() -> Self {
-        Self {
-            scheduler: SchedulerConfig::default(),
-            kv_dtype: KvDtype::F32,
-        }
-    }
-}
 
 /// A generation request: append `tokens` to `cache`, then generate.
 pub struct Generate {
@@ -121,6 +114,9 @@ pub struct Generate {
     /// which the budget could be overrun; a later request with the same holder takes
     /// it back.
     pub holder: Option<(HolderId, EvictFn)>,
+    /// An empty `cache` takes the engine's [`EngineConfig::kv_dtype`] (agents whose
+    /// config names no dtype set this); otherwise the cache is used as given.
+    pub engine_kv_dtype: bool,
 }
 
 impl Generate {
@@ -136,6 +132,7 @@ impl Generate {
             max_tokens,
             ignore_eos: false,
             holder: None,
+            engine_kv_dtype: false,
         }
     }
 }

@@ -19,6 +19,7 @@
 //! - [`loadtest`]: `troupe loadtest`, agents in closed loops and the report.
 //! - [`bench`]: the `troupe bench` measurements.
 //! - [`error`]: the library's [`Error`].
+//! - [`math`]: vectorised `exp` and the MLP activation.
 //!
 //! # Invariants
 //! - A [`KvCache`] is owned by exactly one agent or one in-flight request; the
@@ -37,6 +38,7 @@ pub mod error;
 pub mod grammar;
 pub mod kv;
 pub mod loadtest;
+pub mod math;
 pub mod model;
 pub mod sampling;
 pub mod workflow;

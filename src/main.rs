@@ -39,6 +39,9 @@ struct Cli {
     /// How weights are stored and multiplied.
     #[arg(long, global = true, value_enum, default_value_t = WeightsMode::Auto)]
     weights: WeightsMode,
+    /// Element type of the KV caches (default: the engine's, f32 or f16).
+    #[arg(long, global = true, value_enum)]
+    kv_dtype: Option<KvDtype>,
     #[command(subcommand)]
     command: Command,
 }
@@ -222,6 +225,28 @@ enum BenchCommand {
         /// Decode steps timed per batch size.
         #[arg(long, default_value_t = 6)]
         batch_steps: usize,
+        /// Also split a decode step at 1, 4, 16 and 64 rows into linear layers,
+        /// attention, rotary/norms/copies, output head, sampling and grammar masks.
+        #[arg(long)]
+        profile: bool,
+    },
+    /// Perplexity of a text, chunked as llama.cpp's llama-perplexity does, for each
+    /// weights mode.
+    Perplexity {
+        /// The text file.
+        file: PathBuf,
+        /// Tokens per chunk (the second half of each is scored).
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Weights modes to score (default: the global --weights).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        modes: Vec<WeightsMode>,
+        /// Most chunks (0: all).
+        #[arg(long, default_value_t = 0)]
+        max_chunks: usize,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Grammar mask time per kind, and constrained against unconstrained throughput.
     Grammar {
@@ -237,6 +262,10 @@ enum BenchCommand {
         /// Concurrency levels.
         #[arg(long, value_delimiter = ',', default_values_t = [1, 4, 16, 64])]
         concurrency: Vec<usize>,
+        /// Workload: `default` (128-token prompts, 64 new tokens) or `decode-heavy`
+        /// (32-token prompts, 256 new tokens).
+        #[arg(long, default_value = "default", value_parser = ["default", "decode-heavy"])]
+        shape: String,
     },
 }
 
@@ -371,7 +400,7 @@ fn main() -> anyhow::Result<()> {
                 seed: *seed,
                 ..Default::default()
             })?;
-            let mut cache = model.new_cache(KvDtype::F32);
+            let mut cache = model.new_cache(cli.kv_dtype.unwrap_or_default());
             let room = model.config().context_length.saturating_sub(ids.len());
             if room == 0 {
                 bail!(
@@ -494,6 +523,8 @@ fn main() -> anyhow::Result<()> {
                     no_cache_reuse: *no_cache_reuse,
                     no_batching: *no_batching,
                     progress: true,
+                    kv_dtype: cli.kv_dtype.unwrap_or_default(),
+                    ..Default::default()
                 };
                 let r = rt.block_on(troupe::loadtest::run(model.clone(), &o))?;
                 troupe::loadtest::print_table(&r);
@@ -536,11 +567,21 @@ fn main() -> anyhow::Result<()> {
                 write_json(j, &r)?;
             }
         }
-        Command::Bench(BenchCommand::Engine { json, concurrency }) => {
+        Command::Bench(BenchCommand::Engine {
+            json,
+            concurrency,
+            shape,
+        }) => {
             let path = model_path()?;
+            let base = if shape == "decode-heavy" {
+                EngineBench::decode_heavy()
+            } else {
+                EngineBench::default()
+            };
             let bench = EngineBench {
                 concurrency: concurrency.clone(),
-                ..Default::default()
+                kv_dtype: cli.kv_dtype.unwrap_or_default(),
+                ..base
             };
             let rt = runtime()?;
             let report = rt.block_on(bench.run(&path, cli.weights, |line| eprintln!("{line}")))?;
@@ -553,17 +594,64 @@ fn main() -> anyhow::Result<()> {
             json,
             batch_sizes,
             batch_steps,
+            profile,
         }) => {
             let path = model_path()?;
             let bench = ForwardBench {
                 batch_sizes: batch_sizes.clone(),
                 batch_steps: *batch_steps,
+                kv_dtype: cli.kv_dtype.unwrap_or_default(),
+                profile_rows: if *profile {
+                    vec![1, 4, 16, 64]
+                } else {
+                    Vec::new()
+                },
                 ..Default::default()
             };
             let report = bench.run(&path, cli.weights, |line| eprintln!("{line}"))?;
             print_forward(&report);
             if let Some(j) = json {
                 write_json(j, &report)?;
+            }
+        }
+        Command::Bench(BenchCommand::Perplexity {
+            file,
+            ctx,
+            modes,
+            max_chunks,
+            json,
+        }) => {
+            let path = model_path()?;
+            let bench = troupe::bench::perplexity::PerplexityBench {
+                ctx: *ctx,
+                max_chunks: *max_chunks,
+                modes: if modes.is_empty() {
+                    vec![cli.weights]
+                } else {
+                    modes.clone()
+                },
+                kv_dtype: cli.kv_dtype.unwrap_or_default(),
+            };
+            let r = bench.run(&path, file, |line| eprintln!("{line}"))?;
+            println!("model   {}", r.model);
+            println!(
+                "text    {} ({} chunks of {} tokens)",
+                r.text, r.chunks, r.ctx
+            );
+            let base = r.runs.first().map_or(1.0, |x| x.perplexity);
+            println!("mode     perplexity   vs first   tok/s    weights");
+            for x in &r.runs {
+                println!(
+                    "{:<8} {:>10.4} {:>+9.3}% {:>7.1}    {}",
+                    x.weights.to_string(),
+                    x.perplexity,
+                    (x.perplexity / base - 1.0) * 100.0,
+                    x.tok_s,
+                    x.weights_chosen
+                );
+            }
+            if let Some(j) = json {
+                write_json(j, &r)?;
             }
         }
     }
@@ -661,8 +749,36 @@ fn print_forward(r: &troupe::bench::forward::ForwardReport) {
         "prefill / ceiling  {:>8.2}",
         r.prefill_tok_s / r.compute_ceiling_tok_s
     );
-    println!("batch   tok/s     / ceiling");
+    println!("kv cache           {}", r.kv_dtype);
+    let single = r
+        .batched_decode_tok_s
+        .get(&1)
+        .copied()
+        .unwrap_or(r.decode_tok_s);
+    println!("batch   tok/s     / ceiling  / 1 row");
     for (b, t) in &r.batched_decode_tok_s {
-        println!("{b:>5} {t:>8.1}   {:>8.2}", t / r.compute_ceiling_tok_s);
+        println!(
+            "{b:>5} {t:>8.1}   {:>8.2}  {:>7.2}x",
+            t / r.compute_ceiling_tok_s,
+            t / single
+        );
+    }
+    if !r.profile.is_empty() {
+        println!("profile, ms per decode step (256-token caches; the last row: one prefill):");
+        println!(" rows    step  linear    attn   other    head  sample   masks  fwd tok/s");
+        for p in &r.profile {
+            println!(
+                "{:>5} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>10.1}",
+                p.rows,
+                p.step_ms,
+                p.linear_ms,
+                p.attention_ms,
+                p.other_ms,
+                p.head_ms,
+                p.sampling_ms,
+                p.masks_ms,
+                p.forward_tok_s
+            );
+        }
     }
 }

@@ -6,10 +6,14 @@
 //! `troupe model info`.
 
 pub mod attention;
+#[cfg(target_arch = "x86_64")]
+mod attention_simd;
+mod bf16;
 pub mod chat;
 pub mod fetch;
 pub mod linear;
 pub mod llama;
+pub mod profile;
 mod qgemv;
 pub mod tiny;
 pub mod tokenizer;
@@ -22,9 +26,10 @@ use std::path::{Path, PathBuf};
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{Device, Tensor};
 
+pub use bf16::has_native_bf16;
 pub use chat::{ChatTemplate, Message, Role};
-use linear::ResolvedMode;
-pub use linear::{WeightsMode, AUTO_QUANT_MAX_ROWS};
+use linear::{Large, ResolvedMode};
+pub use linear::{WeightsMode, AUTO_BF16_SMALL_ROWS, AUTO_QUANT_MAX_ROWS};
 pub use llama::{Llama, LlamaConfig, SeqInput};
 pub use tokenizer::{IncrementalDecoder, Tokenizer};
 
@@ -270,6 +275,11 @@ impl Model {
         self.llama.forward(seqs)
     }
 
+    /// Logits of every new token: see [`Llama::forward_all`].
+    pub fn forward_all(&self, seqs: &mut [SeqInput<'_>]) -> Result<Tensor> {
+        self.llama.forward_all(seqs)
+    }
+
     /// A new empty cache for this model.
     pub fn new_cache(&self, dtype: KvDtype) -> KvCache {
         KvCache::new(self.llama.config().kv_layout(), dtype)
@@ -351,28 +361,67 @@ fn resolve_mode(
             ResolvedMode::Q8_0,
             "q8_0: weights requantized to Q8_0 for every step".into(),
         ),
-        WeightsMode::Auto => {
-            let f32_bytes = parameters * 4;
-            let mib = |b: u64| b / (1 << 20);
+        WeightsMode::Bf16 => (
+            ResolvedMode::Bf16,
+            format!(
+                "bf16: bf16 weights and activations, f32 sums, for every step ({})",
+                if has_native_bf16() {
+                    "avx512_bf16"
+                } else {
+                    "portable loop: this CPU has no avx512_bf16"
+                }
+            ),
+        ),
+        WeightsMode::Exact => exact_mode(parameters, &stored, "exact"),
+        WeightsMode::Auto if has_native_bf16() => {
+            let bytes = parameters * 2;
             match available_memory() {
-                Some(avail) if f32_bytes <= avail / 2 => (
-                    ResolvedMode::Both,
+                Some(avail) if bytes <= avail / 2 => (
+                    ResolvedMode::Split {
+                        small_rows: AUTO_BF16_SMALL_ROWS,
+                        large: Large::Bf16,
+                    },
                     format!(
-                        "auto: stored {stored} blocks x f32 activations for steps of at most {AUTO_QUANT_MAX_ROWS} rows, an f32 copy ({} MiB) with GEMM for larger steps ({} MiB available)",
-                        mib(f32_bytes),
+                        "auto: stored {stored} blocks x f32 activations for steps of at most {AUTO_BF16_SMALL_ROWS} rows, a bf16 copy ({} MiB) with avx512_bf16 for larger steps ({} MiB available)",
+                        mib(bytes),
                         mib(avail)
                     ),
                 ),
-                avail => (
-                    ResolvedMode::Native,
-                    format!(
-                        "auto: {stored} kernels only: an f32 copy ({} MiB) would not fit in half of the available memory ({})",
-                        mib(f32_bytes),
-                        avail.map(|a| format!("{} MiB", mib(a))).unwrap_or_else(|| "unknown".into())
-                    ),
-                ),
+                _ => exact_mode(parameters, &stored, "auto"),
             }
         }
+        WeightsMode::Auto => exact_mode(parameters, &stored, "auto"),
+    }
+}
+
+fn mib(b: u64) -> u64 {
+    b / (1 << 20)
+}
+
+/// The stored blocks with f32 activations for small steps and an f32 copy for large
+/// ones, when that copy fits in half of the available memory; else native.
+fn exact_mode(parameters: u64, stored: &str, asked: &str) -> (ResolvedMode, String) {
+    let f32_bytes = parameters * 4;
+    match available_memory() {
+        Some(avail) if f32_bytes <= avail / 2 => (
+            ResolvedMode::Split {
+                small_rows: AUTO_QUANT_MAX_ROWS,
+                large: Large::F32,
+            },
+            format!(
+                "{asked}: stored {stored} blocks x f32 activations for steps of at most {AUTO_QUANT_MAX_ROWS} rows, an f32 copy ({} MiB) with GEMM for larger steps ({} MiB available)",
+                mib(f32_bytes),
+                mib(avail)
+            ),
+        ),
+        avail => (
+            ResolvedMode::Native,
+            format!(
+                "{asked}: {stored} kernels only: an f32 copy ({} MiB) would not fit in half of the available memory ({})",
+                mib(f32_bytes),
+                avail.map(|a| format!("{} MiB", mib(a))).unwrap_or_else(|| "unknown".into())
+            ),
+        ),
     }
 }
 

@@ -145,48 +145,56 @@ impl Sampler {
             return argmax(logits);
         }
         let t = self.params.temperature;
-        let mut cand: Vec<(u32, f32)> = logits
+        let p = &self.params;
+        let max = logits
             .iter()
-            .enumerate()
-            .filter(|(_, l)| l.is_finite())
-            .map(|(i, &l)| (i as u32, l / t))
+            .filter(|l| l.is_finite())
+            .fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+        if max == f32::NEG_INFINITY {
+            return argmax(logits);
+        }
+        // Unnormalised probabilities exp((l - max) / t): the most likely has weight
+        // 1, a masked (-inf) token exactly 0.
+        let mut w: Vec<f32> = logits
+            .iter()
+            .map(|&l| {
+                if l.is_finite() {
+                    (l - max) / t
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
             .collect();
+        crate::math::exp_in_place(&mut w);
+        if p.top_k == 0 && p.min_p <= 0.0 && p.top_p >= 1.0 {
+            // No filter: draw from every token, in vocabulary order.
+            let total: f32 = w.iter().sum();
+            let mut r = self.rng.random::<f32>() * total;
+            let mut last = 0;
+            for (i, &x) in w.iter().enumerate() {
+                if x > 0.0 {
+                    last = i;
+                    r -= x;
+                    if r <= 0.0 {
+                        return i as u32;
+                    }
+                }
+            }
+            return last as u32;
+        }
+        let cand = filtered(&w, p);
         if cand.is_empty() {
             return argmax(logits);
         }
-        cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        if self.params.top_k > 0 {
-            cand.truncate(self.params.top_k);
-        }
-        let max = cand[0].1;
-        let mut probs: Vec<f32> = cand.iter().map(|(_, l)| (l - max).exp()).collect();
-        let sum: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= sum);
-        if self.params.min_p > 0.0 {
-            let floor = self.params.min_p * probs[0];
-            let keep = probs.iter().take_while(|&&p| p >= floor).count().max(1);
-            probs.truncate(keep);
-        }
-        if self.params.top_p < 1.0 {
-            let mut acc = 0.0;
-            let keep = probs
-                .iter()
-                .position(|p| {
-                    acc += p;
-                    acc >= self.params.top_p
-                })
-                .map_or(probs.len(), |i| i + 1);
-            probs.truncate(keep);
-        }
-        let total: f32 = probs.iter().sum();
+        let total: f32 = cand.iter().map(|c| c.1).sum();
         let mut r = self.rng.random::<f32>() * total;
-        for (i, p) in probs.iter().enumerate() {
-            r -= p;
+        for c in &cand {
+            r -= c.1;
             if r <= 0.0 {
-                return cand[i].0;
+                return c.0;
             }
         }
-        cand[probs.len() - 1].0
+        cand[cand.len() - 1].0
     }
 
     fn apply_penalties(&self, logits: &mut [f32]) {
@@ -210,6 +218,64 @@ impl Sampler {
             }
         }
     }
+}
+
+/// The candidates top-k, min-p and top-p keep, most likely first, from the weights
+/// `w` (the most likely token has weight 1, impossible ones 0).
+///
+/// Only the tokens above a weight threshold are sorted, the threshold lowered until
+/// the filters are decided, so a vocabulary of 49,152 is scanned, not sorted.
+fn filtered(w: &[f32], p: &SamplingParams) -> Vec<(u32, f32)> {
+    let desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    // min_p keeps p >= min_p * p_max, and p_max has weight 1.
+    let floor = p.min_p.max(0.0);
+    // Without top-k, top-p's share is of every token min-p keeps.
+    let target = (p.top_k == 0 && p.top_p < 1.0)
+        .then(|| p.top_p * w.iter().filter(|&&x| x > 0.0 && x >= floor).sum::<f32>());
+    let mut theta = 1e-2f32;
+    let mut cand: Vec<(u32, f32)>;
+    loop {
+        let th = theta.max(floor);
+        cand = w
+            .iter()
+            .enumerate()
+            .filter(|(_, &x)| x > 0.0 && x >= th)
+            .map(|(i, &x)| (i as u32, x))
+            .collect();
+        let complete = th <= floor || theta == 0.0;
+        cand.sort_by(desc);
+        if p.top_k > 0 && (cand.len() >= p.top_k || complete) {
+            // Every token above the threshold is here, so these are the top k.
+            cand.truncate(p.top_k);
+            break;
+        }
+        if let Some(target) = target {
+            let mut acc = 0f32;
+            if let Some(i) = cand.iter().position(|c| {
+                acc += c.1;
+                acc >= target
+            }) {
+                cand.truncate(i + 1);
+                return cand;
+            }
+        }
+        if complete {
+            return cand;
+        }
+        theta = if theta > 1e-30 { theta * 1e-3 } else { 0.0 };
+    }
+    // Top-k decided: top-p over what it kept.
+    if p.top_p < 1.0 {
+        let target = p.top_p * cand.iter().map(|c| c.1).sum::<f32>();
+        let mut acc = 0f32;
+        if let Some(i) = cand.iter().position(|c| {
+            acc += c.1;
+            acc >= target
+        }) {
+            cand.truncate(i + 1);
+        }
+    }
+    cand
 }
 
 /// Index of the largest logit (the first on ties).

@@ -168,7 +168,7 @@ async fn save_and_load_continue_identically_and_corruption_is_named() {
 async fn twenty_agents_under_a_small_budget_all_finish_identically() {
     let per_token = troupe::KvCache::bytes_per_token(
         tiny(WeightsMode::Native).config().kv_layout(),
-        troupe::KvDtype::F32,
+        troupe::KvDtype::default(),
     );
     // Room for about five conversations' caches.
     let budget = 5 * 140 * per_token;

@@ -1,5 +1,7 @@
 //! A sequence's logits do not depend on which other sequences share its batch:
-//! bitwise with a fixed weights mode, within 1e-3 with `auto`.
+//! bitwise with a fixed weights mode (native, f32, q8_0, bf16), within 1e-3 with
+//! `auto` and `exact`, whose small and large steps take two kernels computing the
+//! same products (they differ in the order of the f32 sums only).
 
 mod common;
 
@@ -64,6 +66,22 @@ fn tiny_f32_is_bitwise_batch_invariant() {
 #[test]
 fn tiny_q8_0_is_bitwise_batch_invariant() {
     assert_eq!(ragged_vs_alone(&tiny(WeightsMode::Q8_0), 270), 0.0);
+}
+
+#[test]
+fn tiny_bf16_is_bitwise_batch_invariant() {
+    assert_eq!(ragged_vs_alone(&tiny(WeightsMode::Bf16), 270), 0.0);
+}
+
+#[test]
+fn tiny_exact_is_batch_invariant_within_tolerance() {
+    let d = ragged_vs_alone(&tiny(WeightsMode::Exact), 270);
+    assert!(d <= 1e-3, "max difference {d}");
+}
+
+#[test]
+fn default_model_bf16_is_bitwise_batch_invariant() {
+    assert_eq!(ragged_vs_alone(&real(WeightsMode::Bf16), 49_000), 0.0);
 }
 
 #[test]

@@ -9,17 +9,49 @@ use troupe::model::{Model, WeightsMode};
 /// Prefill 100 then decode 20 one by one == prefill all 120 at once (at every one
 /// of the 20 positions).
 fn incremental_equals_full(model: &Model, hi: u32) {
+    incremental_equals_full_in(model, hi, troupe::KvDtype::F32);
+}
+
+/// [`incremental_equals_full`] with caches of `dtype` on both sides.
+fn incremental_equals_full_in(model: &Model, hi: u32, dtype: troupe::KvDtype) {
     let all = tokens(120, 1, 3, hi);
-    let mut inc = cache(model);
+    let mut inc = model.new_cache(dtype);
     feed(model, &mut inc, &all[..100]);
     for i in 100..120 {
         let step = feed(model, &mut inc, &all[i..=i]);
-        let mut full = cache(model);
+        let mut full = model.new_cache(dtype);
         let whole = feed(model, &mut full, &all[..=i]);
         let d = max_abs_diff(&step, &whole);
-        assert!(d <= 1e-3, "position {i}: max difference {d}");
+        assert!(d <= 1e-3, "{dtype:?} position {i}: max difference {d}");
     }
     assert_eq!(inc.len(), 120);
+}
+
+/// f16 caches on the default model: cached decoding equals recomputing the prefix
+/// (in the exact-weights and the bf16 mode), and 32 greedy tokens equal those of an
+/// f32 cache.
+#[test]
+fn default_model_f16_cache_equals_recompute() {
+    for mode in [WeightsMode::F32, WeightsMode::Bf16] {
+        incremental_equals_full_in(&real(mode), 49_000, troupe::KvDtype::F16);
+    }
+    let m = real(WeightsMode::F32);
+    let prompt = m
+        .tokenizer()
+        .encode_prompt(
+            &m.chat_template()
+                .render(&[troupe::Message::user("Name three colours.")], true)
+                .unwrap(),
+        )
+        .unwrap();
+    let greedy = |dtype| {
+        let mut c = m.new_cache(dtype);
+        let mut s = troupe::sampling::Sampler::new(Default::default()).unwrap();
+        m.generate(&mut c, &prompt, 32, &mut s, None, |_| Ok(()))
+            .unwrap()
+            .0
+    };
+    assert_eq!(greedy(troupe::KvDtype::F16), greedy(troupe::KvDtype::F32));
 }
 
 /// Decode past a point, truncate back, decode other tokens: the same logits as never

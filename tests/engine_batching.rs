@@ -14,8 +14,13 @@ fn request(
     i: usize,
     sampling: SamplingParams,
     vocab_hi: u32,
+    dtype: troupe::KvDtype,
 ) -> Generate {
-    let mut g = Generate::new(cache(model), tokens(5 + 3 * i, i, 3, vocab_hi), 12 + i % 5);
+    let mut g = Generate::new(
+        model.new_cache(dtype),
+        tokens(5 + 3 * i, i, 3, vocab_hi),
+        12 + i % 5,
+    );
     g.sampling = sampling;
     g.ignore_eos = true;
     g
@@ -28,12 +33,21 @@ async fn concurrent_equals_alone(
     vocab_hi: u32,
     sampling: impl Fn(usize) -> SamplingParams,
 ) {
+    concurrent_equals_alone_in(make, vocab_hi, sampling, troupe::KvDtype::F32).await
+}
+
+async fn concurrent_equals_alone_in(
+    make: impl Fn() -> troupe::model::Model,
+    vocab_hi: u32,
+    sampling: impl Fn(usize) -> SamplingParams,
+    dtype: troupe::KvDtype,
+) {
     let model = make();
     let reqs: Vec<Generate> = (0..16)
-        .map(|i| request(&model, i, sampling(i), vocab_hi))
+        .map(|i| request(&model, i, sampling(i), vocab_hi, dtype))
         .collect();
     let alone_reqs: Vec<Generate> = (0..16)
-        .map(|i| request(&model, i, sampling(i), vocab_hi))
+        .map(|i| request(&model, i, sampling(i), vocab_hi, dtype))
         .collect();
     let batched = actor(model, engine_config(256, 16, usize::MAX));
     let mut streams = Vec::new();
@@ -79,6 +93,25 @@ async fn tiny_seeded_sampling_batched_equals_alone() {
             top_p: 0.9,
             ..SamplingParams::with_temperature(0.8, 100 + i as u64)
         },
+    )
+    .await;
+}
+
+/// The bf16 mode (a fixed mode: bitwise batch-invariant) with f16 caches, the
+/// fast path of batched serving, through the engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_model_bf16_with_f16_caches_batched_equals_alone() {
+    concurrent_equals_alone_in(
+        || real(WeightsMode::Bf16),
+        49_000,
+        |i| {
+            if i % 2 == 0 {
+                SamplingParams::greedy()
+            } else {
+                SamplingParams::with_temperature(0.7, i as u64)
+            }
+        },
+        troupe::KvDtype::F16,
     )
     .await;
 }

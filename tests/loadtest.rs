@@ -82,7 +82,8 @@ async fn duration_stops_the_run_on_time() {
 async fn a_small_kv_budget_evicts_and_still_completes() {
     let model = Arc::new(tiny(WeightsMode::Native));
     let per_token =
-        troupe::KvCache::bytes_per_token(model.config().kv_layout(), troupe::KvDtype::F32);
+        // The agents take the engine's default KV dtype.
+        troupe::KvCache::bytes_per_token(model.config().kv_layout(), troupe::KvDtype::default());
     let r = run(
         model,
         &LoadtestOptions {

@@ -66,6 +66,9 @@ pub struct AgentConfig {
     pub tool_timeout_secs: f64,
     /// What to do when a turn does not fit the context.
     pub context_policy: ContextPolicy,
+    /// Element type of the agent's KV cache; `None`: the model actor's
+    /// [`EngineConfig::kv_dtype`](crate::engine::EngineConfig::kv_dtype).
+    pub kv_dtype: Option<crate::kv::KvDtype>,
 }
 
 impl Default for AgentConfig {
@@ -82,6 +85,7 @@ impl Default for AgentConfig {
             max_tool_steps: 4,
             tool_timeout_secs: 30.0,
             context_policy: ContextPolicy::Error,
+            kv_dtype: None,
         }
     }
 }

@@ -60,6 +60,8 @@ pub struct EngineBench {
     pub prompt_tokens: usize,
     /// Generated tokens per request.
     pub new_tokens: usize,
+    /// Element type of the caches.
+    pub kv_dtype: KvDtype,
 }
 
 impl Default for EngineBench {
@@ -68,6 +70,20 @@ impl Default for EngineBench {
             concurrency: vec![1, 4, 16, 64],
             prompt_tokens: 128,
             new_tokens: 64,
+            kv_dtype: KvDtype::default(),
+        }
+    }
+}
+
+impl EngineBench {
+    /// The decode-heavy shape: 32-token prompts and 256 new tokens, so that the
+    /// batched/unbatched ratio shows decode rather than prefill (with 128-token
+    /// prompts and 64 new tokens, prefill alone bounds it near 2.7x).
+    pub fn decode_heavy() -> Self {
+        Self {
+            prompt_tokens: 32,
+            new_tokens: 256,
+            ..Self::default()
         }
     }
 }
@@ -130,6 +146,7 @@ impl EngineBench {
                 max_step_tokens: 512,
                 max_running,
                 kv_budget_bytes: 8 << 30,
+                ..Default::default()
             },
             ..EngineConfig::default()
         };
@@ -146,7 +163,7 @@ impl EngineBench {
     /// tokens/s from the median time per token (as the actor figure is).
     fn direct_decode(&self, model: &Model) -> Result<f64> {
         let p = self.prompt(0, model.config().vocab_size);
-        let times = super::decode_step_times(model, &p, self.new_tokens)?;
+        let times = super::decode_step_times(model, &p, self.new_tokens, self.kv_dtype)?;
         Ok(1.0 / super::median(&times))
     }
 
@@ -161,7 +178,7 @@ impl EngineBench {
         let mut tasks = Vec::new();
         for i in 0..n {
             let mut g = Generate::new(
-                model.new_cache(KvDtype::F32),
+                model.new_cache(self.kv_dtype),
                 self.prompt(i, model.config().vocab_size),
                 self.new_tokens,
             );

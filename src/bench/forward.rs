@@ -38,6 +38,10 @@ pub struct ForwardReport {
     pub flops_per_token: u64,
     /// `gemm_gflops * 1e9 / flops_per_token`.
     pub compute_ceiling_tok_s: f64,
+    /// Element type of the caches.
+    pub kv_dtype: KvDtype,
+    /// Where a decode step's time goes, by rows (with `--profile`).
+    pub profile: Vec<super::profile::ProfileRow>,
 }
 
 /// Options of the bench.
@@ -55,6 +59,10 @@ pub struct ForwardBench {
     pub batch_sizes: Vec<usize>,
     /// Decode steps timed per batch size.
     pub batch_steps: usize,
+    /// Element type of the caches.
+    pub kv_dtype: KvDtype,
+    /// Batch sizes to profile (empty: no profile).
+    pub profile_rows: Vec<usize>,
 }
 
 impl Default for ForwardBench {
@@ -66,6 +74,8 @@ impl Default for ForwardBench {
             batch_context: 256,
             batch_sizes: vec![1, 2, 4, 8, 16, 32, 64],
             batch_steps: 6,
+            kv_dtype: KvDtype::default(),
+            profile_rows: Vec::new(),
         }
     }
 }
@@ -93,7 +103,7 @@ impl ForwardBench {
         let p = prompt(self.prefill_tokens.min(cfg.context_length / 2), vocab);
         let mut times = Vec::new();
         for _ in 0..2 {
-            let mut cache = model.new_cache(KvDtype::F32);
+            let mut cache = model.new_cache(self.kv_dtype);
             let t = Instant::now();
             model.forward(&mut [SeqInput {
                 tokens: &p,
@@ -109,7 +119,7 @@ impl ForwardBench {
 
         // Single-sequence decode after a short prompt.
         let short = prompt(self.decode_prompt_tokens, vocab);
-        let times = super::decode_step_times(&model, &short, self.decode_tokens)?;
+        let times = super::decode_step_times(&model, &short, self.decode_tokens, self.kv_dtype)?;
         let decode_tok_s = self.decode_tokens as f64 / times.iter().sum::<f64>();
         progress(&format!(
             "decode {} tokens: {decode_tok_s:.1} tok/s",
@@ -123,11 +133,7 @@ impl ForwardBench {
 
         // Batched decode: one prefilled context forked into every sequence.
         let ctx = prompt(self.batch_context, vocab);
-        let mut base = model.new_cache(KvDtype::F32);
-        model.forward(&mut [SeqInput {
-            tokens: &ctx,
-            cache: &mut base,
-        }])?;
+        let base = super::profile::prefilled(&model, &ctx, self.kv_dtype)?;
         let mut batched = BTreeMap::new();
         for &b in &self.batch_sizes {
             let mut caches: Vec<KvCache> = (0..b).map(|_| base.fork()).collect();
@@ -151,6 +157,14 @@ impl ForwardBench {
             batched.insert(b, tok_s);
         }
 
+        let profile = if self.profile_rows.is_empty() {
+            Vec::new()
+        } else {
+            let mut rows =
+                super::profile::profile_steps(&model, &base, &self.profile_rows, self.batch_steps)?;
+            rows.push(super::profile::profile_prefill(&model, &p, self.kv_dtype)?);
+            rows
+        };
         let gemm_gflops = gemm_gflops(cfg.hidden, cfg.intermediate)?;
         let flops_per_token = cfg.flops_per_token();
         let compute_ceiling_tok_s = gemm_gflops * 1e9 / flops_per_token as f64;
@@ -169,6 +183,8 @@ impl ForwardBench {
             gemm_gflops,
             flops_per_token,
             compute_ceiling_tok_s,
+            kv_dtype: self.kv_dtype,
+            profile,
         })
     }
 

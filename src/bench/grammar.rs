@@ -108,6 +108,7 @@ pub async fn run(
                 max_step_tokens: 512,
                 max_running: 32,
                 kv_budget_bytes: 8 << 30,
+                ..Default::default()
             },
             ..EngineConfig::default()
         },

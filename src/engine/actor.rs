@@ -115,6 +115,10 @@ impl Message<Generate> for ModelActor {
     type Reply = std::result::Result<GenerationStream, Rejected>;
 
     async fn handle(&mut self, mut g: Generate, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        if g.engine_kv_dtype && g.cache.is_empty() && g.cache.dtype() != self.config.kv_dtype {
+            // Nothing stored yet: the cache can take the engine's element type.
+            g.cache = self.model.new_cache(self.config.kv_dtype);
+        }
         if let Some(spec) = g.grammar.take() {
             match self.grammars.compile(&spec) {
                 Ok(c) => g.constraint = Some(Box::new(c.constraint())),

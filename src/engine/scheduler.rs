@@ -5,6 +5,10 @@
 //! - a step never feeds more than `max_step_tokens` tokens;
 //! - every running sequence that is decoding (one token to feed) is in every step,
 //!   before any prefill chunk, so a long prompt never stalls the decoders;
+//! - while any sequence decodes, a step's prefill chunks add at most
+//!   `max_prefill_while_decoding` tokens, so the step costs about what a decode
+//!   step costs (prefill runs at the full `max_step_tokens` only when nobody waits
+//!   on the step for their next token);
 //! - admission is first come, first served: a request that does not fit blocks the
 //!   ones behind it;
 //! - the KV bytes of all live caches (waiting, running, and idle ones held by agents)
@@ -27,6 +31,8 @@ pub struct SchedulerConfig {
     pub max_running: usize,
     /// Budget of all live KV caches together, in bytes.
     pub kv_budget_bytes: usize,
+    /// Most prefill tokens a step adds while sequences are decoding.
+    pub max_prefill_while_decoding: usize,
 }
 
 impl Default for SchedulerConfig {
@@ -35,6 +41,7 @@ impl Default for SchedulerConfig {
             max_step_tokens: 512,
             max_running: 64,
             kv_budget_bytes: 4 << 30,
+            max_prefill_while_decoding: 64,
         }
     }
 }
@@ -214,9 +221,14 @@ impl Scheduler {
             });
         }
         let mut budget = self.cfg.max_step_tokens;
+        let mut decoders = 0;
         for r in self.running.iter().filter(|r| r.to_feed == 1) {
             plan.items.push((r.id, 1));
             budget -= 1;
+            decoders += 1;
+        }
+        if decoders > 0 {
+            budget = budget.min(self.cfg.max_prefill_while_decoding.max(1));
         }
         for r in self.running.iter().filter(|r| r.to_feed > 1) {
             if budget == 0 {
@@ -282,7 +294,68 @@ mod tests {
             max_step_tokens,
             max_running,
             kv_budget_bytes: budget,
+            max_prefill_while_decoding: usize::MAX,
         })
+    }
+
+    /// With decoders running, no step's prefill chunks exceed the bound, whatever
+    /// the prompts; with no decoder a prefill takes the whole step budget.
+    #[test]
+    fn prefill_is_bounded_while_sequences_decode() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_step_tokens: 512,
+            max_running: 16,
+            kv_budget_bytes: usize::MAX,
+            max_prefill_while_decoding: 48,
+        });
+        let mut to_feed = std::collections::HashMap::new();
+        // Alone, a long prompt is prefilled 512 tokens at a time.
+        to_feed.insert(0u64, 700usize);
+        s.submit(0, 0, 0);
+        let p = s.plan(|id| to_feed[&id]);
+        assert_eq!(p.items, vec![(0, 512)]);
+        s.set_to_feed(0, 1);
+        // Then six more prompts of various lengths arrive while 0 decodes.
+        for (id, n) in [
+            (1u64, 300usize),
+            (2, 40),
+            (3, 5),
+            (4, 1000),
+            (5, 47),
+            (6, 49),
+        ] {
+            to_feed.insert(id, n);
+            s.submit(id, 0, 0);
+        }
+        let mut left: std::collections::HashMap<u64, usize> = to_feed.clone();
+        left.insert(0, 1);
+        for _ in 0..200 {
+            let p = s.plan(|id| to_feed[&id]);
+            let decoding: Vec<_> = p.items.iter().filter(|(_, n)| *n == 1).collect();
+            let prefill: usize = p
+                .items
+                .iter()
+                .filter(|(id, n)| *n > 1 || left[id] > 1)
+                .map(|(_, n)| n)
+                .sum();
+            if !decoding.is_empty() {
+                assert!(prefill <= 48, "prefill {prefill} with decoders: {p:?}");
+            }
+            for &(id, n) in &p.items {
+                let l = left.get_mut(&id).unwrap();
+                if *l > 1 {
+                    *l -= n;
+                    // A finished prefill decodes from then on.
+                    let now = (*l).max(1);
+                    *l = now;
+                    s.set_to_feed(id, now);
+                }
+            }
+            if left.values().all(|&l| l == 1) {
+                return;
+            }
+        }
+        panic!("prefills did not finish: {left:?}");
     }
 
     #[test]

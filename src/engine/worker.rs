@@ -306,8 +306,9 @@ impl Worker {
         match result {
             Ok(rows) => {
                 self.stats.tokens_computed += n_tokens as u64;
-                for ((id, n), row) in order.into_iter().zip(rows) {
-                    self.advance(id, n, row);
+                let sampled = self.sample_all(order, rows);
+                for (id, outcome) in sampled {
+                    self.advance(id, outcome);
                 }
             }
             Err(e) => {
@@ -320,35 +321,66 @@ impl Worker {
         true
     }
 
-    /// Takes one sequence past a step that fed it `n` tokens.
-    fn advance(&mut self, id: SeqId, n: usize, mut logits: Vec<f32>) {
+    /// Takes every sequence of a step past it: drops the fed tokens, and for those
+    /// whose prompt is done, masks, samples and commits their next tokens. The
+    /// sequences sample in parallel (grammar masks are the costly part), each on its
+    /// own state, so the result does not depend on the order.
+    fn sample_all(
+        &mut self,
+        order: Vec<(SeqId, usize)>,
+        rows: Vec<Vec<f32>>,
+    ) -> Vec<(SeqId, crate::Result<bool>)> {
+        use rayon::prelude::*;
+        let mut fed: HashMap<SeqId, (usize, Vec<f32>)> = order
+            .into_iter()
+            .zip(rows)
+            .map(|((id, n), row)| (id, (n, row)))
+            .collect();
+        let mut jobs = Vec::with_capacity(fed.len());
+        for (&id, s) in self.seqs.iter_mut() {
+            let Some((n, row)) = fed.remove(&id) else {
+                continue;
+            };
+            s.feed.drain(..n);
+            s.usage.computed_tokens += n;
+            if !s.feed.is_empty() {
+                // A prefill chunk: the logits of a mid-prompt token are not needed.
+                self.sched.set_to_feed(id, s.feed.len());
+                continue;
+            }
+            jobs.push((id, s, row));
+        }
+        jobs.par_iter_mut()
+            .map(|(id, s, logits)| {
+                // The sampled token and the ones the grammar forces after it, fed
+                // together in the next step (`feed` is empty here).
+                let done = guard(|| {
+                    sample_step(
+                        logits,
+                        &mut s.sampler,
+                        s.constraint.as_deref_mut(),
+                        &mut s.feed,
+                    )
+                });
+                (*id, done)
+            })
+            .collect()
+    }
+
+    /// Streams the tokens a sequence sampled this step and ends it when a stop
+    /// condition holds.
+    fn advance(&mut self, id: SeqId, sampled: crate::Result<bool>) {
         let model = self.model.clone();
         let eos = model.tokenizer().eos_token_ids();
-        let Some(s) = self.seqs.get_mut(&id) else {
-            return;
-        };
-        s.feed.drain(..n);
-        s.usage.computed_tokens += n;
-        if !s.feed.is_empty() {
-            // A prefill chunk: the logits of a mid-prompt token are not needed.
-            self.sched.set_to_feed(id, s.feed.len());
-            return;
-        }
-        // The sampled token and the ones the grammar forces after it, fed together in
-        // the next step (`feed` is empty here).
-        let grammar_done = match guard(|| {
-            sample_step(
-                &mut logits,
-                &mut s.sampler,
-                s.constraint.as_deref_mut(),
-                &mut s.feed,
-            )
-        }) {
+        let grammar_done = match sampled {
             Ok(done) => done,
             Err(e) => {
                 self.fail(id, e);
                 return;
             }
+        };
+        let Some(s) = self.seqs.get_mut(&id) else {
+            return;
         };
         let now = Instant::now();
         if s.first_token.is_none() {

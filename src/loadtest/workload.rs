@@ -64,6 +64,11 @@ pub struct LoadtestOptions {
     pub no_batching: bool,
     /// Show a progress bar on stderr (hidden when stderr is not a terminal).
     pub progress: bool,
+    /// Element type of the agents' KV caches.
+    pub kv_dtype: crate::kv::KvDtype,
+    /// Most prefill tokens in a step while sequences decode (see
+    /// [`SchedulerConfig::max_prefill_while_decoding`]).
+    pub max_prefill_while_decoding: usize,
 }
 
 impl Default for LoadtestOptions {
@@ -83,6 +88,8 @@ impl Default for LoadtestOptions {
             no_cache_reuse: false,
             no_batching: false,
             progress: false,
+            kv_dtype: crate::kv::KvDtype::default(),
+            max_prefill_while_decoding: SchedulerConfig::default().max_prefill_while_decoding,
         }
     }
 }
@@ -131,8 +138,9 @@ pub async fn run(model: Arc<Model>, o: &LoadtestOptions) -> Result<RunReport> {
                 max_step_tokens: 512,
                 max_running: if o.no_batching { 1 } else { 64 },
                 kv_budget_bytes: o.kv_budget,
+                max_prefill_while_decoding: o.max_prefill_while_decoding,
             },
-            ..EngineConfig::default()
+            kv_dtype: o.kv_dtype,
         },
     )?);
     let mut rng = StdRng::seed_from_u64(o.seed);

@@ -86,6 +86,43 @@ pub(crate) fn attend_group(
     scratch: &mut Scratch,
     out: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    if shape.head_dim.is_multiple_of(16) && super::attention_simd::available() {
+        let (d, group) = (shape.head_dim, shape.n_head / shape.n_kv_head);
+        let rows = kv_head * cap * d..(kv_head + 1) * cap * d;
+        let q = &q[kv_head * group * d..];
+        let (nh, buf) = (shape.n_head, &mut scratch.scores);
+        // SAFETY: AVX-512F was detected; d is a multiple of 16; the slices are this
+        // KV head's rows and the sequence's queries from this group's first head.
+        unsafe {
+            match (&kv.k, &kv.v) {
+                (KvBuf::F32(k), KvBuf::F32(v)) => super::attention_simd::attend(
+                    q,
+                    &k[rows.clone()],
+                    &v[rows],
+                    nh,
+                    group,
+                    d,
+                    pos0,
+                    buf,
+                    out,
+                ),
+                (KvBuf::F16(k), KvBuf::F16(v)) => super::attention_simd::attend(
+                    q,
+                    &k[rows.clone()],
+                    &v[rows],
+                    nh,
+                    group,
+                    d,
+                    pos0,
+                    buf,
+                    out,
+                ),
+                _ => unreachable!("keys and values of one cache share a dtype"),
+            }
+        }
+        return;
+    }
     match (&kv.k, &kv.v) {
         (KvBuf::F32(k), KvBuf::F32(v)) => {
             attend_typed(q, k, v, cap, pos0, shape, kv_head, scratch, out)
@@ -200,60 +237,88 @@ mod tests {
     use super::*;
     use crate::kv::{KvCache, KvDtype, KvLayout};
 
-    /// Naive attention over explicit rows, as a check of the indexing.
-    #[test]
-    fn matches_naive_softmax_attention() {
+    /// Attention of every group against a naive softmax over explicit rows, for
+    /// `n` new tokens after `past` cached ones, in the cache's `dtype` (the naive
+    /// side reads the same rounded keys and values).
+    fn check(n_head: usize, n_kv: usize, d: usize, past: usize, n: usize, dtype: KvDtype) {
         let layout = KvLayout {
             n_layers: 1,
-            n_kv_heads: 2,
-            head_dim: 8,
+            n_kv_heads: n_kv,
+            head_dim: d,
         };
         let shape = AttnShape {
-            n_head: 4,
-            n_kv_head: 2,
-            head_dim: 8,
+            n_head,
+            n_kv_head: n_kv,
+            head_dim: d,
         };
-        let n = 5;
+        let total = past + n;
         let val = |i: usize| ((i * 7919 % 113) as f32 / 113.0) - 0.5;
-        let k: Vec<f32> = (0..n * 16).map(val).collect();
-        let v: Vec<f32> = (0..n * 16).map(|i| val(i + 1000)).collect();
-        let q: Vec<f32> = (0..n * 32).map(|i| val(i + 5000)).collect();
-        let mut cache = KvCache::new(layout, KvDtype::F32);
-        cache.reserve(n);
+        let round = |x: f32| match dtype {
+            KvDtype::F32 => x,
+            KvDtype::F16 => f16::from_f32(x).to_f32(),
+        };
+        let k: Vec<f32> = (0..total * n_kv * d).map(|i| round(val(i))).collect();
+        let v: Vec<f32> = (0..total * n_kv * d)
+            .map(|i| round(val(i + 1000)))
+            .collect();
+        let q: Vec<f32> = (0..n * n_head * d).map(|i| val(i + 5000) * 3.0).collect();
+        let mut cache = KvCache::new(layout, dtype);
+        cache.reserve(total);
         cache.write(0, 0, &k, &v);
-        cache.advance(n);
+        cache.advance(total);
+        let group = n_head / n_kv;
         let mut scratch = Scratch::default();
-        for kvh in 0..2 {
-            let mut out = vec![0f32; 2 * n * 8];
+        for kvh in 0..n_kv {
+            let mut out = vec![0f32; group * n * d];
             attend_group(
                 &q,
                 cache.layer(0),
                 cache.capacity(),
-                0,
+                past,
                 shape,
                 kvh,
                 &mut scratch,
                 &mut out,
             );
-            for head in kvh * 2..kvh * 2 + 2 {
+            for head in kvh * group..(kvh + 1) * group {
                 for t in 0..n {
-                    let qr = &q[(t * 4 + head) * 8..(t * 4 + head + 1) * 8];
-                    let s: Vec<f32> = (0..=t)
+                    let qr = &q[(t * n_head + head) * d..(t * n_head + head + 1) * d];
+                    let s: Vec<f32> = (0..=past + t)
                         .map(|j| {
-                            let kr = &k[(j * 2 + kvh) * 8..(j * 2 + kvh + 1) * 8];
-                            qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() / 8f32.sqrt()
+                            let kr = &k[(j * n_kv + kvh) * d..(j * n_kv + kvh + 1) * d];
+                            qr.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() / (d as f32).sqrt()
                         })
                         .collect();
                     let m = s.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
                     let e: Vec<f32> = s.iter().map(|x| (x - m).exp()).collect();
                     let z: f32 = e.iter().sum();
-                    for c in 0..8 {
-                        let want: f32 = (0..=t).map(|j| e[j] / z * v[(j * 2 + kvh) * 8 + c]).sum();
-                        let got = out[((head - kvh * 2) * n + t) * 8 + c];
-                        assert!((got - want).abs() < 1e-5, "head {head} t {t} c {c}");
+                    for c in 0..d {
+                        let want: f32 = (0..=past + t)
+                            .map(|j| e[j] / z * v[(j * n_kv + kvh) * d + c])
+                            .sum();
+                        let got = out[((head - kvh * group) * n + t) * d + c];
+                        assert!(
+                            (got - want).abs() < 1e-5,
+                            "{dtype:?} d={d} group={group} head {head} t {t} c {c}: {got} vs {want}"
+                        );
                     }
                 }
             }
+        }
+    }
+
+    /// Widths 8 (the portable loops) and 16, 64, 80 (the AVX-512 path where the CPU
+    /// has it: one, four and five 16-lane chunks), groups of 1, 2, 3 and 5 heads
+    /// (blocks of four and a remainder), decode and prefill chunks after a cached
+    /// past, f32 and f16 caches.
+    #[test]
+    fn matches_naive_softmax_attention() {
+        for dtype in [KvDtype::F32, KvDtype::F16] {
+            check(4, 2, 8, 0, 5, dtype);
+            check(2, 2, 16, 3, 1, dtype);
+            check(9, 3, 64, 37, 1, dtype);
+            check(9, 3, 64, 20, 6, dtype);
+            check(10, 2, 80, 17, 3, dtype);
         }
     }
 }

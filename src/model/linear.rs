@@ -2,10 +2,11 @@
 //! ([`WeightsMode`]).
 //!
 //! candle's CPU kernel for the default model's Q4_1 weights is fast for one row and
-//! does not get faster with more rows, while a dequantized f32 GEMM is slow for one
-//! row and scales with the batch (ANCHORS.md). So the forward keeps, per tensor, the
-//! stored quantized weights, a dense f32 copy, a requantized Q8_0 copy, or (in
-//! `auto`) both the quantized and the f32 copy, and picks by the number of rows.
+//! does not get faster with more rows, while a GEMM is slow for one row and scales
+//! with the batch. So, per tensor, the forward keeps one [`Kernel`]: the stored
+//! quantized weights with candle's kernels, a dense f32 copy, a requantized Q8_0
+//! copy, a packed bf16 copy, or (in `auto` and `exact`) the stored blocks for small
+//! steps beside a copy for large ones, picked by the number of rows.
 
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
 use candle_core::{Device, Module, Tensor};
 
+use super::bf16::Bf16Weights;
 use super::qgemv::QuantRows;
 use crate::Result;
 
@@ -30,12 +32,13 @@ use crate::Result;
 )]
 #[serde(rename_all = "snake_case")]
 pub enum WeightsMode {
-    /// Decide from the model size and the memory available: for steps of at most
-    /// [`AUTO_QUANT_MAX_ROWS`] rows, multiply the stored quantized blocks with f32
-    /// activations (our kernel, no activation rounding), and an f32 copy with the GEMM
-    /// for larger steps (batched decode, prefill), when memory allows. Both compute
-    /// the products of the exact dequantized weights, so switching stays within
-    /// float rounding.
+    /// The fastest path of this CPU that memory allows. Where the CPU has
+    /// `avx512_bf16`: bf16-rounded weights and activations with f32 sums for every
+    /// step, read from the stored quantized blocks for steps of at most
+    /// [`AUTO_BF16_SMALL_ROWS`] rows (single-sequence decode, bound by memory
+    /// bandwidth) and from a packed bf16 copy with `vdpbf16ps` for larger steps
+    /// (batched decode, prefill; bound by compute). The two paths compute the same
+    /// products and differ only in the order of the f32 sums. Elsewhere, as `exact`.
     #[default]
     Auto,
     /// The weights as stored in the file, with candle's quantized kernels.
@@ -46,6 +49,14 @@ pub enum WeightsMode {
     #[value(name = "q8_0")]
     #[serde(rename = "q8_0")]
     Q8_0,
+    /// bf16 weights and activations, f32 sums, for every step (`vdpbf16ps` where
+    /// the CPU has it, a portable loop elsewhere).
+    Bf16,
+    /// Exact f32 activations: the stored blocks for steps of at most
+    /// [`AUTO_QUANT_MAX_ROWS`] rows, an f32 copy with the GEMM for larger steps
+    /// (both the products of the exact dequantized weights, so switching stays
+    /// within float rounding).
+    Exact,
 }
 
 impl std::fmt::Display for WeightsMode {
@@ -55,22 +66,62 @@ impl std::fmt::Display for WeightsMode {
             WeightsMode::Native => "native",
             WeightsMode::F32 => "f32",
             WeightsMode::Q8_0 => "q8_0",
+            WeightsMode::Bf16 => "bf16",
+            WeightsMode::Exact => "exact",
         })
     }
 }
 
-/// In `auto`, steps of at most this many rows use the quantized blocks directly.
+/// In `exact`, steps of at most this many rows use the quantized blocks directly.
 pub const AUTO_QUANT_MAX_ROWS: usize = 16;
 
-/// A weight matrix `[out, in]` in the form(s) the chosen mode keeps.
+/// In `auto` with bf16, steps of at most this many rows use the quantized blocks
+/// (they read 3x fewer bytes than bf16 weights, which is what one row costs).
+pub const AUTO_BF16_SMALL_ROWS: usize = 2;
+
+/// The mode after `auto` was resolved against the CPU and the memory available.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ResolvedMode {
+    Native,
+    F32,
+    Q8_0,
+    Bf16,
+    /// The stored blocks for steps of at most `small_rows` rows, `large` above.
+    Split {
+        small_rows: usize,
+        large: Large,
+    },
+}
+
+/// The copy a [`ResolvedMode::Split`] uses for large steps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Large {
+    F32,
+    Bf16,
+}
+
+/// How one weight matrix is multiplied.
+#[derive(Debug, Clone)]
+enum Kernel {
+    /// candle's quantized kernels (native or requantized weights).
+    Quant(QMatMul),
+    /// Dense f32 weights `[out, in]` with the GEMM.
+    Dense(Tensor),
+    /// Packed bf16 weights.
+    Bf16(Bf16Weights),
+    /// The stored blocks with our f32-activation kernel up to `small_rows` rows, then
+    /// `large`.
+    Split {
+        small: QuantRows,
+        small_rows: usize,
+        large: Box<Kernel>,
+    },
+}
+
+/// A weight matrix `[out, in]` in the form the chosen mode keeps.
 #[derive(Debug, Clone)]
 pub(crate) struct Linear {
-    /// Quantized weights with candle's kernels (native or requantized), if kept.
-    quant: Option<QMatMul>,
-    /// The stored blocks for our f32-activation kernel (`auto`'s small steps).
-    exact: Option<QuantRows>,
-    /// Dense f32 weights `[out, in]`, if kept.
-    dense: Option<Tensor>,
+    kernel: Kernel,
     out_features: usize,
 }
 
@@ -84,35 +135,54 @@ impl Linear {
             .map(|p| p.shape().dims2().map(|d| d.0))
             .sum::<candle_core::Result<usize>>()?;
         let stored = fuse_quantized(parts)?;
-        let dense_from = |q: &QTensor| -> Result<Tensor> { Ok(q.dequantize(&Device::Cpu)?) };
         let is_float = matches!(
             stored.dtype(),
             GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
         );
-        let (quant, exact, dense) = match mode {
-            // Float tensors have no quantized kernel: they are dense in every mode.
-            _ if is_float => (None, None, Some(dense_from(&stored)?)),
-            ResolvedMode::Native => (Some(qmatmul(stored)), None, None),
-            ResolvedMode::F32 => (None, None, Some(dense_from(&stored)?)),
+        let kernel = match mode {
+            // Float tensors have no quantized kernel: dense f32, or bf16 in bf16 modes.
+            ResolvedMode::Bf16
+            | ResolvedMode::Split {
+                large: Large::Bf16, ..
+            } if is_float => bf16_of(&stored)?,
+            _ if is_float => Kernel::Dense(stored.dequantize(&Device::Cpu)?),
+            ResolvedMode::Native => Kernel::Quant(qmatmul(stored)),
+            ResolvedMode::F32 => Kernel::Dense(stored.dequantize(&Device::Cpu)?),
+            ResolvedMode::Bf16 => bf16_of(&stored)?,
             ResolvedMode::Q8_0 => {
                 let (_, k) = stored.shape().dims2()?;
                 if stored.dtype() == GgmlDType::Q8_0 || k % 32 != 0 {
-                    (Some(qmatmul(stored)), None, None)
+                    Kernel::Quant(qmatmul(stored))
                 } else {
-                    let w = dense_from(&stored)?;
-                    (
-                        Some(qmatmul(QTensor::quantize(&w, GgmlDType::Q8_0)?)),
-                        None,
-                        None,
-                    )
+                    let w = stored.dequantize(&Device::Cpu)?;
+                    Kernel::Quant(qmatmul(QTensor::quantize(&w, GgmlDType::Q8_0)?))
                 }
             }
-            ResolvedMode::Both => (None, QuantRows::new(&stored)?, Some(dense_from(&stored)?)),
+            ResolvedMode::Split { small_rows, large } => {
+                let large = match large {
+                    Large::F32 => Kernel::Dense(stored.dequantize(&Device::Cpu)?),
+                    Large::Bf16 => bf16_of(&stored)?,
+                };
+                let small = QuantRows::new(&stored)?;
+                // Next to bf16, the small steps round their operands the same way, so
+                // the two paths differ only in the order of the f32 sums.
+                let small = match large {
+                    Kernel::Bf16(_) => small.map(QuantRows::rounding_to_bf16),
+                    _ => small,
+                };
+                match small {
+                    Some(small) => Kernel::Split {
+                        small,
+                        small_rows,
+                        large: Box::new(large),
+                    },
+                    // No f32-activation kernel for this format: the copy serves all.
+                    None => large,
+                }
+            }
         };
         Ok(Self {
-            quant,
-            exact,
-            dense,
+            kernel,
             out_features,
         })
     }
@@ -124,39 +194,46 @@ impl Linear {
 
     /// `x [rows, in] -> [rows, out]`.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let rows = x.dim(0)?;
-        match (&self.quant, &self.exact, &self.dense) {
-            (Some(q), _, _) => Ok(q.forward(x)?),
-            (None, Some(e), _) if rows <= AUTO_QUANT_MAX_ROWS => {
-                let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
-                let out = e.matmul(&xs, rows);
-                Ok(Tensor::from_vec(
-                    out,
-                    (rows, self.out_features),
-                    &Device::Cpu,
-                )?)
+        forward_with(&self.kernel, x, self.out_features)
+    }
+}
+
+fn forward_with(kernel: &Kernel, x: &Tensor, out_features: usize) -> Result<Tensor> {
+    let rows = x.dim(0)?;
+    match kernel {
+        Kernel::Quant(q) => Ok(q.forward(x)?),
+        Kernel::Dense(w) => dense_forward(w, x, out_features),
+        Kernel::Bf16(w) => {
+            let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let out = w.matmul(&xs, rows);
+            Ok(Tensor::from_vec(out, (rows, w.n()), &Device::Cpu)?)
+        }
+        Kernel::Split {
+            small,
+            small_rows,
+            large,
+        } => {
+            if rows > *small_rows {
+                return forward_with(large, x, out_features);
             }
-            (None, _, Some(w)) => dense_forward(w, x, self.out_features),
-            (None, _, None) => unreachable!("a Linear keeps at least one form of its weights"),
+            let xs: Vec<f32> = x.flatten_all()?.to_vec1()?;
+            let out = small.matmul(&xs, rows);
+            Ok(Tensor::from_vec(out, (rows, out_features), &Device::Cpu)?)
         }
     }
 }
 
-/// The mode after `auto` was resolved against the memory available.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum ResolvedMode {
-    Native,
-    F32,
-    Q8_0,
-    /// Quantized for small steps and f32 for large ones.
-    Both,
+/// The packed bf16 copy of a stored tensor.
+fn bf16_of(stored: &QTensor) -> Result<Kernel> {
+    let (n, k) = stored.shape().dims2()?;
+    let w: Vec<f32> = stored.dequantize(&Device::Cpu)?.flatten_all()?.to_vec1()?;
+    Ok(Kernel::Bf16(Bf16Weights::pack(&w, n, k)))
 }
 
 fn qmatmul(q: QTensor) -> QMatMul {
     // `from_arc` would dequantize when CANDLE_DEQUANTIZE_ALL is set; we decide here.
     QMatMul::QTensor(Arc::new(q))
 }
-
 /// `x @ w^T` with the f32 GEMM, keeping every row's result independent of how many
 /// rows the product has.
 ///

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use super::attention::{attend_group, AttnShape, Rope, Scratch};
 use super::linear::{Linear, ResolvedMode};
+use super::profile::{Lap, Phase};
 use super::GgufFile;
 use crate::kv::{KvCache, KvLayout};
 use crate::{Error, Result};
@@ -234,9 +235,21 @@ impl Llama {
     ///
     /// On error no cache has grown (their `len` is unchanged).
     pub fn forward(&self, seqs: &mut [SeqInput<'_>]) -> Result<Tensor> {
+        self.run(seqs, false)
+    }
+
+    /// As [`forward`](Self::forward), but returns the logits of every new token of
+    /// every sequence, `[total_new_tokens, vocab]` in input order (for scoring text,
+    /// e.g. perplexity).
+    pub fn forward_all(&self, seqs: &mut [SeqInput<'_>]) -> Result<Tensor> {
+        self.run(seqs, true)
+    }
+
+    fn run(&self, seqs: &mut [SeqInput<'_>], all_logits: bool) -> Result<Tensor> {
         let cfg = &self.config;
         self.check(seqs)?;
         let _span = tracing::trace_span!("forward", seqs = seqs.len()).entered();
+        let mut lap = Lap::start();
         let lens: Vec<usize> = seqs.iter().map(|s| s.tokens.len()).collect();
         let starts: Vec<usize> = lens
             .iter()
@@ -264,7 +277,10 @@ impl Llama {
         for (li, block) in self.blocks.iter().enumerate() {
             let _span = tracing::trace_span!("block", li).entered();
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, cfg.rms_eps as f32)?;
-            let qkv: Vec<f32> = block.qkv.forward(&h)?.flatten_all()?.to_vec1()?;
+            lap.lap(Phase::Other);
+            let qkv = block.qkv.forward(&h)?;
+            lap.lap(Phase::Linear);
+            let qkv: Vec<f32> = qkv.flatten_all()?.to_vec1()?;
             let width = qd + 2 * kvd;
             let mut q = Vec::with_capacity(total * qd);
             let mut k = Vec::with_capacity(total * kvd);
@@ -287,29 +303,48 @@ impl Llama {
                     &v[a * kvd..(a + n) * kvd],
                 );
             }
+            lap.lap(Phase::Other);
             let attn = self.attention(seqs, &q, &starts, &lens, li, shape)?;
-            x = (x + block.wo.forward(&attn)?)?;
-
+            lap.lap(Phase::Attention);
+            let o = block.wo.forward(&attn)?;
+            lap.lap(Phase::Linear);
+            x = (x + o)?;
             let h = candle_nn::ops::rms_norm(&x, &block.ffn_norm, cfg.rms_eps as f32)?;
+            lap.lap(Phase::Other);
             let gu = block.gate_up.forward(&h)?;
+            lap.lap(Phase::Linear);
             let half = block.gate_up.out_features() / 2;
-            let act =
-                (candle_nn::ops::silu(&gu.narrow(1, 0, half)?)? * gu.narrow(1, half, half)?)?;
-            x = (x + block.down.forward(&act)?)?;
+            let gu: Vec<f32> = gu.flatten_all()?.to_vec1()?;
+            let act = Tensor::from_vec(
+                crate::math::silu_mul(&gu, half),
+                (total, half),
+                &Device::Cpu,
+            )?;
+            lap.lap(Phase::Other);
+            let down = block.down.forward(&act)?;
+            lap.lap(Phase::Linear);
+            x = (x + down)?;
         }
         for s in seqs.iter_mut() {
             s.cache.advance(s.tokens.len());
         }
-        let last: Vec<u32> = starts
-            .iter()
-            .zip(&lens)
-            .map(|(a, n)| (a + n - 1) as u32)
-            .collect();
-        let last = Tensor::from_vec(last, seqs.len(), &Device::Cpu)?;
-        let x = x.index_select(&last, 0)?;
+        let x = if all_logits {
+            x
+        } else {
+            let last: Vec<u32> = starts
+                .iter()
+                .zip(&lens)
+                .map(|(a, n)| (a + n - 1) as u32)
+                .collect();
+            let last = Tensor::from_vec(last, seqs.len(), &Device::Cpu)?;
+            x.index_select(&last, 0)?
+        };
+        lap.lap(Phase::Other);
         let x = candle_nn::ops::rms_norm(&x, &self.norm, cfg.rms_eps as f32)?;
         let _span = tracing::trace_span!("head").entered();
-        self.head.forward(&x)
+        let logits = self.head.forward(&x)?;
+        lap.lap(Phase::Head);
+        Ok(logits)
     }
 
     /// Attention of every sequence, in parallel over (sequence, head); returns

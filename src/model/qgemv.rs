@@ -25,6 +25,10 @@ pub(crate) struct QuantRows {
     n: usize,
     k: usize,
     data: Vec<u8>,
+    /// Round the dequantized weights and the activations to bfloat16 before their
+    /// products (which are then exact), so that the results equal the bf16 kernel's
+    /// to f32 summation order: `auto`'s small steps next to its bf16 large ones.
+    round_bf16: bool,
 }
 
 impl QuantRows {
@@ -43,7 +47,14 @@ impl QuantRows {
             n,
             k,
             data: q.data()?.into_owned(),
+            round_bf16: false,
         }))
+    }
+
+    /// The same matrix, multiplied with bf16-rounded operands (see `round_bf16`).
+    pub(crate) fn rounding_to_bf16(mut self) -> Self {
+        self.round_bf16 = true;
+        self
     }
 
     fn block_bytes(&self) -> usize {
@@ -56,6 +67,13 @@ impl QuantRows {
 
     /// `x [m, k] -> [m, n]` (row-major slices).
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let rounded: Vec<f32>;
+        let x = if self.round_bf16 {
+            rounded = x.iter().map(|&v| round_bf16(v)).collect();
+            &rounded[..]
+        } else {
+            x
+        };
         let (n, k) = (self.n, self.k);
         let row_bytes = k / BLOCK * self.block_bytes();
         // Per row and block, the sum of the activations: the Q4_1 offset `m` of a
@@ -112,7 +130,14 @@ impl QuantRows {
                 let rows = out.len();
                 // SAFETY: the build targets AVX-512F (cfg above); `w` is one weight row
                 // of this matrix and the x slice holds exactly `rows` rows.
-                unsafe { simd::column(self.dtype, w, &x[r0 * k..(r0 + rows) * k], k, out) };
+                unsafe {
+                    let x = &x[r0 * k..(r0 + rows) * k];
+                    if self.round_bf16 {
+                        simd::column::<true>(self.dtype, w, x, k, out)
+                    } else {
+                        simd::column::<false>(self.dtype, w, x, k, out)
+                    }
+                };
             }
             return;
         }
@@ -135,7 +160,14 @@ impl QuantRows {
         offs.iter_mut().for_each(|o| *o = 0.0);
         let mut wv = [0f32; BLOCK];
         for (b, blk) in w.chunks_exact(self.block_bytes()).enumerate() {
-            let offset = decode(self.dtype, blk, &mut wv);
+            let mut offset = decode(self.dtype, blk, &mut wv);
+            if self.round_bf16 {
+                // The weights themselves, rounded: no separate offset term.
+                for v in wv.iter_mut() {
+                    *v = round_bf16(*v + offset);
+                }
+                offset = 0.0;
+            }
             for (r, a) in acc.iter_mut().enumerate() {
                 let xs = &x[r * k + b * BLOCK..r * k + (b + 1) * BLOCK];
                 for i in 0..BLOCK {
@@ -166,7 +198,13 @@ mod simd {
     /// # Safety
     /// Needs AVX-512F; `w` holds `k / 32` blocks of `dtype` (Q4_1 or Q8_0), `x` holds
     /// `out.len()` rows of `k` floats.
-    pub(super) unsafe fn column(dtype: GgmlDType, w: &[u8], x: &[f32], k: usize, out: &mut [f32]) {
+    pub(super) unsafe fn column<const ROUND: bool>(
+        dtype: GgmlDType,
+        w: &[u8],
+        x: &[f32],
+        k: usize,
+        out: &mut [f32],
+    ) {
         let m = out.len();
         let blocks = k / 32;
         // Two accumulators per row (low and high half of each block) so that the
@@ -188,7 +226,16 @@ mod simd {
                     let idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(4) as *const __m128i));
                     let lo = _mm512_permutexvar_ps(idx, table);
                     let hi = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(idx), table);
-                    (_mm512_fmadd_ps(lo, d, mn), _mm512_fmadd_ps(hi, d, mn))
+                    if ROUND {
+                        // q * d + m rounded twice, as the dequantized f32 copy is,
+                        // then to bf16.
+                        (
+                            round16(_mm512_add_ps(_mm512_mul_ps(lo, d), mn)),
+                            round16(_mm512_add_ps(_mm512_mul_ps(hi, d), mn)),
+                        )
+                    } else {
+                        (_mm512_fmadd_ps(lo, d, mn), _mm512_fmadd_ps(hi, d, mn))
+                    }
                 }
                 _ => {
                     let blk = w.as_ptr().add(b * 34);
@@ -197,7 +244,11 @@ mod simd {
                     let q1 = _mm_loadu_si128(blk.add(18) as *const __m128i);
                     let lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0));
                     let hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1));
-                    (_mm512_mul_ps(lo, d), _mm512_mul_ps(hi, d))
+                    if ROUND {
+                        (round16(_mm512_mul_ps(lo, d)), round16(_mm512_mul_ps(hi, d)))
+                    } else {
+                        (_mm512_mul_ps(lo, d), _mm512_mul_ps(hi, d))
+                    }
                 }
             };
             for r in 0..m {
@@ -210,6 +261,24 @@ mod simd {
             out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc_lo[r], acc_hi[r]));
         }
     }
+
+    /// 16 floats rounded to bfloat16 (to nearest, ties to even), kept as f32.
+    #[inline(always)]
+    unsafe fn round16(x: __m512) -> __m512 {
+        let b = _mm512_castps_si512(x);
+        let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+        let r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), odd);
+        _mm512_castsi512_ps(_mm512_and_si512(
+            r,
+            _mm512_set1_epi32(0xFFFF_0000u32 as i32),
+        ))
+    }
+}
+
+/// `x` rounded to bfloat16 (to nearest, ties to even), kept as f32.
+#[inline(always)]
+pub(crate) fn round_bf16(x: f32) -> f32 {
+    super::bf16::from_bf16(super::bf16::to_bf16(x))
 }
 
 /// Whether this build multiplies `dtype` with the AVX-512 kernel.
@@ -316,6 +385,35 @@ mod tests {
                 for r in (0..m).filter(|_| m > 1) {
                     let alone = rows.matmul(&xs[r * 96..(r + 1) * 96], 1);
                     assert_eq!(alone, got[r * 83..(r + 1) * 83], "{dtype:?} m={m} row {r}");
+                }
+            }
+        }
+    }
+
+    /// Rounding to bf16, the kernel equals the bf16 kernel over the dequantized
+    /// weights to f32 summation order (portable and AVX-512 paths alike), for row
+    /// counts across the groups of 8, an odd width and odd block counts.
+    #[test]
+    fn rounding_to_bf16_equals_the_bf16_kernel() {
+        let dev = Device::Cpu;
+        for &(n, k) in &[(83usize, 96usize), (19, 160)] {
+            let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+            for dtype in [GgmlDType::Q4_0, GgmlDType::Q4_1, GgmlDType::Q8_0] {
+                let q = QTensor::quantize(&w, dtype).unwrap();
+                let dq: Vec<f32> = q
+                    .dequantize(&dev)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap();
+                let panel = super::super::bf16::Bf16Weights::pack(&dq, n, k);
+                let rows = QuantRows::new(&q).unwrap().unwrap().rounding_to_bf16();
+                for m in [1, 2, 3, 9, 17] {
+                    let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+                    let xs = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    let d = max_diff(&rows.matmul(&xs, m), &panel.matmul(&xs, m));
+                    assert!(d < 2e-5 * k as f32, "{dtype:?} n={n} k={k} m={m}: {d}");
                 }
             }
         }

@@ -96,6 +96,7 @@ pub fn engine_config(
             max_step_tokens,
             max_running,
             kv_budget_bytes,
+            ..Default::default()
         },
         ..Default::default()
     }
