@@ -88,7 +88,6 @@ pub struct EngineConfig {
     pub kv_dtype: KvDtype,
 }
 
-
 /// A generation request: append `tokens` to `cache`, then generate.
 pub struct Generate {
     /// The requester's cache, moved in; it comes back in [`Done`] (or in the

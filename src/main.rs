@@ -728,6 +728,16 @@ fn print_info(info: &troupe::ModelInfo) {
         }
     );
     println!("weights           {}", info.weights_chosen);
+    let kv: Vec<String> = info
+        .kv_bytes_per_token
+        .iter()
+        .map(|(d, b)| format!("{d} {b} bytes"))
+        .collect();
+    println!(
+        "kv per token      {} (default {})",
+        kv.join(", "),
+        troupe::KvDtype::default()
+    );
 }
 
 fn print_forward(r: &troupe::bench::forward::ForwardReport) {

@@ -180,6 +180,8 @@ pub struct ModelInfo {
     /// SHA-256 of the first MiB of tensor data: tells two models of one shape apart
     /// (agent snapshots check it).
     pub fingerprint: String,
+    /// KV cache bytes per token, per element type (`f32`, `f16`).
+    pub kv_bytes_per_token: BTreeMap<String, usize>,
 }
 
 /// A loaded model: weights, tokenizer, chat template.
@@ -239,6 +241,15 @@ impl Model {
         let (resolved, weights_chosen) = resolve_mode(opts.weights, parameters, &tensor_types);
         let fingerprint = fingerprint(path, file.content.tensor_data_offset)?;
         let llama = Llama::load(&mut file, config.clone(), resolved)?;
+        let kv_bytes_per_token = [KvDtype::F32, KvDtype::F16]
+            .into_iter()
+            .map(|d| {
+                (
+                    d.to_string(),
+                    KvCache::bytes_per_token(config.kv_layout(), d),
+                )
+            })
+            .collect();
         let info = ModelInfo {
             file_bytes: std::fs::metadata(path)?.len(),
             path: path.to_path_buf(),
@@ -260,6 +271,7 @@ impl Model {
             weights_requested: opts.weights,
             weights_chosen,
             fingerprint,
+            kv_bytes_per_token,
         };
         Ok(Self {
             grammars: std::sync::OnceLock::new(),
@@ -382,7 +394,7 @@ fn resolve_mode(
                         large: Large::Bf16,
                     },
                     format!(
-                        "auto: stored {stored} blocks x f32 activations for steps of at most {AUTO_BF16_SMALL_ROWS} rows, a bf16 copy ({} MiB) with avx512_bf16 for larger steps ({} MiB available)",
+                        "auto: bf16 products with f32 sums: from the stored {stored} blocks for steps of at most {AUTO_BF16_SMALL_ROWS} rows, from a bf16 copy ({} MiB) with avx512_bf16 for larger steps ({} MiB available)",
                         mib(bytes),
                         mib(avail)
                     ),

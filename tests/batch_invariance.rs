@@ -1,7 +1,10 @@
 //! A sequence's logits do not depend on which other sequences share its batch:
-//! bitwise with a fixed weights mode (native, f32, q8_0, bf16), within 1e-3 with
-//! `auto` and `exact`, whose small and large steps take two kernels computing the
-//! same products (they differ in the order of the f32 sums only).
+//! bitwise with a fixed weights mode (native, f32, q8_0, bf16); within 1e-3 with
+//! `exact`, whose small and large steps take two kernels computing the same exact
+//! products; within 0.5 with `auto` on the default model, whose two kernels compute
+//! the same bf16 products too, but where a sum that differs in its last f32 bit can
+//! round an activation to the neighbouring bf16 value in the next layer (2^-8
+//! relative), so the difference grows through the 30 layers (measured: 0.28).
 
 mod common;
 
@@ -103,5 +106,11 @@ fn default_model_f32_is_bitwise_batch_invariant() {
 #[test]
 fn default_model_auto_is_batch_invariant_within_tolerance() {
     let d = ragged_vs_alone(&real(WeightsMode::Auto), 49_000);
+    assert!(d <= 0.5, "max difference {d}");
+}
+
+#[test]
+fn default_model_exact_is_batch_invariant_within_tolerance() {
+    let d = ragged_vs_alone(&real(WeightsMode::Exact), 49_000);
     assert!(d <= 1e-3, "max difference {d}");
 }
