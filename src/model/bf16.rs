@@ -134,7 +134,7 @@ struct SharedOut(*mut f32);
 unsafe impl Sync for SharedOut {}
 
 /// Rows of `x [m, k]` as bf16 pairs `[m, ceil(k / 2)]` (a zero pads an odd `k`).
-fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<u32> {
+pub(crate) fn pack_rows(x: &[f32], m: usize, k: usize) -> Vec<u32> {
     let kp = k.div_ceil(2);
     let mut out = vec![0u32; m * kp];
     for (row, dst) in x.chunks_exact(k).zip(out.chunks_exact_mut(kp)) {

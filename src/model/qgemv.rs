@@ -67,6 +67,10 @@ impl QuantRows {
 
     /// `x [m, k] -> [m, n]` (row-major slices).
     pub(crate) fn matmul(&self, x: &[f32], m: usize) -> Vec<f32> {
+        #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+        if self.round_bf16 && self.dtype != GgmlDType::Q4_0 && super::bf16::has_native_bf16() {
+            return self.matmul_dp(x, m);
+        }
         let rounded: Vec<f32>;
         let x = if self.round_bf16 {
             rounded = x.iter().map(|&v| round_bf16(v)).collect();
@@ -99,6 +103,37 @@ impl QuantRows {
                     let w = &self.data[col * row_bytes..(col + 1) * row_bytes];
                     self.column(w, x, &xsum, &mut acc, &mut offs, out);
                 }
+            });
+        let mut out = vec![0f32; m * n];
+        for (col, vals) in out_t.chunks_exact(m).enumerate() {
+            for (r, v) in vals.iter().enumerate() {
+                out[r * n + col] = *v;
+            }
+        }
+        out
+    }
+
+    /// [`matmul`](Self::matmul) with bf16 operands by `vdpbf16ps`: each block is
+    /// decoded to f32 as the dequantized copy is, converted to bf16 once, and
+    /// multiplied with every row's bf16 activations (the products of the bf16 kernel,
+    /// in another order of the f32 sums).
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    fn matmul_dp(&self, x: &[f32], m: usize) -> Vec<f32> {
+        let (n, k) = (self.n, self.k);
+        let xb = super::bf16::pack_rows(x, m, k);
+        let row_bytes = k / BLOCK * self.block_bytes();
+        let mut out_t = vec![0f32; n * m];
+        let cols_per_job = (n / (4 * rayon::current_num_threads().max(1))).clamp(16, 256);
+        out_t
+            .par_chunks_mut(cols_per_job * m)
+            .enumerate()
+            .for_each(|(job, chunk)| {
+                let col0 = job * cols_per_job;
+                let cols = chunk.len() / m;
+                let w = &self.data[col0 * row_bytes..(col0 + cols) * row_bytes];
+                // SAFETY: avx512_bf16 was detected; `w` holds `cols` weight rows of
+                // this matrix, `xb` `m` rows of k / 2 pairs, `chunk` `cols * m` floats.
+                unsafe { simd::columns_dp(self.dtype, w, row_bytes, &xb, m, k, chunk) };
             });
         let mut out = vec![0f32; m * n];
         for (col, vals) in out_t.chunks_exact(m).enumerate() {
@@ -259,6 +294,86 @@ mod simd {
         }
         for r in 0..m {
             out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc_lo[r], acc_hi[r]));
+        }
+    }
+
+    /// The weight rows `w` (`row_bytes` each) times the `m` bf16 activation rows
+    /// `xb` (`k / 2` pairs each) into `out` (column-major, `m` per column).
+    ///
+    /// # Safety
+    /// Needs AVX-512F and AVX512_BF16; `dtype` is Q4_1 or Q8_0; the slices hold
+    /// what the shapes say.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn columns_dp(
+        dtype: GgmlDType,
+        w: &[u8],
+        row_bytes: usize,
+        xb: &[u32],
+        m: usize,
+        k: usize,
+        out: &mut [f32],
+    ) {
+        let blocks = k / 32;
+        let kp = k / 2;
+        let table = _mm512_setr_ps(
+            0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0,
+        );
+        let xp = xb.as_ptr();
+        for (c, out) in out.chunks_exact_mut(m).enumerate() {
+            let wrow = w.as_ptr().add(c * row_bytes);
+            for r0 in (0..m).step_by(MAX_ROWS) {
+                let rows = MAX_ROWS.min(m - r0);
+                // Two accumulators per row (even and odd blocks) so that the
+                // dot products of one row do not wait on each other.
+                let mut acc = [_mm512_setzero_ps(); MAX_ROWS];
+                let mut acc2 = [_mm512_setzero_ps(); MAX_ROWS];
+                for b in 0..blocks {
+                    // The block's 32 weights as f32 (q * d + m, or q * d), then bf16.
+                    let (lo, hi) = match dtype {
+                        GgmlDType::Q4_1 => {
+                            let blk = wrow.add(b * 20);
+                            let d =
+                                _mm512_set1_ps(f16::from_le_bytes([*blk, *blk.add(1)]).to_f32());
+                            let mn = _mm512_set1_ps(
+                                f16::from_le_bytes([*blk.add(2), *blk.add(3)]).to_f32(),
+                            );
+                            let idx =
+                                _mm512_cvtepu8_epi32(_mm_loadu_si128(blk.add(4) as *const __m128i));
+                            let lo = _mm512_permutexvar_ps(idx, table);
+                            let hi = _mm512_permutexvar_ps(_mm512_srli_epi32::<4>(idx), table);
+                            (
+                                _mm512_add_ps(_mm512_mul_ps(lo, d), mn),
+                                _mm512_add_ps(_mm512_mul_ps(hi, d), mn),
+                            )
+                        }
+                        _ => {
+                            let blk = wrow.add(b * 34);
+                            let d =
+                                _mm512_set1_ps(f16::from_le_bytes([*blk, *blk.add(1)]).to_f32());
+                            let q0 = _mm_loadu_si128(blk.add(2) as *const __m128i);
+                            let q1 = _mm_loadu_si128(blk.add(18) as *const __m128i);
+                            (
+                                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q0)), d),
+                                _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q1)), d),
+                            )
+                        }
+                    };
+                    let wb = _mm512_cvtne2ps_pbh(hi, lo);
+                    for r in 0..rows {
+                        let xv: __m512bh = std::mem::transmute(_mm512_loadu_si512(
+                            xp.add((r0 + r) * kp + b * 16) as *const _,
+                        ));
+                        if b % 2 == 0 {
+                            acc[r] = _mm512_dpbf16_ps(acc[r], wb, xv);
+                        } else {
+                            acc2[r] = _mm512_dpbf16_ps(acc2[r], wb, xv);
+                        }
+                    }
+                }
+                for r in 0..rows {
+                    out[r0 + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r], acc2[r]));
+                }
+            }
         }
     }
 
