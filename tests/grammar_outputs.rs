@@ -157,12 +157,16 @@ async fn json_schema_outputs_validate_against_their_schemas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn regex_choice_and_lark_outputs_conform() {
     let model = real(WeightsMode::Auto);
-    let compiler = GrammarCompiler::new(model.tokenizer()).unwrap();
+    // Bounded (at most five short items), so that a sample ends inside 64 tokens.
     let lark = r#"
-start: item ("," " "? item)*
-item: /[a-z]+/ | NUMBER
+start: item ("," " "? item){0,4}
+item: /[a-z]{1,12}/ | NUMBER
 NUMBER: /[0-9]{1,3}/
 "#;
+    // The same language as a regex: an oracle independent of llguidance.
+    let lark_oracle =
+        regex::Regex::new(r"^(?:[a-z]{1,12}|[0-9]{1,3})(?:, ?(?:[a-z]{1,12}|[0-9]{1,3})){0,4}$")
+            .unwrap();
     let cases = vec![
         (
             Grammar::Regex(r"[0-9]{4}-[0-9]{2}-[0-9]{2}".into()),
@@ -185,7 +189,7 @@ NUMBER: /[0-9]{1,3}/
     let mut reqs = Vec::new();
     for (g, prompt) in &cases {
         for seed in 1..=2u64 {
-            let mut r = Generate::new(cache(&model), chat(&model, prompt), 40);
+            let mut r = Generate::new(cache(&model), chat(&model, prompt), 64);
             r.grammar = Some(g.clone());
             r.sampling = SamplingParams::with_temperature(0.7, seed);
             reqs.push((g.clone(), r));
@@ -222,12 +226,9 @@ NUMBER: /[0-9]{1,3}/
             }
             Grammar::Choice(c) => assert!(c.contains(&done.text), "{:?} not in {c:?}", done.text),
             Grammar::Lark(_) => {
-                // Parse the output again with a fresh matcher of the same grammar.
-                let fresh = compiler.compile(&g).unwrap().constraint();
-                let toks: Vec<u32> = done.tokens.clone();
                 assert!(
-                    fresh.accepts_tokens(&toks),
-                    "{:?} does not parse",
+                    lark_oracle.is_match(&done.text),
+                    "{:?} is not a list of at most five items",
                     done.text
                 );
             }
@@ -275,7 +276,8 @@ async fn mixed_grammars_in_one_batch_equal_each_alone() {
                 let mut r = Generate::new(
                     cache(model),
                     chat(model, &format!("Answer question number {i}.")),
-                    24,
+                    // Room for a JSON object with the whitespace the model likes.
+                    64,
                 );
                 r.grammar = g.clone();
                 r
@@ -284,7 +286,11 @@ async fn mixed_grammars_in_one_batch_equal_each_alone() {
     };
     let together_reqs = requests(&model);
     let alone_reqs = requests(&model);
-    let a = actor(model, engine_config(512, 16, usize::MAX));
+    // Every prompt prefilled in the first steps, even once others decode, so that
+    // all ten share steps.
+    let mut cfg = engine_config(512, 16, usize::MAX);
+    cfg.scheduler.max_prefill_while_decoding = 512;
+    let a = actor(model, cfg);
     let mut streams = Vec::new();
     for r in together_reqs {
         streams.push(a.ask(r).await.unwrap());
