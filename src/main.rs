@@ -278,7 +278,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-/// Loads the model at `path` and spawns its model actor (call inside [`runtime`]).
+/// The `--kv-dtype` of this invocation, for the model actors the commands start.
+static KV_DTYPE: std::sync::OnceLock<KvDtype> = std::sync::OnceLock::new();
+
+/// Loads the model at `path` and spawns its model actor (call inside [`runtime`]),
+/// whose agents' caches take the `--kv-dtype` given (default f16).
 fn start_model(
     path: &std::path::Path,
     weights: WeightsMode,
@@ -287,7 +291,11 @@ fn start_model(
         Model::load(path, LoadOptions { weights })
             .with_context(|| format!("loading {}", path.display()))?,
     );
-    let engine = ModelActor::spawn(ModelActor::new(model.clone(), EngineConfig::default())?);
+    let config = EngineConfig {
+        kv_dtype: KV_DTYPE.get().copied().unwrap_or_default(),
+        ..EngineConfig::default()
+    };
+    let engine = ModelActor::spawn(ModelActor::new(model.clone(), config)?);
     Ok((model, engine))
 }
 
@@ -309,6 +317,7 @@ fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> anyhow::
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let _ = KV_DTYPE.set(cli.kv_dtype.unwrap_or_default());
     let model_path =
         || -> anyhow::Result<PathBuf> { Ok(fetch::resolve_model_path(cli.model.as_deref())?) };
     let load = || -> anyhow::Result<Model> {
