@@ -89,7 +89,9 @@ fn default_model_bf16_is_bitwise_batch_invariant() {
 
 #[test]
 fn tiny_auto_is_batch_invariant_within_tolerance() {
-    let d = ragged_vs_alone(&tiny(WeightsMode::Auto), 270);
+    let m = tiny(WeightsMode::Auto);
+    assert_auto_path(&m);
+    let d = ragged_vs_alone(&m, 270);
     assert!(d <= 1e-3, "max difference {d}");
 }
 
@@ -105,7 +107,9 @@ fn default_model_f32_is_bitwise_batch_invariant() {
 
 #[test]
 fn default_model_auto_is_batch_invariant_within_tolerance() {
-    let d = ragged_vs_alone(&real(WeightsMode::Auto), 49_000);
+    let m = real(WeightsMode::Auto);
+    assert_auto_path(&m);
+    let d = ragged_vs_alone(&m, 49_000);
     assert!(d <= 0.5, "max difference {d}");
 }
 

@@ -80,9 +80,7 @@ fn info_describes_the_default_model() {
     assert_eq!(info.tensor_types.get("Q4_1"), Some(&210));
     assert!(info.chat_template_embedded);
     assert_eq!(info.pretokenizer, "smollm");
-    assert!(
-        info.weights_chosen.starts_with("auto"),
-        "{}",
-        info.weights_chosen
-    );
+    assert_auto_path(&m);
+    assert_eq!(info.kv_bytes_per_token["f16"], 30 * 2 * 3 * 64 * 2);
+    assert_eq!(info.kv_bytes_per_token["f32"], 30 * 2 * 3 * 64 * 4);
 }

@@ -85,6 +85,28 @@ pub fn actor(
     troupe::engine::ModelActor::spawn(a)
 }
 
+/// Indices of the five largest values.
+pub fn top5(v: &[f32]) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|&i, &j| v[j].total_cmp(&v[i]));
+    idx.truncate(5);
+    idx
+}
+
+/// What `auto` resolves to on this CPU: the bf16 copy where it has avx512_bf16,
+/// else the exact path's f32 copy; fails when the model fell back to something else
+/// (e.g. native, when memory was short), so an auto test never silently repeats
+/// another mode's.
+pub fn assert_auto_path(model: &Model) {
+    let chosen = &model.info().weights_chosen;
+    let want = if troupe::model::has_native_bf16() {
+        "a bf16 copy"
+    } else {
+        "an f32 copy"
+    };
+    assert!(chosen.starts_with("auto") && chosen.contains(want), "auto chose: {chosen}");
+}
+
 /// An engine config with the given limits.
 pub fn engine_config(
     max_step_tokens: usize,
@@ -139,6 +161,16 @@ pub fn compare_with_reference(
         assert!(
             d <= tolerance,
             "step {step}: max abs difference {d} > {tolerance}"
+        );
+        // The same choice: each side's most likely token is among the other's five
+        // most likely.
+        let (a, b) = (
+            troupe::sampling::argmax(&mine) as usize,
+            troupe::sampling::argmax(&theirs) as usize,
+        );
+        assert!(
+            top5(&theirs).contains(&a) && top5(&mine).contains(&b),
+            "step {step}: our argmax {a}, theirs {b}"
         );
         let next = troupe::sampling::argmax(&theirs);
         mine = feed(&ours, &mut c, &[next]);
