@@ -83,7 +83,7 @@ pub enum Error {
         context: usize,
     },
     /// A generation request that can never fit the model's context.
-    #[error("request needs {cached} cached + {new} new + {max_tokens} max_tokens = {} tokens, more than the model's context of {context}", cached + new + max_tokens)]
+    #[error("request needs {cached} cached + {new} new + {max_tokens} max_tokens = {} tokens, more than the model's context of {context}", cached.saturating_add(*new).saturating_add(*max_tokens))]
     RequestTooLong {
         /// Tokens already in the cache.
         cached: usize,
@@ -108,9 +108,22 @@ pub enum Error {
     /// it under the KV budget; resubmit with the whole context (re-prefill).
     #[error("preempted under the KV budget: the cache was dropped, resubmit from an empty cache")]
     Preempted,
-    /// The engine thread is gone (the model actor stopped).
+    /// The engine thread is gone (the model actor stopped, or the thread died with
+    /// this request in it; the actor restarts it for the next request).
     #[error("the model engine stopped")]
     EngineStopped,
+    /// The forward panicked on this sequence (alone: the others of its step went on).
+    #[error("the forward panicked on this sequence: {what}")]
+    EnginePanic {
+        /// The panic's message.
+        what: String,
+    },
+    /// The model produced a NaN logit for this sequence.
+    #[error("the model produced a NaN logit (token {index}); the sequence cannot be sampled")]
+    NanLogits {
+        /// The first token whose logit is NaN.
+        index: usize,
+    },
     /// A grammar that does not compile, or a generation it cannot continue.
     #[error("{kind}: {message}")]
     Grammar {
@@ -142,6 +155,14 @@ pub enum Error {
         expected: String,
         /// Computed digest (hex).
         actual: String,
+    },
+    /// An allocation the system refused.
+    #[error("out of memory: {what} need {bytes} bytes")]
+    OutOfMemory {
+        /// What was being allocated.
+        what: &'static str,
+        /// Its size.
+        bytes: usize,
     },
     /// A tensor operation failed inside candle.
     #[error(transparent)]
