@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod chat;
 pub mod fetch;
+pub mod gguf_check;
 pub mod linear;
 pub mod llama;
 mod qgemv;
@@ -58,27 +59,14 @@ impl GgufFile {
                 magic: magic[..got].to_vec(),
             });
         }
+        // Our own walk first: candle's reader divides by `general.alignment`.
+        gguf_check::walk_header(path)?;
         let mut reader = BufReader::new(File::open(path)?);
         let content = gguf_file::Content::read(&mut reader).map_err(|e| Error::BadGguf {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        let expected = content
-            .tensor_infos
-            .values()
-            .map(|t| {
-                let blocks = t.shape.elem_count() / t.ggml_dtype.block_size();
-                content.tensor_data_offset + t.offset + (blocks * t.ggml_dtype.type_size()) as u64
-            })
-            .max()
-            .unwrap_or(content.tensor_data_offset);
-        if actual < expected {
-            return Err(Error::Truncated {
-                path: path.to_path_buf(),
-                expected,
-                actual,
-            });
-        }
+        gguf_check::check_tensors(path, &content, actual)?;
         Ok(Self {
             path: path.to_path_buf(),
             reader,
@@ -202,6 +190,7 @@ impl Model {
             return Err(Error::UnsupportedArchitecture { arch: architecture });
         }
         let config = LlamaConfig::from_gguf(&file.content)?;
+        gguf_check::check_special_tokens(&file.content, config.vocab_size)?;
         let tokenizer = Tokenizer::from_gguf(&file.content)?;
         let embedded = file.meta_str("tokenizer.chat_template").map(str::to_string);
         let chat_template = match &embedded {
