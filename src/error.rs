@@ -74,6 +74,13 @@ pub enum Error {
     /// The chat template could not be compiled or rendered.
     #[error("chat template: {0}")]
     ChatTemplate(String),
+    /// Rendering the chat template ran past one of its bounds (a template that loops,
+    /// or renders a huge prompt).
+    #[error("chat template: rendering exceeded its {limit}")]
+    TemplateLimit {
+        /// Which bound, with its value.
+        limit: String,
+    },
     /// A sequence would grow past the model's context window.
     #[error("sequence of {needed} tokens exceeds the model's context of {context} tokens")]
     ContextOverflow {
@@ -132,6 +139,23 @@ pub enum Error {
         /// llguidance's message.
         message: String,
     },
+    /// A reply that `max_tokens` cut inside a tool call, even after one retry with
+    /// more room: the turn fails rather than return the broken call as an answer.
+    #[error("the reply was cut by max_tokens ({max_tokens}) inside a tool call; raise max_tokens")]
+    ToolCallCut {
+        /// The budget of the last try.
+        max_tokens: usize,
+    },
+    /// An agent called as a tool would ask an agent already waiting on it.
+    #[error("agent-as-tool cycle refused: {chain}")]
+    ToolCycle {
+        /// The agents of the cycle, in order.
+        chain: String,
+    },
+    /// The turn was stopped because the agent that asked it as a tool gave up on it
+    /// (its tool call timed out).
+    #[error("the turn was cancelled: the agent that asked it gave up")]
+    Cancelled,
     /// A forward call that makes no sense (no sequences, a sequence with no new tokens…).
     #[error("invalid input: {0}")]
     InvalidInput(String),
