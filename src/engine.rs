@@ -10,6 +10,7 @@
 //! stream cancels the request at the next step.
 
 mod actor;
+mod guarded;
 pub mod scheduler;
 mod stop;
 mod worker;

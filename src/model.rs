@@ -409,15 +409,16 @@ impl Model {
                 constraint.as_deref_mut(),
                 &mut next,
             )?;
-            for &t in &next {
+            for (i, &t) in next.iter().enumerate() {
                 if self.tokenizer.eos_token_ids().contains(&t) {
                     let finish = if done { Finish::Grammar } else { Finish::Stop };
                     return Ok((out, finish));
                 }
                 on_token(t)?;
                 out.push(t);
-                if out.len() >= max_tokens {
-                    break;
+                if out.len() >= max_tokens && i + 1 < next.len() {
+                    // Cut inside a forced run: the grammar did not reach its end.
+                    return Ok((out, Finish::Length));
                 }
             }
             if done {

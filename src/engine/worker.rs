@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::guarded::{self, guard, panic_text};
 use super::scheduler::{HolderId, Scheduler, SeqId};
 use super::stop::StopMatcher;
 use super::{
@@ -397,31 +398,12 @@ impl Worker {
             }
         }
         let _span = tracing::trace_span!("step", seqs = inputs.len()).entered();
-        let model = &self.model;
-        let hook = self.hooks.panic_in_forward_on_token;
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            if let Some(t) = hook {
-                if inputs.iter().any(|s| s.tokens.contains(&t)) {
-                    panic!("test hook: the forward panics on token {t}");
-                }
-            }
-            model
-                .forward(&mut inputs)
-                .and_then(|l| Ok(l.to_vec2::<f32>()?))
-        }))
-        .unwrap_or_else(|p| {
-            Err(Error::EnginePanic {
-                what: panic_text(p.as_ref()),
-            })
-        });
-        if result.is_err() {
-            // A forward that failed half way may have grown some caches.
-            for (s, &len) in inputs.iter_mut().zip(&lens) {
-                if s.cache.len() != len {
-                    s.cache.truncate(len);
-                }
-            }
-        }
+        let result = guarded::forward(
+            &self.model,
+            &mut inputs,
+            &lens,
+            self.hooks.panic_in_forward_on_token,
+        );
         drop(inputs);
         self.stats.steps += 1;
         let n_seqs = order.len();
@@ -474,6 +456,7 @@ impl Worker {
             s.first_token = Some(now);
         }
         let mut finish = None;
+        let before = s.generated.len();
         for i in 0..s.feed.len() {
             let t = s.feed[i];
             s.generated.push(t);
@@ -506,7 +489,10 @@ impl Worker {
                 break;
             }
         }
-        if grammar_done && !s.stop_hit {
+        // The grammar's end counts only when its last forced token was emitted too (a
+        // `max_tokens` cut inside a forced run is a `Length` end).
+        let emitted_all = s.generated.len() - before == s.feed.len();
+        if grammar_done && !s.stop_hit && emitted_all {
             finish = Some(FinishReason::Grammar);
         }
         match finish {
@@ -609,24 +595,4 @@ impl Worker {
             ..self.stats.clone()
         }
     }
-}
-
-/// Runs a requester-supplied constraint callback so that a panic in it fails only
-/// that sequence, never the engine thread that serves everyone else.
-fn guard<T>(f: impl FnOnce() -> crate::Result<T>) -> crate::Result<T> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(p) => Err(Error::Grammar {
-            kind: "constraint",
-            message: format!("panicked: {}", panic_text(p.as_ref())),
-        }),
-    }
-}
-
-/// The message of a caught panic.
-fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
-    p.downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
 }
