@@ -411,3 +411,33 @@ proptest! {
         });
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_concurrent_saves_of_one_snapshot_leave_one_whole_file() {
+    use troupe::agent::Save;
+    let model = roomy();
+    let e = engine(&model);
+    let config = |name: &str| AgentConfig {
+        max_tokens: 8,
+        ..AgentConfig::new(name, "")
+    };
+    let a = spawn(&model, &e, config("a"), vec![]);
+    let b = spawn(&model, &e, config("b"), vec![]);
+    a.ask(Ask("first agent".into())).await.unwrap();
+    b.ask(Ask("the second one, longer".into())).await.unwrap();
+    let (ha, hb) = (a.ask(History).await.unwrap(), b.ask(History).await.unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shared.snapshot");
+    for round in 0..10 {
+        let (ra, rb) = tokio::join!(a.ask(Save(path.clone())), b.ask(Save(path.clone())));
+        ra.unwrap();
+        rb.unwrap();
+        let loaded = AgentActor::load(&path, model.clone(), e.clone(), vec![])
+            .unwrap()
+            .spawn_agent();
+        let h = loaded.ask(History).await.unwrap();
+        assert!(h == ha || h == hb, "round {round}: a mix of two snapshots");
+        let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "round {round}: a temporary file was left");
+    }
+}
