@@ -165,7 +165,22 @@ impl Message<Generate> for ModelActor {
 
     async fn handle(&mut self, mut g: Generate, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
         if let Some(spec) = g.grammar.take() {
-            match self.grammars.compile(&spec) {
+            // A cache miss runs llguidance's compiler: on the blocking pool, not on
+            // a tokio worker.
+            let compiled = if self.grammars.is_cached(&spec) {
+                self.grammars.compile(&spec)
+            } else {
+                let grammars = self.grammars.clone();
+                tokio::task::spawn_blocking(move || grammars.compile(&spec))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(Error::Grammar {
+                            kind: "grammar",
+                            message: format!("compilation stopped: {e}"),
+                        })
+                    })
+            };
+            match compiled {
                 Ok(c) => g.constraint = Some(Box::new(c.constraint())),
                 Err(error) => {
                     return Err(Rejected {
