@@ -303,9 +303,21 @@ impl AgentActor {
     /// The callback the engine calls to ask this agent to evict.
     fn evict_handle(&self) -> Option<crate::engine::EvictFn> {
         let me = self.self_ref.clone()?;
+        // Called on the engine thread: delivered from a task on the agent's runtime,
+        // which waits for room in a full mailbox rather than dropping the request.
+        let runtime = tokio::runtime::Handle::try_current().ok();
         Some(Arc::new(move || {
             if let Some(a) = me.upgrade() {
-                let _ = a.tell(Evict).try_send();
+                match &runtime {
+                    Some(rt) => {
+                        rt.spawn(async move {
+                            let _ = a.tell(Evict).await;
+                        });
+                    }
+                    None => {
+                        let _ = a.tell(Evict).try_send();
+                    }
+                }
             }
         }))
     }
