@@ -394,3 +394,24 @@ fn library_errors_print_their_chain_without_a_backtrace() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.lines().count() > 3, "{err}");
 }
+
+#[test]
+fn the_benches_run_on_a_tiny_vocabulary() {
+    let tiny = tiny_model_path();
+    for args in [
+        &["bench", "engine", "--concurrency", "1"][..],
+        &[
+            "bench",
+            "forward",
+            "--batch-sizes",
+            "1",
+            "--batch-steps",
+            "2",
+        ],
+    ] {
+        let mut a = args.to_vec();
+        a.extend(["--model", s(&tiny)]);
+        let (ok, out, err) = clean(&format!("{args:?}"), &troupe(&a, None));
+        assert!(ok, "{args:?}: {err}\n{out}");
+    }
+}
