@@ -20,6 +20,9 @@ use crate::model::{IncrementalDecoder, Model, SeqInput};
 use crate::sampling::Sampler;
 use crate::Error;
 
+/// The logits rows of a step, one per sequence, or why the step failed.
+type StepRows = crate::Result<Vec<Vec<f32>>>;
+
 /// What the actor sends the engine thread.
 pub(crate) enum Command {
     /// A checked request.
@@ -380,10 +383,7 @@ impl Worker {
     /// `catch_unwind`: returns the order the rows come in and the logits rows, or the
     /// error (a panic becomes [`Error::EnginePanic`]), with every cache back at its
     /// length before the step.
-    fn forward_rows(
-        &mut self,
-        wanted: &HashMap<SeqId, usize>,
-    ) -> (Vec<(SeqId, usize)>, crate::Result<Vec<Vec<f32>>>) {
+    fn forward_rows(&mut self, wanted: &HashMap<SeqId, usize>) -> (Vec<(SeqId, usize)>, StepRows) {
         let mut order = Vec::with_capacity(wanted.len());
         let mut inputs = Vec::with_capacity(wanted.len());
         let mut lens = Vec::with_capacity(wanted.len());

@@ -170,7 +170,7 @@ impl<R: Read + Seek> Walker<R> {
                 self.note(name, 2, false);
                 Some(int(&self.bytes::<2>(what)?, ty == 3))
             }
-            4 | 5 | 6 => {
+            4..=6 => {
                 self.note(name, 4, ty == 6);
                 let b = self.bytes::<4>(what)?;
                 (ty != 6).then(|| int(&b, ty == 5))
