@@ -441,3 +441,48 @@ async fn two_concurrent_saves_of_one_snapshot_leave_one_whole_file() {
         assert_eq!(names.len(), 1, "round {round}: a temporary file was left");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_agent_tool_leaves_no_phantom_turn() {
+    let model = roomy();
+    let e = engine(&model);
+    // B's turns take about a second: a required call of a slow tool.
+    let slow = tool_fn("slow", "Slow.", |_: Nothing| async {
+        tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+        Ok("done".into())
+    });
+    let b = spawn(&model, &e, forced("slow"), vec![slow]);
+    let a = spawn(
+        &model,
+        &e,
+        AgentConfig {
+            max_tokens: 300,
+            tool_timeout_secs: 0.3,
+            ..forced("ask_b")
+        },
+        vec![agent_tool("ask_b", "Asks B.", b.clone())],
+    );
+    // B is busy with a turn of its own while A's call of B waits and times out.
+    let busy = {
+        let b = b.clone();
+        tokio::spawn(async move { b.ask(Ask("first".into())).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let r = a.ask(Ask("go".into())).await.unwrap();
+    assert!(
+        r.tool_runs[0].result.contains("timed out"),
+        "{:?}",
+        r.tool_runs[0]
+    );
+    busy.await.unwrap().unwrap();
+    // Once B is free, A's abandoned ask is skipped: B answered one user message.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let users = b
+        .ask(History)
+        .await
+        .unwrap()
+        .iter()
+        .filter(|m| m.role == Role::User)
+        .count();
+    assert_eq!(users, 1, "a phantom turn ran on B");
+}
