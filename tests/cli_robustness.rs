@@ -11,10 +11,12 @@ use common::*;
 use troupe::model::gguf_check::header_map;
 use troupe::model::tiny::{write_tiny_model, TinyConfig};
 
-/// Runs troupe with `args` (and `stdin`), as CI does: `RUST_BACKTRACE=1`.
+/// Runs troupe with `args` (and `stdin`), as CI does: `RUST_BACKTRACE=1`; killed
+/// after two minutes (exit 124), so a hang fails the test instead of stalling it.
 fn troupe(args: &[&str], stdin: Option<&str>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_troupe"));
-    cmd.args(args)
+    let mut cmd = Command::new("timeout");
+    cmd.args(["-k", "5", "120", env!("CARGO_BIN_EXE_troupe")])
+        .args(args)
         .env_remove("TROUPE_MODEL")
         .env_remove("TROUPE_BACKTRACE")
         .env("RUST_BACKTRACE", "1")
