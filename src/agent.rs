@@ -11,30 +11,36 @@
 mod config;
 mod messages;
 mod snapshot;
+mod tool_run;
 mod tools;
+mod turn;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use kameo::actor::{ActorRef, Spawn, WeakActorRef};
 use kameo::Actor;
 
-pub use config::{AgentConfig, ContextPolicy, ToolChoice};
-pub(crate) use messages::{ask_error, unreachable};
+pub use config::{
+    AgentConfig, ContextPolicy, ToolChoice, MAX_REPLY_TOKENS, MAX_TOOL_STEPS, MAX_TOOL_TIMEOUT_SECS,
+};
+pub(crate) use messages::{ask_error, unreachable, AskNested};
 pub use messages::{
     ask_streaming, Ask, AskStream, AskWith, Evict, Fork, ForkVaried, GetAgentStats, History, Reset,
-    Save,
+    Save, TokenLog,
 };
+pub use tool_run::cap_text;
+pub(crate) use tool_run::tool_callers;
 pub use tools::{
     example_exchange, format_call, parse_call, tool_fn, tools_prompt, Tool, ToolCall, ToolRun,
     CALL_CLOSE, CALL_OPEN,
 };
 
-use crate::engine::{Event, Generate, HoldCache, ModelActor, ReleaseCache, Usage};
+use crate::engine::{HoldCache, ModelActor, ReleaseCache, Usage};
 use crate::grammar::Grammar;
 use crate::kv::KvCache;
-use crate::model::{Message, Model, Role};
+use crate::model::{Message, Model};
 use crate::{Error, Result};
 
 static NEXT_HOLDER: AtomicU64 = AtomicU64::new(1);
@@ -103,6 +109,8 @@ pub struct AgentActor {
     /// The state after the last completed turn, kept outside the actor so a
     /// supervised agent restarts from it after a crash.
     checkpoint: Option<Arc<std::sync::Mutex<Checkpoint>>>,
+    /// What the turn in progress may undo, and who asked it.
+    turn_state: turn::TurnState,
 }
 
 /// What a restarted agent resumes from.
@@ -145,6 +153,7 @@ impl AgentActor {
         engine: ActorRef<ModelActor>,
         tools: Vec<Arc<dyn Tool>>,
     ) -> Result<Self> {
+        config.validate()?;
         for name in &config.tools {
             if !tools.iter().any(|t| t.name() == name) {
                 return Err(Error::InvalidInput(format!(
@@ -173,6 +182,7 @@ impl AgentActor {
             self_ref: None,
             stats: AgentStats::default(),
             checkpoint: None,
+            turn_state: turn::TurnState::default(),
         };
         // Compile every grammar the agent may use, so that errors surface now.
         for choice in [ToolChoice::Auto, ToolChoice::Required, ToolChoice::None] {
@@ -263,6 +273,7 @@ impl AgentActor {
                 self_ref: None,
                 stats: AgentStats::default(),
                 checkpoint: Some(checkpoint.clone()),
+                turn_state: turn::TurnState::default(),
             }
         };
         AgentActor::supervise_with(supervisor, factory)
@@ -280,84 +291,6 @@ impl AgentActor {
         }
     }
 
-    /// Appends to the log what the rendered conversation adds past it; on
-    /// disagreement, truncates log and cache to the longest common prefix.
-    fn sync_log(&mut self) -> Result<()> {
-        let tok = self.model.tokenizer();
-        let full = self.model.chat_template().render(&self.messages, true)?;
-        let said = tok.decode(&self.log)?;
-        if let Some(delta) = full.strip_prefix(said.as_str()) {
-            let mut ids = if self.log.is_empty() {
-                tok.encode_prompt(delta)?
-            } else {
-                tok.encode(delta)?
-            };
-            self.log.append(&mut ids);
-            return Ok(());
-        }
-        let ids = tok.encode_prompt(&full)?;
-        let common = self
-            .log
-            .iter()
-            .zip(&ids)
-            .take_while(|(a, b)| a == b)
-            .count();
-        self.log.truncate(common);
-        self.log.extend_from_slice(&ids[common..]);
-        if let Some(c) = self.cache.as_mut() {
-            c.truncate(common);
-        }
-        self.stats.prefix_mismatches += 1;
-        Ok(())
-    }
-
-    /// Makes the turn fit the context, per the policy. Returns an error (with the
-    /// conversation restored by the caller) when it cannot.
-    fn fit_context(&mut self) -> Result<()> {
-        let context = self.model.config().context_length;
-        let need = |s: &Self| s.log.len() + s.config.max_tokens;
-        if need(self) <= context {
-            return Ok(());
-        }
-        match self.config.context_policy {
-            ContextPolicy::Error => Err(Error::RequestTooLong {
-                cached: self.cache.as_ref().map_or(0, KvCache::len),
-                new: self.log.len() - self.cache.as_ref().map_or(0, KvCache::len),
-                max_tokens: self.config.max_tokens,
-                context,
-            }),
-            ContextPolicy::DropOldest => {
-                let keep = usize::from(
-                    self.messages
-                        .first()
-                        .is_some_and(|m| m.role == Role::System),
-                ) + self.config.examples.len();
-                while need(self) > context {
-                    // Drop the oldest turn: from the first message after the system
-                    // prompt and the examples up to (not including) the next user
-                    // message.
-                    if self.messages.len() <= keep + 1 {
-                        return Err(Error::RequestTooLong {
-                            cached: 0,
-                            new: self.log.len(),
-                            max_tokens: self.config.max_tokens,
-                            context,
-                        });
-                    }
-                    let end = self.messages[keep + 1..]
-                        .iter()
-                        .position(|m| m.role == Role::User)
-                        .map_or(self.messages.len() - 1, |p| p + keep + 1);
-                    self.messages.drain(keep..end.max(keep + 1));
-                    let full = self.model.chat_template().render(&self.messages, true)?;
-                    self.log = self.model.tokenizer().encode_prompt(&full)?;
-                    self.cache = None;
-                }
-                Ok(())
-            }
-        }
-    }
-
     async fn release_hold(&self) {
         let _ = self
             .engine
@@ -370,9 +303,21 @@ impl AgentActor {
     /// The callback the engine calls to ask this agent to evict.
     fn evict_handle(&self) -> Option<crate::engine::EvictFn> {
         let me = self.self_ref.clone()?;
+        // Called on the engine thread: delivered from a task on the agent's runtime,
+        // which waits for room in a full mailbox rather than dropping the request.
+        let runtime = tokio::runtime::Handle::try_current().ok();
         Some(Arc::new(move || {
             if let Some(a) = me.upgrade() {
-                let _ = a.tell(Evict).try_send();
+                match &runtime {
+                    Some(rt) => {
+                        rt.spawn(async move {
+                            let _ = a.tell(Evict).await;
+                        });
+                    }
+                    None => {
+                        let _ = a.tell(Evict).try_send();
+                    }
+                }
             }
         }))
     }
@@ -400,208 +345,6 @@ impl AgentActor {
                 evict,
             })
             .await;
-    }
-
-    /// One model call on the current conversation.
-    async fn generate(
-        &mut self,
-        choice: &ToolChoice,
-        answer: Option<&Grammar>,
-        events: Option<&tokio::sync::mpsc::UnboundedSender<AgentEvent>>,
-    ) -> Result<(crate::engine::Done, usize)> {
-        self.sync_log()?;
-        self.fit_context()?;
-        let recomputed =
-            if self.cache.as_ref().is_none_or(KvCache::is_empty) && self.stats.turns > 0 {
-                self.log.len().saturating_sub(1)
-            } else {
-                0
-            };
-        let cache = self.cache.take().unwrap_or_else(|| {
-            self.model
-                .new_cache(self.config.kv_dtype.unwrap_or_default())
-        });
-        let fed = cache.len();
-        let mut g = Generate::new(cache, self.log[fed..].to_vec(), self.config.max_tokens);
-        g.sampling = self.config.sampling.clone();
-        g.engine_kv_dtype = self.config.kv_dtype.is_none();
-        let answer = answer.or(self.config.grammar.as_ref());
-        g.grammar = tools::reply_grammar(&self.tools, choice, answer)?;
-        g.holder = self.evict_handle().map(|e| (self.holder, e));
-        let mut stream = match self.engine.ask(g).await {
-            Ok(s) => s,
-            Err(kameo::error::SendError::HandlerError(r)) => {
-                self.cache = Some(r.cache);
-                return Err(r.error);
-            }
-            Err(e) => {
-                tracing::warn!("model actor unreachable: {e:?}");
-                return Err(Error::EngineStopped);
-            }
-        };
-        loop {
-            match stream.next().await {
-                Some(Event::Token { text, .. }) | Some(Event::Text { text }) => {
-                    if let (Some(tx), false) = (events, text.is_empty()) {
-                        let _ = tx.send(AgentEvent::Token(text));
-                    }
-                }
-                Some(Event::Done(done)) => {
-                    self.stats.recomputed_tokens += recomputed as u64;
-                    return Ok((*done, recomputed));
-                }
-                Some(Event::Failed { error, cache }) => {
-                    self.cache = Some(*cache);
-                    return Err(error);
-                }
-                None => return Err(Error::EngineStopped),
-            }
-        }
-    }
-
-    /// A whole turn: the user's message, then model calls and tool runs until a final
-    /// answer or the step limit. `choice` and `answer` override the config's tool
-    /// choice and answer grammar for this turn.
-    async fn turn(
-        &mut self,
-        user: String,
-        choice: Option<ToolChoice>,
-        answer: Option<Grammar>,
-        events: Option<tokio::sync::mpsc::UnboundedSender<AgentEvent>>,
-    ) -> Result<AgentReply> {
-        let start = Instant::now();
-        let saved = (self.messages.len(), self.log.len());
-        self.messages.push(Message::user(user));
-        let mut choice = choice.unwrap_or_else(|| self.config.tool_choice.clone());
-        let mut usage = Usage::default();
-        let mut runs = Vec::new();
-        let mut ttft = None;
-        let mut recomputed = 0;
-        let mut queue = Duration::ZERO;
-        let text = loop {
-            let submitted = start.elapsed();
-            let mut result = self
-                .generate(&choice, answer.as_ref(), events.as_ref())
-                .await;
-            while matches!(result, Err(Error::Preempted)) {
-                // Dropped while queued: start again from an empty cache.
-                self.cache = None;
-                self.stats.evictions += 1;
-                result = self
-                    .generate(&choice, answer.as_ref(), events.as_ref())
-                    .await;
-            }
-            let (done, rec) = match result {
-                Ok(d) => d,
-                Err(e) => {
-                    // The conversation is left as it was before the turn.
-                    self.messages.truncate(saved.0);
-                    if self.log.len() > saved.1
-                        && self.cache.as_ref().is_none_or(|c| c.len() <= saved.1)
-                    {
-                        self.log.truncate(saved.1);
-                    }
-                    self.hold().await;
-                    return Err(e);
-                }
-            };
-            recomputed += rec;
-            queue += done.timings.queue;
-            ttft.get_or_insert(submitted + done.timings.time_to_first_token);
-            usage.prompt_tokens += done.usage.prompt_tokens;
-            usage.cached_tokens += done.usage.cached_tokens;
-            usage.computed_tokens += done.usage.computed_tokens;
-            usage.generated_tokens += done.usage.generated_tokens;
-            self.log.extend_from_slice(&done.tokens);
-            self.cache = Some(done.cache);
-            let reply = done.text;
-            self.messages.push(Message::assistant(reply.clone()));
-            let Some(call) = parse_call(&reply) else {
-                break reply;
-            };
-            if runs.len() >= self.config.max_tool_steps {
-                break reply;
-            }
-            if let Some(tx) = &events {
-                let _ = tx.send(AgentEvent::ToolCall(call.clone()));
-            }
-            // Idle while the tool runs, but about to continue: evicted last.
-            self.hold_idle(true).await;
-            let run = self.run_tool(call).await;
-            if let Some(tx) = &events {
-                let _ = tx.send(AgentEvent::ToolResult(run.clone()));
-            }
-            self.messages.push(Message::tool(run.result.clone()));
-            runs.push(run);
-            // After the step limit's last call, the model must answer. Otherwise a
-            // forced call (`required` or one named tool) has been made, and the model
-            // is free again to call more or answer: forcing every step would loop.
-            if runs.len() >= self.config.max_tool_steps {
-                choice = ToolChoice::None;
-            } else if matches!(choice, ToolChoice::Required | ToolChoice::Tool(_)) {
-                choice = ToolChoice::Auto;
-            }
-        };
-        self.stats.turns += 1;
-        self.stats.reused_tokens += usage.cached_tokens as u64;
-        self.stats.computed_tokens += usage.computed_tokens as u64;
-        self.save_checkpoint();
-        Ok(AgentReply {
-            text,
-            tool_runs: runs,
-            usage,
-            recomputed_tokens: recomputed,
-            ttft: ttft.unwrap_or_default(),
-            queue,
-            elapsed: start.elapsed(),
-        })
-    }
-
-    /// Runs one tool call with the timeout; errors, timeouts and panics become the
-    /// text the model sees.
-    async fn run_tool(&self, call: ToolCall) -> ToolRun {
-        let start = Instant::now();
-        let timeout = Duration::from_secs_f64(self.config.tool_timeout_secs.max(0.001));
-        let (result, failed) = match self.tools.iter().find(|t| t.name() == call.name) {
-            None => (format!("error: unknown tool `{}`", call.name), true),
-            Some(tool) => {
-                // A tool that panics while building its future is as harmless as one
-                // that panics inside it (that one is caught by the task).
-                let args = call.arguments.clone();
-                let fut =
-                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tool.call(args)))
-                        .unwrap_or_else(|_| {
-                            Box::pin(async { panic!("tool panicked before running") })
-                        });
-                let task = tokio::spawn(fut);
-                match tokio::time::timeout(timeout, task).await {
-                    Ok(Ok(Ok(text))) => (text, false),
-                    Ok(Ok(Err(e))) => (format!("error: {e}"), true),
-                    Ok(Err(join)) => (
-                        format!(
-                            "error: tool `{}` crashed{}",
-                            call.name,
-                            if join.is_panic() { " (panic)" } else { "" }
-                        ),
-                        true,
-                    ),
-                    Err(_) => (
-                        format!(
-                            "error: tool `{}` timed out after {:.1} s",
-                            call.name,
-                            timeout.as_secs_f64()
-                        ),
-                        true,
-                    ),
-                }
-            }
-        };
-        ToolRun {
-            call,
-            result,
-            failed,
-            seconds: start.elapsed().as_secs_f64(),
-        }
     }
 }
 

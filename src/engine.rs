@@ -10,6 +10,7 @@
 //! stream cancels the request at the next step.
 
 mod actor;
+mod guarded;
 pub mod scheduler;
 mod stop;
 mod worker;
@@ -58,12 +59,14 @@ pub(crate) fn sample_step<C: TokenConstraint + ?Sized>(
     tokens: &mut Vec<u32>,
 ) -> Result<bool> {
     let Some(c) = constraint else {
+        check_logits(logits)?;
         let token = sampler.sample(logits);
         sampler.observe_generated(token);
         tokens.push(token);
         return Ok(false);
     };
     c.mask(logits)?;
+    check_logits(logits)?;
     let token = sampler.sample(logits);
     sampler.observe_generated(token);
     tokens.push(token);
@@ -78,6 +81,15 @@ pub(crate) fn sample_step<C: TokenConstraint + ?Sized>(
     Ok(c.is_complete())
 }
 
+/// A row of logits with a NaN cannot be sampled from (every comparison with NaN is
+/// false, so the sampler would pick arbitrary tokens): an error for that sequence.
+fn check_logits(logits: &[f32]) -> Result<()> {
+    match logits.iter().position(|l| l.is_nan()) {
+        Some(index) => Err(Error::NanLogits { index }),
+        None => Ok(()),
+    }
+}
+
 /// Settings of one model actor's engine.
 #[derive(Clone, Debug, Default)]
 pub struct EngineConfig {
@@ -86,6 +98,20 @@ pub struct EngineConfig {
     /// Element type of the caches of agents that name none: a request with
     /// [`Generate::engine_kv_dtype`] and an empty cache gets a cache of this type.
     pub kv_dtype: KvDtype,
+    /// Faults to inject, for the robustness tests only.
+    #[doc(hidden)]
+    pub test_hooks: TestHooks,
+}
+
+/// Faults the robustness tests inject into the engine thread (all off by default).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TestHooks {
+    /// The forward panics on any step that feeds this token id.
+    pub panic_in_forward_on_token: Option<u32>,
+    /// The engine thread panics (outside any `catch_unwind`) when a request with
+    /// this token id arrives.
+    pub crash_engine_on_token: Option<u32>,
 }
 
 /// A generation request: append `tokens` to `cache`, then generate.
@@ -350,6 +376,12 @@ pub struct Stats {
     pub cancelled: u64,
     /// Waiting requests whose cache was dropped to admit the front of the queue.
     pub preempted: u64,
+    /// Steps whose forward failed (an error or a caught panic); their sequences were
+    /// rerun one at a time so that only the faulty one failed.
+    pub failed_steps: u64,
+    /// Times the engine started afresh after a panic escaped a step (or the model
+    /// actor restarted a dead engine thread).
+    pub engine_restarts: u64,
     /// Grammar mask computation time per token (µs): median and 99th percentile over
     /// the most recent masks of finished requests.
     pub mask_us_p50: f64,

@@ -74,6 +74,13 @@ pub enum Error {
     /// The chat template could not be compiled or rendered.
     #[error("chat template: {0}")]
     ChatTemplate(String),
+    /// Rendering the chat template ran past one of its bounds (a template that loops,
+    /// or renders a huge prompt).
+    #[error("chat template: rendering exceeded its {limit}")]
+    TemplateLimit {
+        /// Which bound, with its value.
+        limit: String,
+    },
     /// A sequence would grow past the model's context window.
     #[error("sequence of {needed} tokens exceeds the model's context of {context} tokens")]
     ContextOverflow {
@@ -83,7 +90,7 @@ pub enum Error {
         context: usize,
     },
     /// A generation request that can never fit the model's context.
-    #[error("request needs {cached} cached + {new} new + {max_tokens} max_tokens = {} tokens, more than the model's context of {context}", cached + new + max_tokens)]
+    #[error("request needs {cached} cached + {new} new + {max_tokens} max_tokens = {} tokens, more than the model's context of {context}", cached.saturating_add(*new).saturating_add(*max_tokens))]
     RequestTooLong {
         /// Tokens already in the cache.
         cached: usize,
@@ -108,9 +115,22 @@ pub enum Error {
     /// it under the KV budget; resubmit with the whole context (re-prefill).
     #[error("preempted under the KV budget: the cache was dropped, resubmit from an empty cache")]
     Preempted,
-    /// The engine thread is gone (the model actor stopped).
+    /// The engine thread is gone (the model actor stopped, or the thread died with
+    /// this request in it; the actor restarts it for the next request).
     #[error("the model engine stopped")]
     EngineStopped,
+    /// The forward panicked on this sequence (alone: the others of its step went on).
+    #[error("the forward panicked on this sequence: {what}")]
+    EnginePanic {
+        /// The panic's message.
+        what: String,
+    },
+    /// The model produced a NaN logit for this sequence.
+    #[error("the model produced a NaN logit (token {index}); the sequence cannot be sampled")]
+    NanLogits {
+        /// The first token whose logit is NaN.
+        index: usize,
+    },
     /// A grammar that does not compile, or a generation it cannot continue.
     #[error("{kind}: {message}")]
     Grammar {
@@ -119,6 +139,23 @@ pub enum Error {
         /// llguidance's message.
         message: String,
     },
+    /// A reply that `max_tokens` cut inside a tool call, even after one retry with
+    /// more room: the turn fails rather than return the broken call as an answer.
+    #[error("the reply was cut by max_tokens ({max_tokens}) inside a tool call; raise max_tokens")]
+    ToolCallCut {
+        /// The budget of the last try.
+        max_tokens: usize,
+    },
+    /// An agent called as a tool would ask an agent already waiting on it.
+    #[error("agent-as-tool cycle refused: {chain}")]
+    ToolCycle {
+        /// The agents of the cycle, in order.
+        chain: String,
+    },
+    /// The turn was stopped because the agent that asked it as a tool gave up on it
+    /// (its tool call timed out).
+    #[error("the turn was cancelled: the agent that asked it gave up")]
+    Cancelled,
     /// A forward call that makes no sense (no sequences, a sequence with no new tokens…).
     #[error("invalid input: {0}")]
     InvalidInput(String),
@@ -142,6 +179,14 @@ pub enum Error {
         expected: String,
         /// Computed digest (hex).
         actual: String,
+    },
+    /// An allocation the system refused.
+    #[error("out of memory: {what} need {bytes} bytes")]
+    OutOfMemory {
+        /// What was being allocated.
+        what: &'static str,
+        /// Its size.
+        bytes: usize,
     },
     /// A tensor operation failed inside candle.
     #[error(transparent)]

@@ -93,10 +93,21 @@ impl TokenizerEnv for TokenizerBridge {
     }
 }
 
-/// Compiles grammars for one tokenizer, caching them by spec.
+/// Most compiled grammars a [`GrammarCompiler`] keeps; past it the oldest goes.
+pub const MAX_CACHED_GRAMMARS: usize = 256;
+
+/// Compiled grammars by spec, and their insertion order (oldest first) to bound them.
+#[derive(Default)]
+struct Cache {
+    map: HashMap<String, Arc<CompiledGrammar>>,
+    order: std::collections::VecDeque<String>,
+}
+
+/// Compiles grammars for one tokenizer, caching them by spec (at most
+/// [`MAX_CACHED_GRAMMARS`]).
 pub struct GrammarCompiler {
     factory: Arc<ParserFactory>,
-    cache: Mutex<HashMap<String, Arc<CompiledGrammar>>>,
+    cache: Mutex<Cache>,
     compiles: AtomicU64,
     eos: Vec<u32>,
 }
@@ -144,7 +155,7 @@ impl GrammarCompiler {
         factory.limits_mut().verbose_errors = false;
         Ok(Self {
             factory: Arc::new(factory),
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Cache::default()),
             compiles: AtomicU64::new(0),
             eos,
         })
@@ -154,7 +165,7 @@ impl GrammarCompiler {
     /// grammar fails here, naming its kind and llguidance's message.
     pub fn compile(&self, grammar: &Grammar) -> Result<Arc<CompiledGrammar>> {
         let key = serde_json::to_string(grammar).map_err(|e| grammar.error(e.to_string()))?;
-        if let Some(c) = self.lock().get(&key) {
+        if let Some(c) = self.lock().map.get(&key) {
             return Ok(c.clone());
         }
         let parser = self
@@ -167,8 +178,27 @@ impl GrammarCompiler {
             template: Mutex::new(Matcher::new(Ok(parser))),
             eos: self.eos.clone(),
         });
-        self.lock().insert(key, compiled.clone());
+        let mut cache = self.lock();
+        if cache.map.insert(key.clone(), compiled.clone()).is_none() {
+            cache.order.push_back(key);
+        }
+        while cache.map.len() > MAX_CACHED_GRAMMARS {
+            let Some(old) = cache.order.pop_front() else {
+                break;
+            };
+            cache.map.remove(&old);
+        }
         Ok(compiled)
+    }
+
+    /// Whether `grammar` is compiled already (a compile would not run llguidance).
+    pub fn is_cached(&self, grammar: &Grammar) -> bool {
+        serde_json::to_string(grammar).is_ok_and(|key| self.lock().map.contains_key(&key))
+    }
+
+    /// How many compiled grammars are kept.
+    pub fn cached(&self) -> usize {
+        self.lock().map.len()
     }
 
     /// How many grammars were actually compiled (cache misses).
@@ -176,7 +206,7 @@ impl GrammarCompiler {
         self.compiles.load(Ordering::Relaxed)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<CompiledGrammar>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
         // A panic while holding the lock cannot leave the map half-written.
         self.cache.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -306,5 +336,28 @@ impl TokenConstraint for GrammarConstraint {
 
     fn mask_times(&self) -> &[f64] {
         &self.mask_micros
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_compiled_grammar_cache_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        crate::model::tiny::write_tiny_model(&path, &Default::default()).unwrap();
+        let model = crate::Model::load(&path, Default::default()).unwrap();
+        let c = GrammarCompiler::new(model.tokenizer()).unwrap();
+        let n = MAX_CACHED_GRAMMARS + 20;
+        for i in 0..n {
+            c.compile(&Grammar::Regex(format!("a{i}"))).unwrap();
+        }
+        assert_eq!(c.cached(), MAX_CACHED_GRAMMARS);
+        assert_eq!(c.compile_count(), n as u64);
+        // The oldest went, the newest stayed.
+        assert!(!c.is_cached(&Grammar::Regex("a0".into())));
+        assert!(c.is_cached(&Grammar::Regex(format!("a{}", n - 1))));
     }
 }

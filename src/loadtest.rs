@@ -6,4 +6,4 @@ mod report;
 mod workload;
 
 pub use report::{plot, print_table, Quantiles, RunReport};
-pub use workload::{run, GrammarKind, LoadtestOptions};
+pub use workload::{run, GrammarKind, LoadtestLimits, LoadtestOptions, LIMITS};

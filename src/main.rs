@@ -42,6 +42,9 @@ struct Cli {
     /// Element type of the KV caches (default: the engine's, f32 or f16).
     #[arg(long, global = true, value_enum)]
     kv_dtype: Option<KvDtype>,
+    /// Print a backtrace with an error (as does TROUPE_BACKTRACE=1).
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -315,8 +318,28 @@ fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> anyhow::
     Ok(())
 }
 
-fn main() -> anyhow::Result<()> {
+/// Runs the command; an error is printed as its chain of causes on one line, with a
+/// backtrace only when asked for (`-v` or `TROUPE_BACKTRACE=1`), whatever
+/// `RUST_BACKTRACE` says.
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let backtrace = cli.verbose || std::env::var_os("TROUPE_BACKTRACE").is_some_and(|v| v == "1");
+    // anyhow captures a backtrace per error when RUST_LIB_BACKTRACE (or else
+    // RUST_BACKTRACE) says so; set before any thread starts.
+    std::env::set_var("RUST_LIB_BACKTRACE", if backtrace { "1" } else { "0" });
+    match run_command(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            if backtrace {
+                eprintln!("{}", e.backtrace());
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_command(cli: Cli) -> anyhow::Result<()> {
     let _ = KV_DTYPE.set(cli.kv_dtype.unwrap_or_default());
     let model_path =
         || -> anyhow::Result<PathBuf> { Ok(fetch::resolve_model_path(cli.model.as_deref())?) };
@@ -513,6 +536,12 @@ fn main() -> anyhow::Result<()> {
             json,
             plot,
         } => {
+            let duration = duration
+                .map(|d| {
+                    std::time::Duration::try_from_secs_f64(d)
+                        .map_err(|e| anyhow::anyhow!("--duration {d}: {e}"))
+                })
+                .transpose()?;
             let model = std::sync::Arc::new(load()?);
             let rt = runtime()?;
             let mut runs = Vec::new();
@@ -528,7 +557,7 @@ fn main() -> anyhow::Result<()> {
                     grammar: *grammar,
                     kv_budget: *kv_budget,
                     seed: *seed,
-                    duration: duration.map(std::time::Duration::from_secs_f64),
+                    duration,
                     no_cache_reuse: *no_cache_reuse,
                     no_batching: *no_batching,
                     progress: true,

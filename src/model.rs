@@ -11,6 +11,7 @@ mod attention_simd;
 mod bf16;
 pub mod chat;
 pub mod fetch;
+pub mod gguf_check;
 pub mod linear;
 pub mod llama;
 pub mod profile;
@@ -63,27 +64,14 @@ impl GgufFile {
                 magic: magic[..got].to_vec(),
             });
         }
+        // Our own walk first: candle's reader divides by `general.alignment`.
+        gguf_check::walk_header(path)?;
         let mut reader = BufReader::new(File::open(path)?);
         let content = gguf_file::Content::read(&mut reader).map_err(|e| Error::BadGguf {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        let expected = content
-            .tensor_infos
-            .values()
-            .map(|t| {
-                let blocks = t.shape.elem_count() / t.ggml_dtype.block_size();
-                content.tensor_data_offset + t.offset + (blocks * t.ggml_dtype.type_size()) as u64
-            })
-            .max()
-            .unwrap_or(content.tensor_data_offset);
-        if actual < expected {
-            return Err(Error::Truncated {
-                path: path.to_path_buf(),
-                expected,
-                actual,
-            });
-        }
+        gguf_check::check_tensors(path, &content, actual)?;
         Ok(Self {
             path: path.to_path_buf(),
             reader,
@@ -209,6 +197,7 @@ impl Model {
             return Err(Error::UnsupportedArchitecture { arch: architecture });
         }
         let config = LlamaConfig::from_gguf(&file.content)?;
+        gguf_check::check_special_tokens(&file.content, config.vocab_size)?;
         let tokenizer = Tokenizer::from_gguf(&file.content)?;
         let embedded = file.meta_str("tokenizer.chat_template").map(str::to_string);
         let chat_template = match &embedded {
@@ -481,15 +470,16 @@ impl Model {
                 constraint.as_deref_mut(),
                 &mut next,
             )?;
-            for &t in &next {
+            for (i, &t) in next.iter().enumerate() {
                 if self.tokenizer.eos_token_ids().contains(&t) {
                     let finish = if done { Finish::Grammar } else { Finish::Stop };
                     return Ok((out, finish));
                 }
                 on_token(t)?;
                 out.push(t);
-                if out.len() >= max_tokens {
-                    break;
+                if out.len() >= max_tokens && i + 1 < next.len() {
+                    // Cut inside a forced run: the grammar did not reach its end.
+                    return Ok((out, Finish::Length));
                 }
             }
             if done {

@@ -12,11 +12,14 @@ use rand::{Rng, SeedableRng};
 
 use crate::{Error, Result};
 
+/// Temperatures below this are greedy.
+pub const GREEDY_BELOW: f32 = 1e-5;
+
 /// How a request's tokens are chosen.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(default)]
 pub struct SamplingParams {
-    /// 0 picks the most likely token (greedy).
+    /// 0 (or anything below [`GREEDY_BELOW`]) picks the most likely token (greedy).
     pub temperature: f32,
     /// Keep only the k most likely tokens (0: all).
     pub top_k: usize,
@@ -141,7 +144,9 @@ impl Sampler {
     /// unless every logit is -inf.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.apply_penalties(logits);
-        if self.params.temperature == 0.0 {
+        if self.params.temperature < GREEDY_BELOW {
+            // Dividing by a tiny temperature overflows logits to infinity (and
+            // `inf - inf` is NaN): such a temperature means greedy.
             return argmax(logits);
         }
         let t = self.params.temperature;
@@ -353,6 +358,32 @@ mod tests {
         assert_eq!(s.sample(&mut [2.5, 2.0]), 0);
         s.observe_generated(0);
         assert_eq!(s.sample(&mut [2.5, 2.0]), 1);
+    }
+
+    #[test]
+    fn a_tiny_temperature_is_greedy() {
+        for t in [1e-40, f32::MIN_POSITIVE, 1e-6, 9.9e-6] {
+            let mut s = sampler(SamplingParams::with_temperature(t, 5));
+            assert!(
+                (0..50).all(|_| s.sample(&mut [0.1, 2.0, 1.9, -1.0]) == 1),
+                "temperature {t}"
+            );
+        }
+    }
+
+    #[test]
+    fn nan_logits_fail_the_step() {
+        let mut s = sampler(SamplingParams::greedy());
+        let mut out = Vec::new();
+        let e = crate::engine::sample_step::<dyn crate::engine::TokenConstraint>(
+            &mut [0.5, f32::NAN, 1.0],
+            &mut s,
+            None,
+            &mut out,
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::NanLogits { index: 1 }), "{e}");
+        assert!(out.is_empty());
     }
 
     #[test]

@@ -41,7 +41,10 @@ fn default_model_matches_candle_transformers() {
     let self_spread = reference_self_spread(&path, &prompt);
     assert!(self_spread > 1e-3, "{self_spread}");
     // Capped: a spread of several logits would mean the reference itself is off.
-    assert!(self_spread < 1.5, "candle-transformers' own spread {self_spread}");
+    assert!(
+        self_spread < 1.5,
+        "candle-transformers' own spread {self_spread}"
+    );
     check(&path, &prompt, 2.0 * self_spread);
 }
 

@@ -36,6 +36,7 @@ pub const ANSWER: &str = r"The answer is -?[0-9][0-9.,e+-]*( and -?[0-9][0-9.,e+
 #[derive(serde::Deserialize, schemars::JsonSchema, Debug)]
 pub struct CalculateArgs {
     /// An arithmetic expression, e.g. `17 * 23` or `sqrt(2) / 3`.
+    #[schemars(length(max = 256))]
     pub expression: String,
 }
 

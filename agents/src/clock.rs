@@ -216,8 +216,10 @@ pub struct ConvertArgs {
     /// The amount.
     pub value: f64,
     /// Its unit, e.g. `mi`, `kg`, `celsius`.
+    #[schemars(length(max = 32))]
     pub from: String,
     /// The unit wanted.
+    #[schemars(length(max = 32))]
     pub to: String,
 }
 

@@ -1,7 +1,10 @@
 //! The files agent and its tools: list, read and search the text files under one root
 //! directory chosen at start. Every path the model gives is relative to the root;
-//! absolute paths, `..` components and anything that resolves (through symlinks)
-//! outside the root are refused, and walks never follow symlinks.
+//! absolute paths and `..` components are refused, and every open goes through a
+//! capability handle on the root (`cap-std`), so no symlink, even one swapped in
+//! while a tool runs, leads outside it. Walks never follow symlinks, and a regular
+//! file with other hard links (`nlink > 1`, which may be names outside the root) is
+//! refused.
 //!
 //! Example task: "Which file mentions Lisbon?" with `--root ./docs`.
 
@@ -9,6 +12,7 @@ use std::io::Read;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
+use cap_std::fs::Dir;
 use troupe::agent::{example_exchange, tool_fn, AgentConfig, Tool};
 
 /// Largest file `read_file` reads, in bytes.
@@ -17,6 +21,8 @@ pub const MAX_FILE_BYTES: u64 = 1 << 20;
 pub const MAX_SHOWN_CHARS: usize = 3000;
 /// Most entries a listing or a search returns.
 pub const MAX_RESULTS: usize = 50;
+/// Longest path or query a tool takes, in characters (also the schemas' `maxLength`).
+pub const MAX_ARG_CHARS: usize = 200;
 /// Most matching lines a search ranks (it shows the best [`MAX_RESULTS`]).
 const MAX_HITS: usize = 2000;
 /// Most entries (files and folders) a walk visits.
@@ -26,6 +32,20 @@ const MAX_WALK: usize = 5000;
 #[derive(Clone, Debug)]
 pub struct Root {
     dir: PathBuf,
+    /// The capability every open goes through.
+    cap: Arc<Dir>,
+}
+
+/// Why an open through the root failed, in the model's words.
+fn open_error(rel: &str, e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        format!("no such file or directory: `{rel}`")
+    } else if e.to_string().contains("outside") || e.kind() == std::io::ErrorKind::PermissionDenied
+    {
+        format!("path `{rel}` refused: it leads outside the root")
+    } else {
+        format!("`{rel}`: {e}")
+    }
 }
 
 impl Root {
@@ -35,7 +55,12 @@ impl Root {
             .canonicalize()
             .map_err(|e| anyhow::anyhow!("root {}: {e}", dir.display()))?;
         anyhow::ensure!(dir.is_dir(), "root {} is not a directory", dir.display());
-        Ok(Self { dir })
+        let cap = Dir::open_ambient_dir(&dir, cap_std::ambient_authority())
+            .map_err(|e| anyhow::anyhow!("root {}: {e}", dir.display()))?;
+        Ok(Self {
+            dir,
+            cap: Arc::new(cap),
+        })
     }
 
     /// The root itself.
@@ -43,8 +68,12 @@ impl Root {
         &self.dir
     }
 
-    /// Resolves a path the model gave, or says why it is refused.
+    /// Checks a path the model gave and returns it relative to the root (empty for
+    /// the root), or says why it is refused.
     pub fn resolve(&self, rel: &str) -> Result<PathBuf, String> {
+        if rel.chars().count() > MAX_ARG_CHARS {
+            return Err(format!("path too long (limit {MAX_ARG_CHARS} characters)"));
+        }
         let p = Path::new(rel.trim());
         let mut clean = PathBuf::new();
         for c in p.components() {
@@ -61,76 +90,102 @@ impl Root {
                 }
             }
         }
-        let full = self.dir.join(&clean);
-        let real = full
-            .canonicalize()
-            .map_err(|_| format!("no such file or directory: `{rel}`"))?;
-        if !real.starts_with(&self.dir) {
-            return Err(format!("path `{rel}` refused: it leads outside the root"));
+        Ok(clean)
+    }
+
+    /// The directory `clean` (relative, checked) through the capability.
+    fn open_dir(&self, clean: &Path, rel: &str) -> Result<Dir, String> {
+        if clean.as_os_str().is_empty() {
+            return self.cap.try_clone().map_err(|e| open_error(rel, &e));
         }
-        Ok(real)
+        match self.cap.metadata(clean) {
+            Ok(m) if !m.is_dir() => return Err(format!("`{rel}` is not a directory")),
+            Ok(_) => {}
+            Err(e) => return Err(open_error(rel, &e)),
+        }
+        self.cap.open_dir(clean).map_err(|e| open_error(rel, &e))
     }
 
-    /// The root-relative name of a path inside the root.
-    fn name(&self, p: &Path) -> String {
-        p.strip_prefix(&self.dir)
-            .unwrap_or(p)
-            .to_string_lossy()
-            .into_owned()
+    /// Opens the regular file `clean` (relative, checked) through the capability,
+    /// refusing one with other hard links; returns it with its size.
+    fn open_file(&self, clean: &Path, rel: &str) -> Result<(std::fs::File, u64), String> {
+        let f = self.cap.open(clean).map_err(|e| open_error(rel, &e))?;
+        let f = f.into_std();
+        let meta = f.metadata().map_err(|e| format!("`{rel}`: {e}"))?;
+        if !meta.is_file() {
+            return Err(format!("`{rel}` is not a file"));
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            if meta.nlink() > 1 {
+                return Err(format!(
+                    "`{rel}` refused: it has {} hard links, which may be names outside the root",
+                    meta.nlink()
+                ));
+            }
+        }
+        Ok((f, meta.len()))
     }
 
-    /// The regular files under `dir`, depth first in name order, never following
-    /// symlinks.
-    fn walk(&self, dir: &Path) -> Vec<PathBuf> {
+    /// The regular files under `clean` (relative to the root), as root-relative
+    /// paths, depth first in name order, never following symlinks.
+    fn walk(&self, clean: &Path, rel: &str) -> Result<Vec<PathBuf>, String> {
         let mut out = Vec::new();
-        let mut stack = vec![dir.to_path_buf()];
+        let mut stack = vec![(clean.to_path_buf(), self.open_dir(clean, rel)?)];
         let mut visited = 0;
-        'walk: while let Some(d) = stack.pop() {
-            let Ok(rd) = std::fs::read_dir(&d) else {
+        'walk: while let Some((prefix, d)) = stack.pop() {
+            let Ok(rd) = d.entries() else {
                 continue;
             };
-            let mut entries: Vec<_> = rd.flatten().map(|e| e.path()).collect();
-            entries.sort();
-            for p in entries.into_iter().rev() {
+            let mut entries: Vec<_> = rd.flatten().collect();
+            entries.sort_by_key(|e| e.file_name());
+            for e in entries.into_iter().rev() {
                 // Folders count too, so a tree of empty folders is still bounded.
                 visited += 1;
                 if visited > MAX_WALK {
                     break 'walk;
                 }
-                let Ok(meta) = std::fs::symlink_metadata(&p) else {
+                // The entry's own type: a symlink is neither a dir nor a file here.
+                let Ok(t) = e.file_type() else {
                     continue;
                 };
-                if meta.is_dir() {
-                    stack.push(p);
-                } else if meta.is_file() {
-                    out.push(p);
+                let path = prefix.join(e.file_name());
+                if t.is_dir() {
+                    if let Ok(sub) = e.open_dir() {
+                        stack.push((path, sub));
+                    }
+                } else if t.is_file() {
+                    out.push(path);
                 }
             }
         }
         out.sort();
-        out
+        Ok(out)
     }
 
     /// The root-relative names of all the files under the root (at most 5,000), in
     /// name order.
     pub fn file_names(&self) -> Vec<String> {
-        self.walk(&self.dir).iter().map(|p| self.name(p)).collect()
+        self.walk(Path::new(""), ".")
+            .unwrap_or_default()
+            .iter()
+            .map(|p| p.to_string_lossy().into_owned())
+            .collect()
     }
 
     /// Lists the files under `rel` (recursively), one root-relative name per line.
     pub fn list(&self, rel: &str) -> Result<String, String> {
-        let dir = self.resolve(if rel.trim().is_empty() { "." } else { rel })?;
-        if !dir.is_dir() {
-            return Err(format!("`{rel}` is not a directory"));
-        }
-        let files = self.walk(&dir);
+        let rel = if rel.trim().is_empty() { "." } else { rel };
+        let clean = self.resolve(rel)?;
+        let files = self.walk(&clean, rel)?;
         if files.is_empty() {
             return Ok("(no files)".into());
         }
         let mut s: Vec<String> = files
             .iter()
             .take(MAX_RESULTS)
-            .map(|p| self.name(p))
+            .map(|p| p.to_string_lossy().into_owned())
             .collect();
         if files.len() > MAX_RESULTS {
             s.push(format!("... and {} more", files.len() - MAX_RESULTS));
@@ -140,21 +195,25 @@ impl Root {
 
     /// Reads a text file, cut to [`MAX_SHOWN_CHARS`].
     pub fn read(&self, rel: &str) -> Result<String, String> {
-        let p = self.resolve(rel)?;
-        let meta = std::fs::metadata(&p).map_err(|e| format!("`{rel}`: {e}"))?;
-        if !meta.is_file() {
+        let clean = self.resolve(rel)?;
+        if clean.as_os_str().is_empty() {
             return Err(format!("`{rel}` is not a file"));
         }
-        if meta.len() > MAX_FILE_BYTES {
+        if let Ok(m) = self.cap.metadata(&clean) {
+            if m.is_dir() {
+                return Err(format!("`{rel}` is not a file"));
+            }
+        }
+        let (f, len) = self.open_file(&clean, rel)?;
+        if len > MAX_FILE_BYTES {
             return Err(format!(
-                "`{rel}` is too large: {} bytes (limit {MAX_FILE_BYTES})",
-                meta.len()
+                "`{rel}` is too large: {len} bytes (limit {MAX_FILE_BYTES})"
             ));
         }
         // At most the limit plus one byte, even if the file grew since the check.
         let mut bytes = Vec::new();
-        std::fs::File::open(&p)
-            .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+        f.take(MAX_FILE_BYTES + 1)
+            .read_to_end(&mut bytes)
             .map_err(|e| format!("`{rel}`: {e}"))?;
         if bytes.len() as u64 > MAX_FILE_BYTES {
             return Err(format!(
@@ -180,9 +239,9 @@ impl Root {
         if q.is_empty() {
             return Err("empty search query".into());
         }
-        if q.len() > 200 {
+        if q.len() > MAX_ARG_CHARS {
             return Err(format!(
-                "search query too long: {} bytes (limit 200)",
+                "search query too long: {} bytes (limit {MAX_ARG_CHARS})",
                 q.len()
             ));
         }
@@ -196,10 +255,13 @@ impl Root {
             words.push(q.as_str());
         }
         let mut hits = Vec::new();
-        'files: for p in self.walk(&self.dir) {
+        'files: for p in self.walk(Path::new(""), ".")? {
+            let name = p.to_string_lossy().into_owned();
+            let Ok((f, _)) = self.open_file(&p, &name) else {
+                continue;
+            };
             let mut bytes = Vec::new();
-            let read = std::fs::File::open(&p)
-                .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes));
+            let read = f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes);
             if read.is_err() || bytes.len() as u64 > MAX_FILE_BYTES {
                 continue;
             }
@@ -211,7 +273,7 @@ impl Root {
                 let score = words.iter().filter(|w| lower.contains(**w)).count();
                 if score > 0 {
                     let line: String = line.trim().chars().take(200).collect();
-                    hits.push((score, format!("{}:{}: {line}", self.name(&p), i + 1)));
+                    hits.push((score, format!("{name}:{}: {line}", i + 1)));
                     if hits.len() >= MAX_HITS {
                         break 'files;
                     }
@@ -231,6 +293,7 @@ impl Root {
 #[derive(serde::Deserialize, schemars::JsonSchema, Debug)]
 pub struct ListArgs {
     /// A directory relative to the root (`.` for the root).
+    #[schemars(length(max = 200))]
     pub path: String,
 }
 
@@ -238,6 +301,7 @@ pub struct ListArgs {
 #[derive(serde::Deserialize, schemars::JsonSchema, Debug)]
 pub struct ReadArgs {
     /// A file relative to the root.
+    #[schemars(length(max = 200))]
     pub path: String,
 }
 
@@ -245,6 +309,7 @@ pub struct ReadArgs {
 #[derive(serde::Deserialize, schemars::JsonSchema, Debug)]
 pub struct SearchArgs {
     /// Words to look for (case-insensitive).
+    #[schemars(length(max = 200))]
     pub query: String,
 }
 
@@ -393,6 +458,33 @@ mod tests {
             assert_eq!(r.list(".").unwrap(), "a.txt\nsub/b.md");
             assert!(r.search("secret").unwrap().starts_with("no line"));
         }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_hard_link_or_a_swapped_symlink_cannot_read_outside_the_root() {
+        let (outside, root, r) = sandbox();
+        let secret = outside.path().join("secret.txt");
+        // A hard link to a file outside: same inode, two names.
+        std::fs::hard_link(&secret, root.path().join("hard.txt")).unwrap();
+        let e = r.read("hard.txt").unwrap_err();
+        assert!(e.contains("hard links"), "{e}");
+        assert!(r.search("secret").unwrap().starts_with("no line"));
+        // A directory swapped for a symlink to outside after the root was opened,
+        // and a file swapped the same way: the capability refuses both.
+        std::fs::remove_dir_all(root.path().join("sub")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.path().join("sub")).unwrap();
+        let e = r.read("sub/secret.txt").unwrap_err();
+        assert!(e.contains("outside"), "{e}");
+        assert!(r.list("sub").unwrap_err().contains("outside"));
+        std::fs::remove_file(root.path().join("a.txt")).unwrap();
+        std::os::unix::fs::symlink(&secret, root.path().join("a.txt")).unwrap();
+        let e = r.read("a.txt").unwrap_err();
+        assert!(e.contains("outside"), "{e}");
+        // A symlink with a relative target climbing out.
+        std::os::unix::fs::symlink("../../../../../../etc/passwd", root.path().join("p")).unwrap();
+        assert!(r.read("p").is_err());
+        assert!(r.search("root").unwrap().starts_with("no line"));
     }
 
     #[test]

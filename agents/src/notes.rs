@@ -1,8 +1,9 @@
 //! The notes agent: a key-value memory the model writes and reads with tools,
 //! persisted to a JSON file (one object, keys sorted) that is rewritten atomically on
 //! every change (a synced temporary file, then a rename), so it survives restarts and
-//! a crash never leaves half a file. The file is read when the store opens: one
-//! process should use a notes file at a time (two would overwrite each other).
+//! a crash never leaves half a file. Every change is a read-modify-write under an
+//! advisory lock on a `<file>.lock` beside it, re-reading the file under the lock, so
+//! two processes sharing a notes file never lose each other's writes.
 //!
 //! Example tasks: "Remember that the wifi password is hunter2.", then in a later run
 //! "What is the wifi password?"
@@ -32,16 +33,7 @@ impl NoteStore {
     /// Opens the store at `path` (created on the first write); a file that is not a
     /// JSON object of strings is an error that names it.
     pub fn open(path: &Path) -> anyhow::Result<Self> {
-        let notes = match std::fs::read_to_string(path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| {
-                anyhow::anyhow!(
-                    "notes file {} is not a JSON object of strings: {e}",
-                    path.display()
-                )
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
-            Err(e) => anyhow::bail!("notes file {}: {e}", path.display()),
-        };
+        let notes = load(path).map_err(|e| anyhow::anyhow!(e))?;
         Ok(Self {
             path: path.to_path_buf(),
             notes: Arc::new(Mutex::new(notes)),
@@ -50,6 +42,42 @@ impl NoteStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
         self.notes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the advisory lock between processes (exclusive to write, shared to
+    /// read) and re-reads the file under it; the lock holds until the returned file
+    /// is dropped.
+    fn sync(
+        &self,
+        exclusive: bool,
+    ) -> Result<
+        (
+            std::fs::File,
+            std::sync::MutexGuard<'_, BTreeMap<String, String>>,
+        ),
+        String,
+    > {
+        let fail = |e: &dyn std::fmt::Display| format!("cannot lock notes: {e}");
+        let mut name = self.path.file_name().unwrap_or_default().to_os_string();
+        name.push(".lock");
+        let lock_path = self.path.with_file_name(name);
+        if let Some(dir) = lock_path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| fail(&e))?;
+        }
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| fail(&e))?;
+        if exclusive {
+            lock.lock().map_err(|e| fail(&e))?;
+        } else {
+            lock.lock_shared().map_err(|e| fail(&e))?;
+        }
+        let mut notes = self.lock();
+        *notes = load(&self.path)?;
+        Ok((lock, notes))
     }
 
     fn key(key: &str) -> Result<String, String> {
@@ -91,7 +119,7 @@ impl NoteStore {
                 value.len()
             ));
         }
-        let mut notes = self.lock();
+        let (_held, mut notes) = self.sync(true)?;
         match notes.get(&k) {
             Some(old) if old == value => return Ok(format!("`{k}` already holds that")),
             Some(old) if !replace => {
@@ -118,7 +146,7 @@ impl NoteStore {
     /// The value under `key`.
     pub fn read(&self, key: &str) -> Result<String, String> {
         let k = Self::key(key)?;
-        let notes = self.lock();
+        let (_held, notes) = self.sync(false)?;
         notes.get(&k).cloned().ok_or_else(|| {
             let keys: Vec<&str> = notes.keys().map(String::as_str).collect();
             format!("no note `{k}` (notes: {})", keys.join(", "))
@@ -127,7 +155,10 @@ impl NoteStore {
 
     /// All keys, one per line.
     pub fn list(&self) -> String {
-        let notes = self.lock();
+        let notes = match self.sync(false) {
+            Ok((_held, notes)) => notes.clone(),
+            Err(e) => return e,
+        };
         if notes.is_empty() {
             "(no notes)".into()
         } else {
@@ -136,12 +167,28 @@ impl NoteStore {
     }
 }
 
+/// The notes in the file at `path` (none when it does not exist yet).
+fn load(path: &Path) -> Result<BTreeMap<String, String>, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| {
+            format!(
+                "notes file {} is not a JSON object of strings: {e}",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BTreeMap::new()),
+        Err(e) => Err(format!("notes file {}: {e}", path.display())),
+    }
+}
+
 /// Arguments of `remember`.
 #[derive(serde::Deserialize, schemars::JsonSchema, Debug)]
 pub struct WriteArgs {
     /// A short name for the note.
+    #[schemars(length(max = 64))]
     pub key: String,
     /// What to remember.
+    #[schemars(length(max = 4096))]
     pub value: String,
     /// Whether to change a note that already exists.
     #[serde(default)]
@@ -152,6 +199,7 @@ pub struct WriteArgs {
 #[derive(serde::Deserialize, schemars::JsonSchema, Debug)]
 pub struct ReadArgs {
     /// The note's name.
+    #[schemars(length(max = 64))]
     pub key: String,
 }
 
@@ -245,11 +293,13 @@ mod tests {
         let on_disk: BTreeMap<String, String> =
             serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         assert_eq!(on_disk.len(), 2);
-        // No temporary file is left beside it.
-        assert_eq!(
-            std::fs::read_dir(path.parent().unwrap()).unwrap().count(),
-            1
-        );
+        // No temporary file is left beside it (only the lock file).
+        let names: Vec<String> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        assert!(names.contains(&"notes.json.lock".to_string()), "{names:?}");
     }
 
     #[test]
@@ -276,14 +326,43 @@ mod tests {
     #[test]
     fn a_full_notebook_refuses_new_keys() {
         let dir = tempfile::tempdir().unwrap();
-        let s = NoteStore::open(&dir.path().join("n.json")).unwrap();
-        s.lock()
-            .extend((0..MAX_NOTES).map(|i| (format!("k{i}"), String::new())));
+        let path = dir.path().join("n.json");
+        let full: BTreeMap<String, String> = (0..MAX_NOTES)
+            .map(|i| (format!("k{i}"), String::new()))
+            .collect();
+        std::fs::write(&path, serde_json::to_string(&full).unwrap()).unwrap();
+        let s = NoteStore::open(&path).unwrap();
         assert!(s.write("new", "x", false).unwrap_err().contains("full"));
         assert!(
             s.write("k1", "x", true).is_ok(),
             "replacing is still allowed"
         );
+    }
+
+    #[test]
+    fn two_writers_of_one_file_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shared.json");
+        // Two stores opened apart are as two processes: each keeps its own copy.
+        let stores = [
+            NoteStore::open(&path).unwrap(),
+            NoteStore::open(&path).unwrap(),
+        ];
+        std::thread::scope(|scope| {
+            for (w, s) in stores.iter().enumerate() {
+                scope.spawn(move || {
+                    for i in 0..40 {
+                        s.write(&format!("w{w}-{i}"), "v", false).unwrap();
+                    }
+                });
+            }
+        });
+        let on_disk: BTreeMap<String, String> =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        assert_eq!(on_disk.len(), 80, "lost writes");
+        // Each store sees the other's notes.
+        assert_eq!(stores[0].read("w1-39").unwrap(), "v");
+        assert_eq!(stores[1].read("w0-0").unwrap(), "v");
     }
 
     #[tokio::test]

@@ -69,7 +69,17 @@ pub struct AgentConfig {
     /// Element type of the agent's KV cache; `None`: the model actor's
     /// [`EngineConfig::kv_dtype`](crate::engine::EngineConfig::kv_dtype).
     pub kv_dtype: Option<crate::kv::KvDtype>,
+    /// Longest tool result or tool error shown to the model, in bytes; a longer one
+    /// is cut (at a character boundary) and ends with a `…[truncated N bytes]` marker.
+    pub max_tool_result_bytes: usize,
 }
+
+/// Bounds of the numbers of an [`AgentConfig`].
+pub const MAX_REPLY_TOKENS: usize = 1 << 20;
+/// Most tool calls in one turn.
+pub const MAX_TOOL_STEPS: usize = 1000;
+/// Longest tool timeout: a day.
+pub const MAX_TOOL_TIMEOUT_SECS: f64 = 86_400.0;
 
 impl Default for AgentConfig {
     fn default() -> Self {
@@ -86,6 +96,7 @@ impl Default for AgentConfig {
             tool_timeout_secs: 30.0,
             context_policy: ContextPolicy::Error,
             kv_dtype: None,
+            max_tool_result_bytes: 4096,
         }
     }
 }
@@ -100,15 +111,57 @@ impl AgentConfig {
         }
     }
 
-    /// Reads a config from a `.toml` or `.json` file.
+    /// Reads a config from a `.toml` or `.json` file, and [validates](Self::validate)
+    /// it.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)?;
         let bad = |e: String| Error::InvalidInput(format!("agent config {}: {e}", path.display()));
-        match path.extension().and_then(|e| e.to_str()) {
-            Some("toml") => toml::from_str(&text).map_err(|e| bad(e.to_string())),
-            Some("json") => serde_json::from_str(&text).map_err(|e| bad(e.to_string())),
-            _ => Err(bad("expected a .toml or .json file".into())),
+        let config: Self = match path.extension().and_then(|e| e.to_str()) {
+            Some("toml") => toml::from_str(&text).map_err(|e| bad(e.to_string()))?,
+            Some("json") => serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?,
+            _ => return Err(bad("expected a .toml or .json file".into())),
+        };
+        config.validate().map_err(|e| bad(e.to_string()))?;
+        Ok(config)
+    }
+
+    /// Rejects numbers out of their bounds, naming the field: `max_tokens` in
+    /// `1..=2^20`, `max_tool_steps` at most 1000, `tool_timeout_secs` a finite number
+    /// of seconds in `(0, 86400]`, `max_tool_result_bytes` at least 64; and the
+    /// sampling parameters.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &str, why: String| {
+            Err(Error::InvalidInput(format!(
+                "agent `{}`: {field} {why}",
+                self.name
+            )))
+        };
+        if !(1..=MAX_REPLY_TOKENS).contains(&self.max_tokens) {
+            return bad(
+                "max_tokens",
+                format!("{} is out of range 1..={MAX_REPLY_TOKENS}", self.max_tokens),
+            );
         }
+        if self.max_tool_steps > MAX_TOOL_STEPS {
+            return bad(
+                "max_tool_steps",
+                format!("{} is more than {MAX_TOOL_STEPS}", self.max_tool_steps),
+            );
+        }
+        let t = self.tool_timeout_secs;
+        if !(t.is_finite() && t > 0.0 && t <= MAX_TOOL_TIMEOUT_SECS) {
+            return bad(
+                "tool_timeout_secs",
+                format!("{t} must be a number of seconds in (0, {MAX_TOOL_TIMEOUT_SECS}]"),
+            );
+        }
+        if self.max_tool_result_bytes < 64 {
+            return bad(
+                "max_tool_result_bytes",
+                format!("{} is less than 64", self.max_tool_result_bytes),
+            );
+        }
+        self.sampling.validate()
     }
 }
 
@@ -137,5 +190,27 @@ mod tests {
         std::fs::write(&t, "nmae = \"typo\"\n").unwrap();
         let e = AgentConfig::load(&t).unwrap_err().to_string();
         assert!(e.contains("nmae"), "{e}");
+    }
+
+    #[test]
+    fn out_of_range_numbers_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = dir.path().join("a.toml");
+        for (line, field) in [
+            ("max_tokens = 9223372036854775807", "max_tokens"),
+            ("max_tokens = 0", "max_tokens"),
+            ("tool_timeout_secs = 1e300", "tool_timeout_secs"),
+            ("tool_timeout_secs = inf", "tool_timeout_secs"),
+            ("tool_timeout_secs = nan", "tool_timeout_secs"),
+            ("tool_timeout_secs = -1.0", "tool_timeout_secs"),
+            ("tool_timeout_secs = 0.0", "tool_timeout_secs"),
+            ("max_tool_steps = 9223372036854775807", "max_tool_steps"),
+            ("max_tool_result_bytes = 0", "max_tool_result_bytes"),
+            ("[sampling]\ntemperature = -1.0", "temperature"),
+        ] {
+            std::fs::write(&t, format!("{line}\n")).unwrap();
+            let e = AgentConfig::load(&t).unwrap_err().to_string();
+            assert!(e.contains(field), "{line}: {e}");
+        }
     }
 }

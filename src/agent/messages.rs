@@ -24,6 +24,30 @@ impl KameoMessage<Ask> for AgentActor {
     }
 }
 
+/// A user message from another agent's tool call ([`agent_tool`]): it carries the
+/// chain of agents that asked (a cycle is refused) and a guard whose drop (the asking
+/// tool timed out) stops the turn at its next step.
+///
+/// [`agent_tool`]: crate::workflow::agent_tool
+#[derive(Debug)]
+pub(crate) struct AskNested {
+    /// The message.
+    pub text: String,
+    /// The agents whose tool calls led here, outermost first.
+    pub asked_by: Vec<kameo::actor::ActorId>,
+    /// Closed when the asker gives up.
+    pub asker_alive: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl KameoMessage<AskNested> for AgentActor {
+    type Reply = Result<AgentReply>;
+    async fn handle(&mut self, m: AskNested, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        self.turn_state.asked_by = m.asked_by;
+        self.turn_state.asker_alive = Some(m.asker_alive);
+        self.turn(m.text, None, None, None).await
+    }
+}
+
 /// A user message with a per-turn tool choice.
 #[derive(Debug, Clone)]
 pub struct AskWith {
@@ -130,6 +154,21 @@ impl KameoMessage<History> for AgentActor {
     }
 }
 
+/// The token log and the cache's length (for tests of what a turn leaves behind).
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub struct TokenLog;
+
+impl KameoMessage<TokenLog> for AgentActor {
+    type Reply = (Vec<u32>, usize);
+    async fn handle(&mut self, _: TokenLog, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        (
+            self.log.clone(),
+            self.cache.as_ref().map_or(0, KvCache::len),
+        )
+    }
+}
+
 /// The agent's counters.
 #[derive(Debug, Clone, Copy)]
 pub struct GetAgentStats;
@@ -190,6 +229,7 @@ impl AgentActor {
             self_ref: None,
             stats: AgentStats::default(),
             checkpoint: None,
+            turn_state: Default::default(),
         };
         child.spawn_agent()
     }

@@ -1,6 +1,8 @@
 //! Agent snapshots: the whole agent (config, conversation, token log, KV cache) in one
 //! safetensors file, the cache as tensors and the rest as JSON metadata, written to a
-//! temporary file and renamed into place.
+//! uniquely named temporary file in the target's folder, synced, and renamed into
+//! place (then the folder is synced): a crash or two concurrent saves leave one
+//! whole snapshot, never a mix, and a failed save leaves no temporary file.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -100,10 +102,29 @@ pub(super) fn save(
                 .map_err(|e| Error::InvalidInput(format!("snapshot tensor {n}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let tmp = path.with_extension("tmp");
-    safetensors::serialize_to_file(views, Some(meta), &tmp)
-        .map_err(|e| Error::InvalidInput(format!("writing snapshot {}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path)?;
+    let bytes = safetensors::serialize(views, Some(meta))
+        .map_err(|e| Error::InvalidInput(format!("writing snapshot {}: {e}", path.display())))?;
+    write_durably(path, &bytes)
+}
+
+/// Writes `bytes` to `path` atomically and durably: a unique temporary file in the
+/// same folder (removed if anything fails), `sync_all`, a rename over `path`, and a
+/// sync of the folder so the rename itself survives a crash.
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".troupe-snapshot-")
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| Error::Io(e.error))?;
+    #[cfg(unix)]
+    std::fs::File::open(dir)?.sync_all()?;
     Ok(())
 }
 

@@ -155,7 +155,12 @@ impl EngineBench {
 
     fn prompt(&self, i: usize, vocab: usize) -> Vec<u32> {
         (0..self.prompt_tokens)
-            .map(|t| (500 + (t * 7919 + i * 104_729) % (vocab - 1000)) as u32)
+            .map(|t| {
+                // The middle of any vocabulary, even a tiny one.
+                let lo = 500.min(vocab / 4);
+                let span = vocab.saturating_sub(2 * lo).max(1);
+                (lo + (t * 7919 + i * 104_729) % span) as u32
+            })
             .collect()
     }
 

@@ -82,9 +82,10 @@ impl Default for ForwardBench {
 
 /// Deterministic ordinary-looking token ids (avoids the specials at the start).
 fn prompt(n: usize, vocab: usize) -> Vec<u32> {
-    (0..n)
-        .map(|i| (1000 + i * 7919 % (vocab - 2000)) as u32)
-        .collect()
+    // Ids in [lo, lo + span): the middle of any vocabulary, even a tiny one.
+    let lo = 1000.min(vocab / 4);
+    let span = vocab.saturating_sub(2 * lo).max(1);
+    (0..n).map(|i| (lo + i * 7919 % span) as u32).collect()
 }
 
 impl ForwardBench {
@@ -137,7 +138,7 @@ impl ForwardBench {
         let mut batched = BTreeMap::new();
         for &b in &self.batch_sizes {
             let mut caches: Vec<KvCache> = (0..b).map(|_| base.fork()).collect();
-            let mut next: Vec<u32> = (0..b).map(|i| (1000 + i * 31) as u32).collect();
+            let mut next: Vec<u32> = (0..b).map(|i| ((1000 + i * 31) % vocab) as u32).collect();
             let mut steps = Vec::new();
             for _ in 0..self.batch_steps {
                 let toks: Vec<[u32; 1]> = next.iter().map(|&t| [t]).collect();

@@ -23,6 +23,10 @@ pub struct ModelActor {
     grammars: Arc<GrammarCompiler>,
     config: EngineConfig,
     engine: Sender<Command>,
+    /// The engine thread, to notice that it died.
+    thread: std::thread::JoinHandle<()>,
+    /// Times the engine thread was restarted.
+    restarts: u64,
     next_id: u64,
 }
 
@@ -39,14 +43,51 @@ impl ModelActor {
     /// `kameo::actor::Spawn::spawn`.
     pub fn new(model: Arc<Model>, config: EngineConfig) -> Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel();
-        worker::spawn(model.clone(), config.clone(), rx)?;
+        let thread = worker::spawn(model.clone(), config.clone(), rx)?;
         Ok(Self {
             grammars: model.grammar_compiler()?,
             model,
             config,
             engine: tx,
+            thread,
+            restarts: 0,
             next_id: 0,
         })
+    }
+
+    /// Starts a new engine thread in place of a dead one. The requests that were in
+    /// the dead one saw their streams end ([`Error::EngineStopped`]); the idle caches
+    /// it accounted are no longer counted (their holders re-register on their next
+    /// request).
+    fn restart(&mut self) -> Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.thread = worker::spawn(self.model.clone(), self.config.clone(), rx)?;
+        self.engine = tx;
+        self.restarts += 1;
+        tracing::error!(
+            restarts = self.restarts,
+            "the engine thread died; started a new one"
+        );
+        Ok(())
+    }
+
+    /// Sends a command to the engine thread, restarting the thread first when it
+    /// died; gives the command back when even a new thread cannot take it.
+    fn send(&mut self, c: Command) -> std::result::Result<(), Command> {
+        if self.thread.is_finished() && self.restart().is_err() {
+            return Err(c);
+        }
+        match self.engine.send(c) {
+            Ok(()) => Ok(()),
+            Err(std::sync::mpsc::SendError(c)) => {
+                if self.restart().is_err() {
+                    return Err(c);
+                }
+                self.engine
+                    .send(c)
+                    .map_err(|std::sync::mpsc::SendError(c)| c)
+            }
+        }
     }
 
     /// The model this actor serves.
@@ -76,17 +117,25 @@ impl ModelActor {
             return Err(Error::InvalidInput("max_tokens must be at least 1".into()));
         }
         g.sampling.validate()?;
-        let tokens = g.cache.len() + g.tokens.len() + g.max_tokens;
-        if tokens > cfg.context_length {
-            return Err(Error::RequestTooLong {
-                cached: g.cache.len(),
-                new: g.tokens.len(),
-                max_tokens: g.max_tokens,
-                context: cfg.context_length,
-            });
-        }
+        // Checked: a `max_tokens` near `usize::MAX` must not wrap past the checks.
+        let tokens = match g
+            .cache
+            .len()
+            .checked_add(g.tokens.len())
+            .and_then(|t| t.checked_add(g.max_tokens))
+        {
+            Some(t) if t <= cfg.context_length => t,
+            _ => {
+                return Err(Error::RequestTooLong {
+                    cached: g.cache.len(),
+                    new: g.tokens.len(),
+                    max_tokens: g.max_tokens,
+                    context: cfg.context_length,
+                })
+            }
+        };
         let per_token = KvCache::bytes_per_token(cfg.kv_layout(), g.cache.dtype());
-        let bytes = g.cache.bytes().max(per_token * tokens);
+        let bytes = g.cache.bytes().max(per_token.saturating_mul(tokens));
         let budget = self.config.scheduler.kv_budget_bytes;
         if bytes > budget {
             return Err(Error::KvBudgetExceeded {
@@ -120,7 +169,22 @@ impl Message<Generate> for ModelActor {
             g.cache = self.model.new_cache(self.config.kv_dtype);
         }
         if let Some(spec) = g.grammar.take() {
-            match self.grammars.compile(&spec) {
+            // A cache miss runs llguidance's compiler: on the blocking pool, not on
+            // a tokio worker.
+            let compiled = if self.grammars.is_cached(&spec) {
+                self.grammars.compile(&spec)
+            } else {
+                let grammars = self.grammars.clone();
+                tokio::task::spawn_blocking(move || grammars.compile(&spec))
+                    .await
+                    .unwrap_or_else(|e| {
+                        Err(Error::Grammar {
+                            kind: "grammar",
+                            message: format!("compilation stopped: {e}"),
+                        })
+                    })
+            };
+            match compiled {
                 Ok(c) => g.constraint = Some(Box::new(c.constraint())),
                 Err(error) => {
                     return Err(Rejected {
@@ -159,15 +223,18 @@ impl Message<Generate> for ModelActor {
             needed_tokens,
             needed_bytes,
         };
-        if let Err(std::sync::mpsc::SendError(Command::Submit(sub))) =
-            self.engine.send(Command::Submit(Box::new(sub)))
-        {
-            return Err(Rejected {
+        match self.send(Command::Submit(Box::new(sub))) {
+            Ok(()) => Ok(GenerationStream { rx }),
+            Err(Command::Submit(sub)) => Err(Rejected {
                 error: Error::EngineStopped,
                 cache: sub.request.cache,
-            });
+            }),
+            // `send` gives back the command it was given.
+            Err(_) => Err(Rejected {
+                error: Error::EngineStopped,
+                cache: self.model.new_cache(self.config.kv_dtype),
+            }),
         }
-        Ok(GenerationStream { rx })
     }
 }
 
@@ -180,10 +247,11 @@ impl Message<GetStats> for ModelActor {
 
     async fn handle(&mut self, _: GetStats, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.engine
-            .send(Command::Stats(tx))
+        self.send(Command::Stats(tx))
             .map_err(|_| Error::EngineStopped)?;
-        rx.await.map_err(|_| Error::EngineStopped)
+        let mut stats = rx.await.map_err(|_| Error::EngineStopped)?;
+        stats.engine_restarts += self.restarts;
+        Ok(stats)
     }
 }
 
@@ -215,7 +283,7 @@ impl Message<HoldCache> for ModelActor {
     type Reply = ();
 
     async fn handle(&mut self, h: HoldCache, _: &mut Context<Self, Self::Reply>) {
-        let _ = self.engine.send(Command::Hold {
+        let _ = self.send(Command::Hold {
             holder: h.holder,
             bytes: h.bytes,
             last: h.in_tool_call,
@@ -235,6 +303,6 @@ impl Message<ReleaseCache> for ModelActor {
     type Reply = ();
 
     async fn handle(&mut self, r: ReleaseCache, _: &mut Context<Self, Self::Reply>) {
-        let _ = self.engine.send(Command::Release { holder: r.holder });
+        let _ = self.send(Command::Release { holder: r.holder });
     }
 }

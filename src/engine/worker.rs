@@ -8,16 +8,20 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::guarded::{self, guard, panic_text};
 use super::scheduler::{HolderId, Scheduler, SeqId};
 use super::stop::StopMatcher;
 use super::{
-    sample_step, Done, EngineConfig, Event, EvictFn, FinishReason, Generate, Stats, Timings,
-    TokenConstraint, Usage,
+    sample_step, Done, EngineConfig, Event, EvictFn, FinishReason, Generate, Stats, TestHooks,
+    Timings, TokenConstraint, Usage,
 };
 use crate::kv::KvCache;
 use crate::model::{IncrementalDecoder, Model, SeqInput};
 use crate::sampling::Sampler;
 use crate::Error;
+
+/// The logits rows of a step, one per sequence, or why the step failed.
+type StepRows = crate::Result<Vec<Vec<f32>>>;
 
 /// What the actor sends the engine thread.
 pub(crate) enum Command {
@@ -83,10 +87,14 @@ struct Worker {
     seqs: HashMap<SeqId, Seq>,
     holders: HashMap<HolderId, EvictFn>,
     stats: Stats,
+    /// Faults the tests inject.
+    hooks: TestHooks,
 }
 
 /// Starts the engine thread; it stops when every command sender is gone and its work
-/// is done.
+/// is done. A panic that escapes a step (the forward's own are caught per step) fails
+/// every sequence the engine holds and starts a fresh worker on the same command
+/// channel, so no command is lost and the next request is served.
 pub(crate) fn spawn(
     model: Arc<Model>,
     cfg: EngineConfig,
@@ -95,15 +103,26 @@ pub(crate) fn spawn(
     std::thread::Builder::new()
         .name("troupe-engine".into())
         .spawn(move || {
-            let mut w = Worker {
-                mask_times: std::collections::VecDeque::new(),
-                model,
-                sched: Scheduler::new(cfg.scheduler),
-                seqs: HashMap::new(),
-                holders: HashMap::new(),
-                stats: Stats::default(),
-            };
-            w.run(rx);
+            let mut stats = Stats::default();
+            loop {
+                let mut w = Worker {
+                    mask_times: std::collections::VecDeque::new(),
+                    model: model.clone(),
+                    sched: Scheduler::new(cfg.scheduler.clone()),
+                    seqs: HashMap::new(),
+                    holders: HashMap::new(),
+                    stats,
+                    hooks: cfg.test_hooks,
+                };
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run(&rx))) {
+                    Ok(()) => return,
+                    Err(p) => {
+                        let what = panic_text(p.as_ref());
+                        tracing::error!("the engine panicked ({what}); failing its sequences and starting afresh");
+                        stats = w.fail_all(&what);
+                    }
+                }
+            }
         })
 }
 
@@ -120,7 +139,7 @@ impl Worker {
         self.holders.remove(&holder);
     }
 
-    fn run(&mut self, rx: Receiver<Command>) {
+    fn run(&mut self, rx: &Receiver<Command>) {
         let mut waiting_on_evictions = false;
         loop {
             if self.sched.is_idle() || waiting_on_evictions {
@@ -186,6 +205,12 @@ impl Worker {
             needed_tokens,
             needed_bytes,
         } = s;
+        if let Some(t) = self.hooks.crash_engine_on_token {
+            if request.tokens.contains(&t) {
+                // Outside every `catch_unwind`: the engine thread dies.
+                panic!("test hook: the engine thread crashes on token {t}");
+            }
+        }
         let start_len = request.cache.len();
         sampler.observe_prompt(&request.tokens);
         if let Some((holder, _)) = &request.holder {
@@ -277,12 +302,99 @@ impl Worker {
             return self.sched.is_idle();
         }
 
-        let wanted: HashMap<SeqId, usize> = plan.items.iter().copied().collect();
+        // Each sequence is checked alone first, so one bad sequence fails alone.
+        let mut wanted: HashMap<SeqId, usize> = HashMap::with_capacity(plan.items.len());
+        for &(id, n) in &plan.items {
+            let checked = match self.seqs.get(&id) {
+                Some(s) => self.validate(s, n),
+                None => continue,
+            };
+            match checked {
+                Ok(()) => {
+                    wanted.insert(id, n);
+                }
+                Err(e) => self.fail(id, e),
+            }
+        }
+        if wanted.is_empty() {
+            return true;
+        }
+        let (order, result) = self.forward_rows(&wanted);
+        match result {
+            Ok(rows) => {
+                for (id, sampled) in self.sample_all(order, rows) {
+                    self.advance(id, sampled);
+                }
+            }
+            Err(e) if order.len() == 1 => self.fail(order[0].0, e),
+            Err(e) => {
+                // The batch failed (an error or a panic): run each sequence alone, so
+                // only the one that causes it fails and the others go on with the
+                // tokens they would have had anyway (the forward is batch-invariant).
+                tracing::warn!(
+                    "a batched step of {} sequences failed ({e}); rerunning each alone",
+                    order.len()
+                );
+                for (id, n) in order {
+                    let (_, alone) = self.forward_rows(&HashMap::from([(id, n)]));
+                    match alone.map(|mut rows| rows.pop()) {
+                        Ok(Some(row)) => {
+                            for (id, sampled) in self.sample_all(vec![(id, n)], vec![row]) {
+                                self.advance(id, sampled);
+                            }
+                        }
+                        Ok(None) => {
+                            self.fail(id, Error::InvalidInput("forward returned no logits".into()))
+                        }
+                        Err(e) => self.fail(id, e),
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    /// Checks one sequence before it joins a batch: the forward would reject the
+    /// whole batch for it.
+    fn validate(&self, s: &Seq, n: usize) -> crate::Result<()> {
+        let cfg = self.model.config();
+        s.cache.check_layout(cfg.kv_layout())?;
+        let tokens = s.feed.get(..n).ok_or_else(|| {
+            Error::InvalidInput(format!(
+                "a step of {n} tokens for a feed of {}",
+                s.feed.len()
+            ))
+        })?;
+        if tokens.is_empty() {
+            return Err(Error::InvalidInput("a step with no tokens".into()));
+        }
+        if let Some(&id) = tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
+            return Err(Error::TokenOutOfRange {
+                id,
+                vocab_size: cfg.vocab_size,
+            });
+        }
+        match s.cache.len().checked_add(n) {
+            Some(needed) if needed <= cfg.context_length => Ok(()),
+            needed => Err(Error::ContextOverflow {
+                needed: needed.unwrap_or(usize::MAX),
+                context: cfg.context_length,
+            }),
+        }
+    }
+
+    /// Runs the forward over the sequences of `wanted` (id to tokens fed), under
+    /// `catch_unwind`: returns the order the rows come in and the logits rows, or the
+    /// error (a panic becomes [`Error::EnginePanic`]), with every cache back at its
+    /// length before the step.
+    fn forward_rows(&mut self, wanted: &HashMap<SeqId, usize>) -> (Vec<(SeqId, usize)>, StepRows) {
         let mut order = Vec::with_capacity(wanted.len());
         let mut inputs = Vec::with_capacity(wanted.len());
+        let mut lens = Vec::with_capacity(wanted.len());
         for (&id, s) in self.seqs.iter_mut() {
             if let Some(&n) = wanted.get(&id) {
                 order.push((id, n));
+                lens.push(s.cache.len());
                 inputs.push(SeqInput {
                     tokens: &s.feed[..n],
                     cache: &mut s.cache,
@@ -290,10 +402,12 @@ impl Worker {
             }
         }
         let _span = tracing::trace_span!("step", seqs = inputs.len()).entered();
-        let result = self
-            .model
-            .forward(&mut inputs)
-            .and_then(|l| Ok(l.to_vec2::<f32>()?));
+        let result = guarded::forward(
+            &self.model,
+            &mut inputs,
+            &lens,
+            self.hooks.panic_in_forward_on_token,
+        );
         drop(inputs);
         self.stats.steps += 1;
         let n_seqs = order.len();
@@ -303,22 +417,12 @@ impl Worker {
         self.stats.batch_sizes[n_seqs] += 1;
         let n_tokens: usize = order.iter().map(|(_, n)| n).sum();
         self.stats.max_step_tokens = self.stats.max_step_tokens.max(n_tokens);
-        match result {
-            Ok(rows) => {
-                self.stats.tokens_computed += n_tokens as u64;
-                let sampled = self.sample_all(order, rows);
-                for (id, outcome) in sampled {
-                    self.advance(id, outcome);
-                }
-            }
-            Err(e) => {
-                let msg = e.to_string();
-                for (id, _) in order {
-                    self.fail(id, Error::InvalidInput(format!("forward failed: {msg}")));
-                }
-            }
+        if result.is_ok() {
+            self.stats.tokens_computed += n_tokens as u64;
+        } else {
+            self.stats.failed_steps += 1;
         }
-        true
+        (order, result)
     }
 
     /// Takes every sequence of a step past it: drops the fed tokens, and for those
@@ -387,6 +491,7 @@ impl Worker {
             s.first_token = Some(now);
         }
         let mut finish = None;
+        let before = s.generated.len();
         for i in 0..s.feed.len() {
             let t = s.feed[i];
             s.generated.push(t);
@@ -419,7 +524,10 @@ impl Worker {
                 break;
             }
         }
-        if grammar_done && !s.stop_hit {
+        // The grammar's end counts only when its last forced token was emitted too (a
+        // `max_tokens` cut inside a forced run is a `Length` end).
+        let emitted_all = s.generated.len() - before == s.feed.len();
+        if grammar_done && !s.stop_hit && emitted_all {
             finish = Some(FinishReason::Grammar);
         }
         match finish {
@@ -484,6 +592,25 @@ impl Worker {
         }
     }
 
+    /// After a panic escaped a step: fails every sequence (their caches handed back,
+    /// rolled back) and returns the counters for the next worker. The idle holders
+    /// are forgotten: they register again with their next request.
+    fn fail_all(&mut self, what: &str) -> Stats {
+        let ids: Vec<SeqId> = self.seqs.keys().copied().collect();
+        for id in ids {
+            if let Some(mut s) = self.seqs.remove(&id) {
+                s.cache.truncate(s.start_len);
+                let _ = s.tx.send(Event::Failed {
+                    error: Error::EnginePanic { what: what.into() },
+                    cache: Box::new(s.cache),
+                });
+            }
+        }
+        let mut stats = std::mem::take(&mut self.stats);
+        stats.engine_restarts += 1;
+        stats
+    }
+
     fn note_kv(&mut self) {
         let live = self.sched.live_bytes();
         self.stats.kv_live_bytes = live;
@@ -501,25 +628,6 @@ impl Worker {
             mask_us_p50: masks.p50,
             mask_us_p99: masks.p99,
             ..self.stats.clone()
-        }
-    }
-}
-
-/// Runs a requester-supplied constraint callback so that a panic in it fails only
-/// that sequence, never the engine thread that serves everyone else.
-fn guard<T>(f: impl FnOnce() -> crate::Result<T>) -> crate::Result<T> {
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(r) => r,
-        Err(p) => {
-            let what = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            Err(Error::Grammar {
-                kind: "constraint",
-                message: format!("panicked: {what}"),
-            })
         }
     }
 }

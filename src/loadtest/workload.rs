@@ -18,7 +18,7 @@ use crate::engine::{EngineConfig, GetStats, ModelActor, SchedulerConfig};
 use crate::grammar::Grammar;
 use crate::model::Model;
 use crate::sampling::SamplingParams;
-use crate::Result;
+use crate::{Error, Result};
 
 /// Output grammar of every reply.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -94,6 +94,68 @@ impl Default for LoadtestOptions {
     }
 }
 
+/// Bounds of the counts and times of a run: beyond them a run could not finish in
+/// any useful time, and its per-turn buffers would not fit in memory.
+pub const LIMITS: LoadtestLimits = LoadtestLimits {
+    agents: 100_000,
+    turns: 1_000_000,
+    agent_turns: 10_000_000,
+    prompt_tokens: 1 << 20,
+    millis: 86_400_000.0,
+};
+
+/// See [`LIMITS`].
+#[derive(Clone, Copy, Debug)]
+pub struct LoadtestLimits {
+    /// Most agents.
+    pub agents: usize,
+    /// Most turns per agent.
+    pub turns: usize,
+    /// Most agents x turns.
+    pub agent_turns: usize,
+    /// Most tokens of the system prompt or a user message.
+    pub prompt_tokens: usize,
+    /// Most think or tool time, ms (a day).
+    pub millis: f64,
+}
+
+impl LoadtestOptions {
+    /// Rejects counts and times out of [`LIMITS`], naming the option.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str, why: String| Err(Error::InvalidInput(format!("--{what}: {why}")));
+        let count = |what: &str, n: usize, lo: usize, hi: usize| {
+            if (lo..=hi).contains(&n) {
+                Ok(())
+            } else {
+                bad(what, format!("{n} is out of range {lo}..={hi}"))
+            }
+        };
+        count("agents", self.agents, 1, LIMITS.agents)?;
+        count("turns", self.turns, 1, LIMITS.turns)?;
+        count(
+            "turns",
+            self.agents.saturating_mul(self.turns),
+            1,
+            LIMITS.agent_turns,
+        )?;
+        count("system-tokens", self.system_tokens, 0, LIMITS.prompt_tokens)?;
+        count("user-tokens", self.user_tokens, 1, LIMITS.prompt_tokens)?;
+        count("max-tokens", self.max_tokens, 1, LIMITS.prompt_tokens)?;
+        for (what, ms) in [("think-ms", self.think_ms), ("tool-ms", self.tool_ms)] {
+            if !(ms.is_finite() && (0.0..=LIMITS.millis).contains(&ms)) {
+                return bad(
+                    what,
+                    format!("{ms} must be a number of ms in 0..={}", LIMITS.millis),
+                );
+            }
+        }
+        if self.duration.is_some_and(|d| d.is_zero()) {
+            return bad("duration", "must be more than 0 seconds".into());
+        }
+        Ok(())
+    }
+}
+
 const WORDS: &[&str] = &[
     "river", "stone", "light", "market", "garden", "window", "paper", "engine", "cloud", "signal",
     "forest", "letter", "orange", "bridge", "silver", "planet", "harbor", "winter", "candle",
@@ -131,6 +193,7 @@ struct LookupArgs {
 
 /// Runs one load test.
 pub async fn run(model: Arc<Model>, o: &LoadtestOptions) -> Result<RunReport> {
+    o.validate()?;
     let engine = ModelActor::spawn(ModelActor::new(
         model.clone(),
         EngineConfig {
@@ -141,6 +204,7 @@ pub async fn run(model: Arc<Model>, o: &LoadtestOptions) -> Result<RunReport> {
                 max_prefill_while_decoding: o.max_prefill_while_decoding,
             },
             kv_dtype: o.kv_dtype,
+            ..EngineConfig::default()
         },
     )?);
     let mut rng = StdRng::seed_from_u64(o.seed);
@@ -184,7 +248,8 @@ pub async fn run(model: Arc<Model>, o: &LoadtestOptions) -> Result<RunReport> {
             for (turn, text) in msgs.into_iter().enumerate() {
                 if o.think_ms > 0.0 && turn > 0 {
                     let u: f64 = think_rng.random_range(f64::EPSILON..1.0);
-                    tokio::time::sleep(Duration::from_secs_f64(-u.ln() * o.think_ms / 1e3)).await;
+                    let secs = (-u.ln() * o.think_ms / 1e3).clamp(0.0, LIMITS.millis / 1e3);
+                    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
                 }
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     break;

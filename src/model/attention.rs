@@ -22,14 +22,24 @@ pub(crate) struct Rope {
 
 impl Rope {
     /// Tables for `max_pos` positions of a head of width `head_dim`.
-    pub(crate) fn new(head_dim: usize, freq_base: f32, max_pos: usize) -> Self {
+    pub(crate) fn new(head_dim: usize, freq_base: f32, max_pos: usize) -> crate::Result<Self> {
         let half = head_dim / 2;
         let theta: Vec<f32> = (0..head_dim)
             .step_by(2)
             .map(|i| 1f32 / freq_base.powf(i as f32 / head_dim as f32))
             .collect();
-        let mut cos = Vec::with_capacity(max_pos * half);
-        let mut sin = Vec::with_capacity(max_pos * half);
+        // Fallible: a context length from a file must not abort the process.
+        let n = max_pos.checked_mul(half).ok_or_else(|| {
+            crate::Error::InvalidInput(format!("rotary tables of {max_pos} x {half} overflow"))
+        })?;
+        let oom = |_| crate::Error::OutOfMemory {
+            what: "rotary tables",
+            bytes: n.saturating_mul(8),
+        };
+        let mut cos = Vec::new();
+        cos.try_reserve_exact(n).map_err(oom)?;
+        let mut sin = Vec::new();
+        sin.try_reserve_exact(n).map_err(oom)?;
         for p in 0..max_pos {
             for t in &theta {
                 let a = p as f32 * t;
@@ -37,7 +47,7 @@ impl Rope {
                 sin.push(a.sin());
             }
         }
-        Self { half, cos, sin }
+        Ok(Self { half, cos, sin })
     }
 
     /// Rotates `x`, rows of `heads * head_dim` for tokens at `pos0, pos0 + 1, …`, in

@@ -111,6 +111,8 @@ impl ChatTemplate {
         env.set_lstrip_blocks(true);
         env.set_keep_trailing_newline(false);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        // A template from a file must end: each render gets this many instructions.
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.add_function("raise_exception", raise_exception);
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())
@@ -143,14 +145,54 @@ impl ChatTemplate {
             .env
             .get_template(TEMPLATE_NAME)
             .map_err(|e| template_error("is missing", &e))?;
-        template
-            .render(context! {
+        let mut out = BoundedOutput::default();
+        let rendered = template.render_captured_to(
+            context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
-            })
-            .map_err(|e| template_error("failed to render", &e))
+            },
+            &mut out,
+        );
+        match rendered {
+            Ok(_) => String::from_utf8(out.bytes)
+                .map_err(|e| Error::ChatTemplate(format!("template rendered invalid UTF-8: {e}"))),
+            Err(_) if out.overflowed => Err(Error::TemplateLimit {
+                limit: format!("output bound of {TEMPLATE_OUTPUT_BYTES} bytes"),
+            }),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(Error::TemplateLimit {
+                limit: format!("fuel of {TEMPLATE_FUEL} instructions"),
+            }),
+            Err(e) => Err(template_error("failed to render", &e)),
+        }
+    }
+}
+
+/// Instructions one render may run (a conversation of thousands of messages takes a
+/// small fraction of it; a template that loops forever runs out).
+pub const TEMPLATE_FUEL: u64 = 20_000_000;
+/// Longest rendered prompt, in bytes.
+pub const TEMPLATE_OUTPUT_BYTES: usize = 16 << 20;
+
+/// A render's output, refusing to grow past [`TEMPLATE_OUTPUT_BYTES`].
+#[derive(Default)]
+struct BoundedOutput {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for BoundedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len().saturating_add(buf.len()) > TEMPLATE_OUTPUT_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("chat template output bound"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -320,6 +362,25 @@ You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
     /// Renders a one-off template against one user message `hi`.
     fn render_source(source: &str) -> Result<String> {
         ChatTemplate::new(source, "<s>", "</s>")?.render(&[Message::user("hi")], false)
+    }
+
+    #[test]
+    fn a_looping_or_huge_template_stops_with_a_named_error() {
+        let looping =
+            "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}";
+        let e = render_source(looping).unwrap_err();
+        assert!(matches!(e, Error::TemplateLimit { .. }), "{e}");
+        assert!(e.to_string().contains("fuel"), "{e}");
+        let huge = ChatTemplate::new(
+            "{% for a in range(100) %}{{ messages[0].content }}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        let e = huge
+            .render(&[Message::user("y".repeat(1 << 20))], false)
+            .unwrap_err();
+        assert!(e.to_string().contains("output bound"), "{e}");
     }
 
     #[test]

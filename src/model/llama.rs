@@ -16,6 +16,10 @@ use super::GgufFile;
 use crate::kv::{KvCache, KvLayout};
 use crate::{Error, Result};
 
+/// Longest context a model is loaded with, whatever its file says (the rotary
+/// tables are sized by it): a file's larger `llama.context_length` is capped to it.
+pub const MAX_CONTEXT: usize = 1 << 20;
+
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct LlamaConfig {
@@ -86,6 +90,14 @@ impl LlamaConfig {
             ));
         }
         let head_dim = hidden / n_head;
+        if head_dim == 0 || head_dim % 2 != 0 {
+            return Err(bad(
+                "llama.embedding_length",
+                format!(
+                    "width {hidden} over {n_head} heads gives a head width of {head_dim}: it must be even and non-zero"
+                ),
+            ));
+        }
         let rope_dim = usize_of("llama.rope.dimension_count").unwrap_or(head_dim);
         if rope_dim != head_dim {
             return Err(bad(
@@ -98,25 +110,87 @@ impl LlamaConfig {
                 arch: "llama (mixture of experts)".into(),
             });
         }
-        let embd = ct
-            .tensor_infos
-            .get("token_embd.weight")
-            .ok_or_else(|| Error::Tensor {
-                name: "token_embd.weight".into(),
+        let tensor = |name: &str| {
+            ct.tensor_infos.get(name).ok_or_else(|| Error::Tensor {
+                name: name.into(),
                 reason: "missing".into(),
-            })?;
-        let vocab_size = embd.shape.dims().first().copied().unwrap_or(0);
+            })
+        };
+        let embd = tensor("token_embd.weight")?;
+        let (vocab_size, embd_width) = match embd.shape.dims() {
+            &[v, w] => (v, w),
+            d => {
+                return Err(Error::Tensor {
+                    name: "token_embd.weight".into(),
+                    reason: format!("shape {d:?}, expected [vocab, {hidden}]"),
+                })
+            }
+        };
+        if embd_width != hidden || vocab_size == 0 || vocab_size > u32::MAX as usize {
+            return Err(Error::Tensor {
+                name: "token_embd.weight".into(),
+                reason: format!(
+                    "shape [{vocab_size}, {embd_width}], expected [vocab, {hidden}] with 1 <= vocab <= 2^32 - 1"
+                ),
+            });
+        }
+        let n_layers = usize_of("llama.block_count")?;
+        // Bounded by the file: the last block's weights must be there (a huge count
+        // would otherwise size allocations before any tensor is read).
+        if n_layers == 0
+            || !ct
+                .tensor_infos
+                .contains_key(&format!("blk.{}.attn_q.weight", n_layers - 1))
+        {
+            return Err(bad(
+                "llama.block_count",
+                format!(
+                    "{n_layers} blocks, but the file has no weights for block {}",
+                    n_layers.saturating_sub(1)
+                ),
+            ));
+        }
+        let intermediate = usize_of("llama.feed_forward_length")?;
+        let up = tensor("blk.0.ffn_up.weight")?;
+        if intermediate == 0 || up.shape.dims() != [intermediate, hidden] {
+            return Err(bad(
+                "llama.feed_forward_length",
+                format!(
+                    "{intermediate}, but blk.0.ffn_up.weight has shape {:?}",
+                    up.shape.dims()
+                ),
+            ));
+        }
+        let context_length = usize_of("llama.context_length")?;
+        if context_length == 0 {
+            return Err(bad("llama.context_length", "must be at least 1".into()));
+        }
+        let rms_eps = f32_of("llama.attention.layer_norm_rms_epsilon")? as f64;
+        if !(rms_eps.is_finite() && rms_eps >= 0.0) {
+            return Err(bad(
+                "llama.attention.layer_norm_rms_epsilon",
+                format!("must be a finite number >= 0, got {rms_eps}"),
+            ));
+        }
+        let rope_base = f32_of("llama.rope.freq_base").unwrap_or(10_000.0);
+        if !(rope_base.is_finite() && rope_base > 0.0) {
+            return Err(bad(
+                "llama.rope.freq_base",
+                format!("must be a finite number > 0, got {rope_base}"),
+            ));
+        }
         Ok(Self {
             hidden,
-            intermediate: usize_of("llama.feed_forward_length")?,
-            n_layers: usize_of("llama.block_count")?,
+            intermediate,
+            n_layers,
             n_head,
             n_kv_head,
             head_dim,
             vocab_size,
-            context_length: usize_of("llama.context_length")?,
-            rms_eps: f32_of("llama.attention.layer_norm_rms_epsilon")? as f64,
-            rope_base: f32_of("llama.rope.freq_base").unwrap_or(10_000.0),
+            // Capped: the rotary tables are sized by it when the model loads.
+            context_length: context_length.min(MAX_CONTEXT),
+            rms_eps,
+            rope_base,
         })
     }
 
@@ -215,7 +289,7 @@ impl Llama {
             });
         }
         Ok(Self {
-            rope: Rope::new(config.head_dim, config.rope_base, config.context_length),
+            rope: Rope::new(config.head_dim, config.rope_base, config.context_length)?,
             norm: norm_of(file, "output_norm.weight")?,
             head: Linear::new(vec![head_q], mode)?,
             embedding,

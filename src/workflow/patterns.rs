@@ -6,7 +6,8 @@ use kameo::actor::ActorRef;
 
 use super::{emit, Events, WorkflowEvent};
 use crate::agent::{
-    ask_error, tool_fn, unreachable, AgentActor, AgentReply, Ask, AskWith, ForkVaried, Tool,
+    ask_error, tool_fn, unreachable, AgentActor, AgentReply, Ask, AskNested, AskWith, ForkVaried,
+    Tool,
 };
 use crate::grammar::Grammar;
 use crate::{Error, Result};
@@ -223,12 +224,36 @@ pub async fn group_chat(
 
 /// Exposes an agent as a tool another agent can call: the tool's argument is the
 /// message, its result the agent's answer.
+///
+/// The ask carries the chain of agents whose tool calls led to it: a call that would
+/// ask an agent of that chain (A asks B asks A, or A asks itself) is refused with
+/// [`Error::ToolCycle`] instead of waiting on itself until the timeout. When the
+/// calling tool times out (its task is aborted), the asked agent skips the turn if it
+/// has not started, or stops it at its next step.
 pub fn agent_tool(name: &str, description: &str, agent: ActorRef<AgentActor>) -> Arc<dyn Tool> {
+    let tool_name = name.to_string();
     tool_fn(name, description, move |args: AgentToolArgs| {
         let agent = agent.clone();
+        let tool_name = tool_name.clone();
         async move {
+            let asked_by = crate::agent::tool_callers();
+            if asked_by.contains(&agent.id()) {
+                let mut chain: Vec<String> =
+                    asked_by.iter().map(|id| format!("agent {id}")).collect();
+                chain.push(format!("agent {} (via tool `{tool_name}`)", agent.id()));
+                return Err(Error::ToolCycle {
+                    chain: chain.join(" -> "),
+                }
+                .to_string());
+            }
+            // Held while waiting: dropped when this task is aborted.
+            let (_alive, asker_alive) = tokio::sync::oneshot::channel::<()>();
             agent
-                .ask(Ask(args.message))
+                .ask(AskNested {
+                    text: args.message,
+                    asked_by,
+                    asker_alive,
+                })
                 .await
                 .map(|r| r.text)
                 .map_err(|e| ask_error(e).to_string())

@@ -104,7 +104,10 @@ pub fn assert_auto_path(model: &Model) {
     } else {
         "an f32 copy"
     };
-    assert!(chosen.starts_with("auto") && chosen.contains(want), "auto chose: {chosen}");
+    assert!(
+        chosen.starts_with("auto") && chosen.contains(want),
+        "auto chose: {chosen}"
+    );
 }
 
 /// An engine config with the given limits.
