@@ -329,7 +329,20 @@ async fn a_crashed_supervised_agent_restarts_from_its_last_completed_turn() {
         }
     }
     assert_eq!(history.expect("the agent came back"), before);
-    let x = a.ask(Ask("after the crash".into())).await.unwrap();
+    // The History above may have been answered by the old incarnation before the
+    // kill landed: an ask bounced by the restart is retried the same way.
+    let mut x = None;
+    for _ in 0..200 {
+        match a.ask(Ask("after the crash".into())).await {
+            Ok(r) => {
+                x = Some(r);
+                break;
+            }
+            Err(kameo::error::SendError::HandlerError(e)) => panic!("turn failed: {e}"),
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    }
+    let x = x.expect("the restarted agent answers");
     let y = twin.ask(Ask("after the crash".into())).await.unwrap();
     assert_eq!(x.text, y.text, "same state, same reply");
     assert_eq!(
