@@ -6,7 +6,9 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Instant;
 
+use kameo::error::SendError;
 use kameo::message::{Context, Message};
+use kameo::reply::DelegatedReply;
 use kameo::Actor;
 
 use super::worker::{self, Command, Submission};
@@ -161,39 +163,91 @@ impl Actor for ModelActor {
 }
 
 impl Message<Generate> for ModelActor {
-    type Reply = std::result::Result<GenerationStream, Rejected>;
+    type Reply = DelegatedReply<std::result::Result<GenerationStream, Rejected>>;
 
-    async fn handle(&mut self, mut g: Generate, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+    async fn handle(
+        &mut self,
+        mut g: Generate,
+        ctx: &mut Context<Self, Self::Reply>,
+    ) -> Self::Reply {
         if g.engine_kv_dtype && g.cache.is_empty() && g.cache.dtype() != self.config.kv_dtype {
             // Nothing stored yet: the cache can take the engine's element type.
             g.cache = self.model.new_cache(self.config.kv_dtype);
         }
-        if let Some(spec) = g.grammar.take() {
-            // A cache miss runs llguidance's compiler: on the blocking pool, not on
-            // a tokio worker.
-            let compiled = if self.grammars.is_cached(&spec) {
-                self.grammars.compile(&spec)
-            } else {
-                let grammars = self.grammars.clone();
-                tokio::task::spawn_blocking(move || grammars.compile(&spec))
-                    .await
-                    .unwrap_or_else(|e| {
-                        Err(Error::Grammar {
-                            kind: "grammar",
-                            message: format!("compilation stopped: {e}"),
-                        })
-                    })
-            };
-            match compiled {
-                Ok(c) => g.constraint = Some(Box::new(c.constraint())),
-                Err(error) => {
-                    return Err(Rejected {
-                        error,
-                        cache: g.cache,
-                    })
+        let Some(spec) = g.grammar.take() else {
+            let reply = self.accept(g);
+            return ctx.reply(reply);
+        };
+        if self.grammars.is_cached(&spec) {
+            let reply = match self.grammars.compile(&spec) {
+                Ok(c) => {
+                    g.constraint = Some(Box::new(c.constraint()));
+                    self.accept(g)
                 }
-            }
+                Err(error) => Err(Rejected {
+                    error,
+                    cache: g.cache,
+                }),
+            };
+            return ctx.reply(reply);
         }
+        // A cache miss runs llguidance's compiler, which can take a while: on the
+        // blocking pool, and without holding up this actor's other requests. The
+        // compiled request comes back to this actor as a plain one.
+        let (delegated, reply) = ctx.reply_sender();
+        let (me, grammars, model) = (
+            ctx.actor_ref().clone(),
+            self.grammars.clone(),
+            self.model.clone(),
+        );
+        tokio::spawn(async move {
+            let compiled = tokio::task::spawn_blocking(move || grammars.compile(&spec))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(Error::Grammar {
+                        kind: "grammar",
+                        message: format!("compilation stopped: {e}"),
+                    })
+                });
+            let result = match compiled {
+                Ok(c) => {
+                    g.constraint = Some(Box::new(c.constraint()));
+                    match me.ask(g).await {
+                        Ok(stream) => Ok(stream),
+                        Err(SendError::HandlerError(r)) => Err(r),
+                        Err(
+                            SendError::ActorNotRunning(g)
+                            | SendError::ActorRestarting(g)
+                            | SendError::MailboxFull(g),
+                        ) => Err(Rejected {
+                            error: Error::EngineStopped,
+                            cache: g.cache,
+                        }),
+                        Err(_) => Err(Rejected {
+                            error: Error::EngineStopped,
+                            cache: model.new_cache(crate::kv::KvDtype::default()),
+                        }),
+                    }
+                }
+                Err(error) => Err(Rejected {
+                    error,
+                    cache: g.cache,
+                }),
+            };
+            if let Some(reply) = reply {
+                reply.send(result);
+            }
+        });
+        delegated
+    }
+}
+
+impl ModelActor {
+    /// Checks a request whose grammar (if any) is compiled, and hands it to the
+    /// engine thread.
+    // The error is the message's own reply type: the cache comes back by value.
+    #[allow(clippy::result_large_err)]
+    fn accept(&mut self, g: Generate) -> std::result::Result<GenerationStream, Rejected> {
         let (needed_tokens, needed_bytes) = match self.check(&g) {
             Ok(n) => n,
             Err(error) => {
