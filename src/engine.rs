@@ -142,6 +142,12 @@ pub struct Generate {
     /// An empty `cache` takes the engine's [`EngineConfig::kv_dtype`] (agents whose
     /// config names no dtype set this); otherwise the cache is used as given.
     pub engine_kv_dtype: bool,
+    /// Who asks, for traces (an agent's name); shown on the engine's step spans.
+    pub label: Option<String>,
+    /// The span the request belongs to (the caller's current span when built): the
+    /// engine's `admission` span for it, and that span's `step` spans, are its
+    /// children, so a trace reads turn -> model call -> admission -> steps.
+    pub span: tracing::Span,
 }
 
 impl Generate {
@@ -158,6 +164,8 @@ impl Generate {
             ignore_eos: false,
             holder: None,
             engine_kv_dtype: false,
+            label: None,
+            span: tracing::Span::current(),
         }
     }
 }
@@ -387,6 +395,23 @@ pub struct Stats {
     pub mask_us_p50: f64,
     /// See `mask_us_p50`.
     pub mask_us_p99: f64,
+    /// One sample per step (the first [`TIMELINE_STEPS`]): when it ended, its rows
+    /// and the KV bytes live (`troupe loadtest --plot` draws them over time).
+    pub timeline: Vec<StepSample>,
+}
+
+/// Most steps [`Stats::timeline`] records.
+pub const TIMELINE_STEPS: usize = 200_000;
+
+/// One step of the engine, for plots over time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct StepSample {
+    /// Milliseconds since the engine started, at the end of the step.
+    pub at_ms: f64,
+    /// Sequences in the step.
+    pub rows: usize,
+    /// KV bytes of live caches after the step.
+    pub kv_live_bytes: usize,
 }
 
 impl Stats {

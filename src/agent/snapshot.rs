@@ -67,6 +67,12 @@ pub(super) fn save(
     cache: Option<&KvCache>,
     model: &Model,
 ) -> Result<()> {
+    let _span = tracing::info_span!(
+        "snapshot_save",
+        path = %path.display(),
+        cached_tokens = cache.map_or(0, KvCache::len),
+    )
+    .entered();
     let header = Header {
         format: FORMAT_VERSION,
         model: model_id(model),
@@ -129,6 +135,7 @@ fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 pub(super) fn load(path: &Path, model: &Model) -> Result<(Snapshot, Option<KvCache>)> {
+    let _span = tracing::info_span!("snapshot_load", path = %path.display()).entered();
     let data = std::fs::read(path)?;
     let (_, meta) = safetensors::SafeTensors::read_metadata(&data).map_err(|e| corrupt(path, e))?;
     let header: Header = meta

@@ -39,6 +39,20 @@ impl AgentActor {
     /// Runs one tool call with the timeout; errors, timeouts and panics become the
     /// text the model sees, capped at `max_tool_result_bytes`.
     pub(super) async fn run_tool(&self, call: ToolCall) -> ToolRun {
+        let span = tracing::info_span!(
+            "tool_call",
+            agent = %self.config.name,
+            tool = %call.name,
+            outcome = tracing::field::Empty,
+            ms = tracing::field::Empty,
+        );
+        let run = tracing::Instrument::instrument(self.run_tool_inner(call), span.clone()).await;
+        span.record("outcome", if run.failed { "error" } else { "ok" });
+        span.record("ms", run.seconds * 1e3);
+        run
+    }
+
+    async fn run_tool_inner(&self, call: ToolCall) -> ToolRun {
         let start = Instant::now();
         let secs = self
             .config

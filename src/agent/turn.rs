@@ -128,8 +128,37 @@ impl AgentActor {
         }
     }
 
-    /// One model call on the current conversation, of at most `max_tokens` tokens.
+    /// One model call on the current conversation, of at most `max_tokens` tokens,
+    /// in a `model_call` span (the engine's spans for the request are its children).
     async fn generate(
+        &mut self,
+        choice: &ToolChoice,
+        answer: Option<&Grammar>,
+        events: Option<&tokio::sync::mpsc::UnboundedSender<AgentEvent>>,
+        max_tokens: usize,
+    ) -> Result<(crate::engine::Done, usize)> {
+        let span = tracing::debug_span!(
+            "model_call",
+            agent = %self.config.name,
+            holder = self.holder,
+            reused = tracing::field::Empty,
+            computed = tracing::field::Empty,
+            generated = tracing::field::Empty,
+        );
+        let result = tracing::Instrument::instrument(
+            self.generate_inner(choice, answer, events, max_tokens),
+            span.clone(),
+        )
+        .await;
+        if let Ok((done, _)) = &result {
+            span.record("reused", done.usage.cached_tokens);
+            span.record("computed", done.usage.computed_tokens);
+            span.record("generated", done.usage.generated_tokens);
+        }
+        result
+    }
+
+    async fn generate_inner(
         &mut self,
         choice: &ToolChoice,
         answer: Option<&Grammar>,
@@ -152,6 +181,7 @@ impl AgentActor {
         let mut g = Generate::new(cache, self.log[fed..].to_vec(), max_tokens);
         g.sampling = self.config.sampling.clone();
         g.engine_kv_dtype = self.config.kv_dtype.is_none();
+        g.label = Some(self.config.name.clone());
         let answer = answer.or(self.config.grammar.as_ref());
         g.grammar = match super::tools::reply_grammar(&self.tools, choice, answer) {
             Ok(g) => g,
@@ -214,7 +244,32 @@ impl AgentActor {
             cache_len: self.cache.as_ref().map_or(0, KvCache::len),
         };
         self.turn_state.stash = None;
-        let result = self.turn_steps(user, choice, answer, events).await;
+        let span = tracing::info_span!(
+            "turn",
+            agent = %self.config.name,
+            turn = self.stats.turns,
+            reused = tracing::field::Empty,
+            computed = tracing::field::Empty,
+            generated = tracing::field::Empty,
+            tool_calls = tracing::field::Empty,
+            error = tracing::field::Empty,
+        );
+        let result = tracing::Instrument::instrument(
+            self.turn_steps(user, choice, answer, events),
+            span.clone(),
+        )
+        .await;
+        match &result {
+            Ok(reply) => {
+                span.record("reused", reply.usage.cached_tokens);
+                span.record("computed", reply.usage.computed_tokens);
+                span.record("generated", reply.usage.generated_tokens);
+                span.record("tool_calls", reply.tool_runs.len());
+            }
+            Err(e) => {
+                span.record("error", tracing::field::display(e));
+            }
+        }
         let stash = self.turn_state.stash.take();
         self.turn_state.asker_alive = None;
         self.turn_state.asked_by.clear();

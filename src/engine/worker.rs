@@ -8,13 +8,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::guarded::{self, guard, panic_text};
+mod advance;
+
+use super::guarded::{self, panic_text};
 use super::scheduler::{HolderId, Scheduler, SeqId};
 use super::stop::StopMatcher;
-use super::{
-    sample_step, Done, EngineConfig, Event, EvictFn, FinishReason, Generate, Stats, TestHooks,
-    Timings, TokenConstraint, Usage,
-};
+use super::{EngineConfig, Event, EvictFn, Generate, Stats, TestHooks, TokenConstraint, Usage};
 use crate::kv::KvCache;
 use crate::model::{IncrementalDecoder, Model, SeqInput};
 use crate::sampling::Sampler;
@@ -77,6 +76,11 @@ struct Seq {
     admitted: Option<Instant>,
     admitted_at_step: u64,
     first_token: Option<Instant>,
+    /// The request's life in the engine (`admission`, a child of the caller's span);
+    /// each step it is in opens a `step` span under it.
+    span: tracing::Span,
+    /// Who asked (for the engine's step spans).
+    label: String,
 }
 
 struct Worker {
@@ -89,6 +93,8 @@ struct Worker {
     stats: Stats,
     /// Faults the tests inject.
     hooks: TestHooks,
+    /// When the engine started (the timeline's zero).
+    epoch: Instant,
 }
 
 /// Starts the engine thread; it stops when every command sender is gone and its work
@@ -104,6 +110,7 @@ pub(crate) fn spawn(
         .name("troupe-engine".into())
         .spawn(move || {
             let mut stats = Stats::default();
+            let epoch = Instant::now();
             loop {
                 let mut w = Worker {
                     mask_times: std::collections::VecDeque::new(),
@@ -113,6 +120,7 @@ pub(crate) fn spawn(
                     holders: HashMap::new(),
                     stats,
                     hooks: cfg.test_hooks,
+                    epoch,
                 };
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run(&rx))) {
                     Ok(()) => return,
@@ -218,6 +226,17 @@ impl Worker {
             self.release_idle(*holder);
         }
         self.sched.submit(id, request.cache.bytes(), needed_bytes);
+        let label = request.label.unwrap_or_else(|| format!("request-{id}"));
+        let span = tracing::debug_span!(
+            parent: &request.span,
+            "admission",
+            request = id,
+            agent = %label,
+            cached = start_len,
+            new = request.tokens.len(),
+            queue_ms = tracing::field::Empty,
+            kv_bytes = needed_bytes,
+        );
         self.seqs.insert(
             id,
             Seq {
@@ -245,6 +264,8 @@ impl Worker {
                 admitted: None,
                 admitted_at_step: 0,
                 first_token: None,
+                span,
+                label,
             },
         );
         self.note_kv();
@@ -266,6 +287,40 @@ impl Worker {
         }
     }
 
+    /// The spans of the step about to run: the engine's `engine_step` (entered: its
+    /// rows, decode and prefill tokens, KV bytes live and the agents in it), and one
+    /// `step` under each sequence's `admission`. They close when the value drops.
+    fn step_spans(
+        &self,
+        wanted: &HashMap<SeqId, usize>,
+    ) -> (tracing::span::EnteredSpan, Vec<tracing::Span>) {
+        let decode = wanted.values().filter(|&&n| n == 1).count();
+        let tokens: usize = wanted.values().sum();
+        let engine = tracing::debug_span!(
+            "engine_step",
+            step = self.stats.steps,
+            rows = wanted.len(),
+            decode_tokens = decode,
+            prefill_tokens = tokens - decode,
+            kv_live_bytes = self.sched.live_bytes(),
+            agents = tracing::field::Empty,
+        );
+        if engine.is_disabled() {
+            return (engine.entered(), Vec::new());
+        }
+        let mut agents = Vec::with_capacity(wanted.len());
+        let mut seqs = Vec::with_capacity(wanted.len());
+        for (id, &n) in wanted {
+            if let Some(s) = self.seqs.get(id) {
+                agents.push(s.label.as_str());
+                seqs.push(tracing::debug_span!(parent: &s.span, "step", step = self.stats.steps, tokens = n, rows = wanted.len()));
+            }
+        }
+        agents.sort_unstable();
+        engine.record("agents", agents.join(",").as_str());
+        (engine.entered(), seqs)
+    }
+
     /// Plans and runs one step. Returns false when nothing could run (the queue waits
     /// for evictions), true otherwise.
     fn step(&mut self) -> bool {
@@ -279,10 +334,14 @@ impl Worker {
                 s.cache.reserve_exact(s.needed_tokens);
                 s.admitted = Some(now);
                 s.admitted_at_step = self.stats.steps;
+                let wait = (now - s.submitted).as_secs_f64() * 1e3;
+                s.span.record("queue_ms", wait);
+                tracing::debug!(parent: &s.span, queue_ms = wait, "admitted");
             }
         }
         for id in &plan.preempt {
             if let Some(mut s) = self.seqs.remove(id) {
+                tracing::debug!(parent: &s.span, "preempted: its cache is dropped");
                 s.cache.clear();
                 self.stats.preempted += 1;
                 let _ = s.tx.send(Event::Failed {
@@ -293,6 +352,7 @@ impl Worker {
         }
         for h in &plan.evict {
             if let Some(evict) = self.holders.get(h) {
+                tracing::debug!(holder = h, "asked to evict its idle cache");
                 evict();
                 self.stats.evictions_requested += 1;
             }
@@ -319,6 +379,7 @@ impl Worker {
         if wanted.is_empty() {
             return true;
         }
+        let _step = self.step_spans(&wanted);
         let (order, result) = self.forward_rows(&wanted);
         match result {
             Ok(rows) => {
@@ -401,7 +462,6 @@ impl Worker {
                 });
             }
         }
-        let _span = tracing::trace_span!("step", seqs = inputs.len()).entered();
         let result = guarded::forward(
             &self.model,
             &mut inputs,
@@ -415,6 +475,13 @@ impl Worker {
             self.stats.batch_sizes.resize(n_seqs + 1, 0);
         }
         self.stats.batch_sizes[n_seqs] += 1;
+        if self.stats.timeline.len() < super::TIMELINE_STEPS {
+            self.stats.timeline.push(super::StepSample {
+                at_ms: self.epoch.elapsed().as_secs_f64() * 1e3,
+                rows: n_seqs,
+                kv_live_bytes: self.sched.live_bytes(),
+            });
+        }
         let n_tokens: usize = order.iter().map(|(_, n)| n).sum();
         self.stats.max_step_tokens = self.stats.max_step_tokens.max(n_tokens);
         if result.is_ok() {
@@ -423,162 +490,6 @@ impl Worker {
             self.stats.failed_steps += 1;
         }
         (order, result)
-    }
-
-    /// Takes every sequence of a step past it: drops the fed tokens, and for those
-    /// whose prompt is done, masks, samples and commits their next tokens. The
-    /// sequences sample in parallel (grammar masks are the costly part), each on its
-    /// own state, so the result does not depend on the order.
-    fn sample_all(
-        &mut self,
-        order: Vec<(SeqId, usize)>,
-        rows: Vec<Vec<f32>>,
-    ) -> Vec<(SeqId, crate::Result<bool>)> {
-        use rayon::prelude::*;
-        let mut fed: HashMap<SeqId, (usize, Vec<f32>)> = order
-            .into_iter()
-            .zip(rows)
-            .map(|((id, n), row)| (id, (n, row)))
-            .collect();
-        let mut jobs = Vec::with_capacity(fed.len());
-        for (&id, s) in self.seqs.iter_mut() {
-            let Some((n, row)) = fed.remove(&id) else {
-                continue;
-            };
-            s.feed.drain(..n);
-            s.usage.computed_tokens += n;
-            if !s.feed.is_empty() {
-                // A prefill chunk: the logits of a mid-prompt token are not needed.
-                self.sched.set_to_feed(id, s.feed.len());
-                continue;
-            }
-            jobs.push((id, s, row));
-        }
-        jobs.par_iter_mut()
-            .map(|(id, s, logits)| {
-                // The sampled token and the ones the grammar forces after it, fed
-                // together in the next step (`feed` is empty here).
-                let done = guard(|| {
-                    sample_step(
-                        logits,
-                        &mut s.sampler,
-                        s.constraint.as_deref_mut(),
-                        &mut s.feed,
-                    )
-                });
-                (*id, done)
-            })
-            .collect()
-    }
-
-    /// Streams the tokens a sequence sampled this step and ends it when a stop
-    /// condition holds.
-    fn advance(&mut self, id: SeqId, sampled: crate::Result<bool>) {
-        let model = self.model.clone();
-        let eos = model.tokenizer().eos_token_ids();
-        let grammar_done = match sampled {
-            Ok(done) => done,
-            Err(e) => {
-                self.fail(id, e);
-                return;
-            }
-        };
-        let Some(s) = self.seqs.get_mut(&id) else {
-            return;
-        };
-        let now = Instant::now();
-        if s.first_token.is_none() {
-            s.first_token = Some(now);
-        }
-        let mut finish = None;
-        let before = s.generated.len();
-        for i in 0..s.feed.len() {
-            let t = s.feed[i];
-            s.generated.push(t);
-            s.usage.generated_tokens += 1;
-            self.stats.tokens_generated += 1;
-            if eos.contains(&t) && !s.ignore_eos {
-                finish = Some(FinishReason::Stop);
-                break;
-            }
-            let piece = match s.decoder.push(model.tokenizer(), t) {
-                Ok(p) => p,
-                Err(e) => {
-                    self.fail(id, e);
-                    return;
-                }
-            };
-            let released = s.stop.push(&piece);
-            s.text.push_str(&released.text);
-            let _ = s.tx.send(Event::Token {
-                id: t,
-                text: released.text,
-            });
-            if released.stopped {
-                s.stop_hit = true;
-                finish = Some(FinishReason::Stop);
-                break;
-            }
-            if s.generated.len() >= s.max_tokens {
-                finish = Some(FinishReason::Length);
-                break;
-            }
-        }
-        // The grammar's end counts only when its last forced token was emitted too (a
-        // `max_tokens` cut inside a forced run is a `Length` end).
-        let emitted_all = s.generated.len() - before == s.feed.len();
-        if grammar_done && !s.stop_hit && emitted_all {
-            finish = Some(FinishReason::Grammar);
-        }
-        match finish {
-            Some(f) => self.finish(id, f),
-            None => {
-                let n = s.feed.len();
-                self.sched.set_to_feed(id, n);
-            }
-        }
-    }
-
-    fn finish(&mut self, id: SeqId, finish: FinishReason) {
-        self.sched.remove(id);
-        let Some(mut s) = self.seqs.remove(&id) else {
-            return;
-        };
-        if !s.stop_hit {
-            // Release what was held back for a possible stop string or character.
-            let tail = s.decoder.finish();
-            let tail = s.stop.push(&tail).text + &s.stop.flush();
-            if !tail.is_empty() {
-                s.text.push_str(&tail);
-                let _ = s.tx.send(Event::Text { text: tail });
-            }
-        }
-        if let Some(c) = &s.constraint {
-            self.mask_times.extend(c.mask_times());
-            let excess = self.mask_times.len().saturating_sub(20_000);
-            self.mask_times.drain(..excess);
-        }
-        if let Some((holder, evict)) = s.holder.take() {
-            // The cache goes back to an idle holder: still accounted, now evictable.
-            self.hold_idle(holder, s.cache.bytes(), false, evict);
-        }
-        let now = Instant::now();
-        let first = s.first_token.unwrap_or(now);
-        let done = Done {
-            cache: s.cache,
-            tokens: s.generated,
-            text: s.text,
-            finish,
-            usage: s.usage,
-            timings: Timings {
-                queue: s.admitted.unwrap_or(now) - s.submitted,
-                time_to_first_token: first - s.submitted,
-                decode: now - first,
-                admitted_at_step: s.admitted_at_step,
-            },
-        };
-        self.stats.finished += 1;
-        let _ = s.tx.send(Event::Done(Box::new(done)));
     }
 
     fn fail(&mut self, id: SeqId, error: Error) {

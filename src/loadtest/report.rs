@@ -62,6 +62,10 @@ pub struct RunReport {
     pub batch_mean: f64,
     /// Most sequences in a step.
     pub batch_max: usize,
+    /// Steps the engine ran.
+    pub steps: u64,
+    /// Each step's rows and the KV bytes live, over time.
+    pub timeline: Vec<crate::engine::StepSample>,
     /// Prompt tokens of all turns.
     pub prompt_tokens: u64,
     /// Prompt tokens reused from caches.
@@ -224,6 +228,8 @@ impl Recorder {
         r.queue_ms = q(&s.queue);
         r.batch_mean = stats.mean_batch();
         r.batch_max = stats.max_batch();
+        r.steps = stats.steps;
+        r.timeline = stats.timeline.clone();
         r.kv_peak_bytes = stats.kv_peak_bytes;
         r.evictions = stats.evictions_requested + stats.preempted;
         r.mask_us = MaskQuantiles {
@@ -297,9 +303,10 @@ pub fn print_table(r: &RunReport) {
 pub fn plot(runs: &[RunReport], path: &std::path::Path) -> crate::Result<()> {
     use plotters::prelude::*;
     let err = |e: String| crate::Error::InvalidInput(format!("plot {}: {e}", path.display()));
-    let root = SVGBackend::new(path, (900, 420)).into_drawing_area();
+    let root = SVGBackend::new(path, (900, 840)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
-    let (left, right) = root.split_horizontally(450);
+    let (top, bottom) = root.split_vertically(420);
+    let (left, right) = top.split_horizontally(450);
     let max_n = runs.iter().map(|r| r.agents).max().unwrap_or(1) as f64;
     for (area, title, f) in [
         (
@@ -333,6 +340,59 @@ pub fn plot(runs: &[RunReport], path: &std::path::Path) -> crate::Result<()> {
                 runs.iter()
                     .map(|r| Circle::new((r.agents as f64, f(r)), 3, BLUE.filled())),
             )
+            .map_err(|e| err(e.to_string()))?;
+    }
+    // Over time: each run's batch size and KV bytes live, step by step.
+    let (left, right) = bottom.split_horizontally(450);
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN, BLACK];
+    let max_t = runs
+        .iter()
+        .filter_map(|r| r.timeline.last().map(|s| s.at_ms / 1e3))
+        .fold(1e-3, f64::max);
+    for (area, title, f) in [
+        (
+            &left,
+            "batch size (sequences per step)",
+            (|s: &crate::engine::StepSample| s.rows as f64)
+                as fn(&crate::engine::StepSample) -> f64,
+        ),
+        (&right, "KV live (MiB)", |s: &crate::engine::StepSample| {
+            s.kv_live_bytes as f64 / (1 << 20) as f64
+        }),
+    ] {
+        let max_y = runs
+            .iter()
+            .flat_map(|r| r.timeline.iter().map(f))
+            .fold(1.0, f64::max)
+            * 1.1;
+        let mut chart = ChartBuilder::on(area)
+            .caption(title, ("sans-serif", 18))
+            .margin(10)
+            .x_label_area_size(30)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0f64..max_t * 1.02, 0f64..max_y)
+            .map_err(|e| err(e.to_string()))?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds")
+            .draw()
+            .map_err(|e| err(e.to_string()))?;
+        for (i, r) in runs.iter().enumerate() {
+            let color = colors[i % colors.len()];
+            chart
+                .draw_series(LineSeries::new(
+                    r.timeline.iter().map(|s| (s.at_ms / 1e3, f(s))),
+                    &color,
+                ))
+                .map_err(|e| err(e.to_string()))?
+                .label(format!("{} agents", r.agents))
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 15, y)], color));
+        }
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()
             .map_err(|e| err(e.to_string()))?;
     }
     root.present().map_err(|e| err(e.to_string()))?;

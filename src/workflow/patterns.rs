@@ -36,7 +36,9 @@ async fn ask(n: &Named, input: String, events: &Events) -> Result<AgentReply> {
         agent: n.name.clone(),
         input: input.clone(),
     });
+    tracing::debug!(agent = %n.name, input_bytes = input.len(), "workflow step: asked");
     let reply = n.agent.ask(Ask(input)).await.map_err(ask_error)?;
+    tracing::debug!(agent = %n.name, answer_bytes = reply.text.len(), "workflow step: answered");
     emit(events, || WorkflowEvent::Answered {
         agent: n.name.clone(),
         reply: Box::new(reply.clone()),
@@ -67,6 +69,7 @@ async fn pick<'a>(
                 picker.name, answer.text
             ))
         })?;
+    tracing::debug!(picker = %picker.name, picked = %chosen.name, "workflow step: picked");
     emit(events, || WorkflowEvent::Picked {
         agent: chosen.name.clone(),
     });
