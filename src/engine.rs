@@ -112,6 +112,9 @@ pub struct TestHooks {
     /// The engine thread panics (outside any `catch_unwind`) when a request with
     /// this token id arrives.
     pub crash_engine_on_token: Option<u32>,
+    /// The engine thread ends (as a thread that died would: no sequence is failed,
+    /// their streams just close) when a request with this token id arrives.
+    pub exit_engine_on_token: Option<u32>,
 }
 
 /// A generation request: append `tokens` to `cache`, then generate.

@@ -136,3 +136,38 @@ async fn a_dead_engine_thread_is_restarted() {
     let stats = engine.ask(troupe::engine::GetStats).await.unwrap();
     assert_eq!(stats.engine_restarts, 1, "{stats:?}");
 }
+
+/// A thread that ends outright (no panic to catch): the request in it sees its
+/// stream end, and the model actor starts a new thread for the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_model_actor_restarts_an_engine_thread_that_ended() {
+    let hooks = TestHooks {
+        exit_engine_on_token: Some(HOOK_TOKEN),
+        ..TestHooks::default()
+    };
+    let model = tiny(WeightsMode::Native);
+    let first = request(&model, 2);
+    let mut exit_prompt = tokens(5, 3, 3, 270);
+    exit_prompt.push(HOOK_TOKEN);
+    let exit = Generate::new(cache(&model), exit_prompt, 4);
+    let after = request(&model, 2);
+    let engine = actor(model, hooked(8, hooks));
+    let before = engine.ask(first).await.unwrap().finish().await.unwrap();
+    let err = engine
+        .ask(exit)
+        .await
+        .unwrap()
+        .finish()
+        .await
+        .expect_err("the request in the thread that ended");
+    assert!(matches!(err.error, Error::EngineStopped), "{}", err.error);
+    let again = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        engine.ask(after).await.unwrap().finish().await
+    })
+    .await
+    .expect("the request after the thread ended hung")
+    .expect("the request after the thread ended");
+    assert_eq!(again.tokens, before.tokens);
+    let stats = engine.ask(troupe::engine::GetStats).await.unwrap();
+    assert_eq!(stats.engine_restarts, 1, "{stats:?}");
+}

@@ -95,6 +95,8 @@ struct Worker {
     hooks: TestHooks,
     /// When the engine started (the timeline's zero).
     epoch: Instant,
+    /// A test hook asked the thread to end.
+    exit: bool,
 }
 
 /// Starts the engine thread; it stops when every command sender is gone and its work
@@ -121,6 +123,7 @@ pub(crate) fn spawn(
                     stats,
                     hooks: cfg.test_hooks,
                     epoch,
+                    exit: false,
                 };
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run(&rx))) {
                     Ok(()) => return,
@@ -150,6 +153,9 @@ impl Worker {
     fn run(&mut self, rx: &Receiver<Command>) {
         let mut waiting_on_evictions = false;
         loop {
+            if self.exit {
+                return;
+            }
             if self.sched.is_idle() || waiting_on_evictions {
                 // Nothing to run (or only requests blocked on the KV budget): wait.
                 let timeout = if waiting_on_evictions {
@@ -168,6 +174,9 @@ impl Worker {
                 }
             }
             loop {
+                if self.exit {
+                    return;
+                }
                 match rx.try_recv() {
                     Ok(c) => self.command(c),
                     Err(TryRecvError::Empty) => break,
@@ -213,6 +222,15 @@ impl Worker {
             needed_tokens,
             needed_bytes,
         } = s;
+        if self
+            .hooks
+            .exit_engine_on_token
+            .is_some_and(|t| request.tokens.contains(&t))
+        {
+            // The submission is dropped with its stream's sender, as in a dead thread.
+            self.exit = true;
+            return;
+        }
         if let Some(t) = self.hooks.crash_engine_on_token {
             if request.tokens.contains(&t) {
                 // Outside every `catch_unwind`: the engine thread dies.
