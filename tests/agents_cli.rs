@@ -7,8 +7,10 @@ mod common;
 use std::process::{Command, Output};
 
 fn troupe(args: &[&str]) -> Output {
+    // The default model, whatever TROUPE_MODEL the environment holds.
     Command::new(env!("CARGO_BIN_EXE_troupe"))
         .args(args)
+        .env_remove("TROUPE_MODEL")
         .output()
         .unwrap()
 }

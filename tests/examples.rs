@@ -21,7 +21,11 @@ fn run_example(name: &str) -> String {
         "{} is not built: `cargo test` builds the examples",
         exe.display()
     );
-    let out = Command::new(&exe).output().unwrap();
+    // The default model, whatever TROUPE_MODEL the environment holds.
+    let out = Command::new(&exe)
+        .env_remove("TROUPE_MODEL")
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
