@@ -39,6 +39,13 @@ struct Undo {
 }
 
 /// Renders the conversation on a blocking thread.
+/// The token counts of a reply on its span (`reused`, `computed`, `generated`).
+fn record_usage(span: &tracing::Span, u: &Usage) {
+    span.record("reused", u.cached_tokens);
+    span.record("computed", u.computed_tokens);
+    span.record("generated", u.generated_tokens);
+}
+
 async fn render(model: &Arc<Model>, messages: Vec<Message>) -> Result<String> {
     let model = model.clone();
     tokio::task::spawn_blocking(move || model.chat_template().render(&messages, true))
@@ -151,9 +158,7 @@ impl AgentActor {
         )
         .await;
         if let Ok((done, _)) = &result {
-            span.record("reused", done.usage.cached_tokens);
-            span.record("computed", done.usage.computed_tokens);
-            span.record("generated", done.usage.generated_tokens);
+            record_usage(&span, &done.usage);
         }
         result
     }
@@ -261,9 +266,7 @@ impl AgentActor {
         .await;
         match &result {
             Ok(reply) => {
-                span.record("reused", reply.usage.cached_tokens);
-                span.record("computed", reply.usage.computed_tokens);
-                span.record("generated", reply.usage.generated_tokens);
+                record_usage(&span, &reply.usage);
                 span.record("tool_calls", reply.tool_runs.len());
             }
             Err(e) => {

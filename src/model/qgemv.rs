@@ -104,13 +104,7 @@ impl QuantRows {
                     self.column(w, x, &xsum, &mut acc, &mut offs, out);
                 }
             });
-        let mut out = vec![0f32; m * n];
-        for (col, vals) in out_t.chunks_exact(m).enumerate() {
-            for (r, v) in vals.iter().enumerate() {
-                out[r * n + col] = *v;
-            }
-        }
-        out
+        rows_of(&out_t, m, n)
     }
 
     /// [`matmul`](Self::matmul) with bf16 operands by `vdpbf16ps`: each block is
@@ -135,13 +129,7 @@ impl QuantRows {
                 // this matrix, `xb` `m` rows of k / 2 pairs, `chunk` `cols * m` floats.
                 unsafe { simd::columns_dp(self.dtype, w, row_bytes, &xb, m, k, chunk) };
             });
-        let mut out = vec![0f32; m * n];
-        for (col, vals) in out_t.chunks_exact(m).enumerate() {
-            for (r, v) in vals.iter().enumerate() {
-                out[r * n + col] = *v;
-            }
-        }
-        out
+        rows_of(&out_t, m, n)
     }
 
     /// Dot products of one weight row with the `m` activation rows.
@@ -215,6 +203,17 @@ impl QuantRows {
             *o = sum32(a) + off;
         }
     }
+}
+
+/// `[n, m]` column-major results as `[m, n]` rows.
+fn rows_of(out_t: &[f32], m: usize, n: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    for (col, vals) in out_t.chunks_exact(m).enumerate() {
+        for (r, v) in vals.iter().enumerate() {
+            out[r * n + col] = *v;
+        }
+    }
+    out
 }
 
 /// The AVX-512 kernel: nibbles become floats through a 16-entry table lookup
