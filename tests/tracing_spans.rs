@@ -167,8 +167,10 @@ async fn a_conversation_traces_as_turns_model_calls_admissions_and_steps() {
             assert!(!steps.is_empty(), "an admission without steps");
         }
     }
-    // The tool call sits inside the first turn, after its first model call closed
-    // and before its second opened.
+    // The tool call sits inside the first turn, after its first model call opened
+    // and before its second opened. (A model call's span closes once the engine
+    // drops its admission and step spans too, which may be just after the agent
+    // has moved on, so its close is not an order the test can rely on.)
     let (first_id, _) = &turns[0];
     let calls = children(*first_id, "model_call");
     assert_eq!(calls.len(), 2, "call, then answer: {calls:?}");
@@ -177,7 +179,7 @@ async fn a_conversation_traces_as_turns_model_calls_admissions_and_steps() {
     let tool = &tools[0].1;
     assert_eq!(tool.fields["tool"], "add");
     assert_eq!(tool.fields["outcome"], "ok");
-    assert!(calls[0].1.closed < tool.opened && tool.closed < calls[1].1.opened);
+    assert!(calls[0].1.opened < tool.opened && tool.closed < calls[1].1.opened);
     assert!(children(turns[1].0, "tool_call").is_empty());
     // The engine's own step spans list the agent.
     let engine_steps: Vec<&Captured> = spans.values().filter(|s| s.name == "engine_step").collect();
