@@ -139,8 +139,8 @@ impl Sampler {
         *self.generated.entry(token).or_default() += 1;
     }
 
-    /// Picks the next token from `logits` (one row, vocabulary wide; modified in
-    /// place by the penalties). Logits of -inf (masked by a grammar) are never picked
+    /// Picks the next token from `logits` (one row, vocabulary wide; overwritten:
+    /// by the penalties, and when sampling by the draw's weights). Logits of -inf (masked by a grammar) are never picked
     /// unless every logit is -inf.
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.apply_penalties(logits);
@@ -158,19 +158,18 @@ impl Sampler {
         if max == f32::NEG_INFINITY {
             return argmax(logits);
         }
-        // Unnormalised probabilities exp((l - max) / t): the most likely has weight
-        // 1, a masked (-inf) token exactly 0.
-        let mut w: Vec<f32> = logits
-            .iter()
-            .map(|&l| {
-                if l.is_finite() {
-                    (l - max) / t
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-            .collect();
-        crate::math::exp_in_place(&mut w);
+        // Unnormalised probabilities exp((l - max) / t), written over the logits
+        // (no per-token allocation): the most likely has weight 1, a masked (-inf)
+        // token exactly 0.
+        for l in logits.iter_mut() {
+            *l = if l.is_finite() {
+                (*l - max) / t
+            } else {
+                f32::NEG_INFINITY
+            };
+        }
+        crate::math::exp_in_place(logits);
+        let w = &*logits;
         if p.top_k == 0 && p.min_p <= 0.0 && p.top_p >= 1.0 {
             // No filter: draw from every token, in vocabulary order.
             let total: f32 = w.iter().sum();
@@ -187,9 +186,9 @@ impl Sampler {
             }
             return last as u32;
         }
-        let cand = filtered(&w, p);
+        let cand = filtered(w, p);
         if cand.is_empty() {
-            return argmax(logits);
+            return argmax(w);
         }
         let total: f32 = cand.iter().map(|c| c.1).sum();
         let mut r = self.rng.random::<f32>() * total;
