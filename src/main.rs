@@ -1,30 +1,20 @@
 //! The `troupe` command line: model management, tokenizer and generation helpers,
 //! and benchmarks.
 
-#[path = "cli/bench.rs"]
-mod bench;
-#[path = "cli/chat.rs"]
-mod chat;
-#[path = "cli/run.rs"]
-mod run;
-#[path = "cli/trace.rs"]
-mod trace;
-#[path = "cli/workflow.rs"]
-mod workflow_demo;
+mod cli;
 // The ready-made agents of the `agents/` crate (troupe-agents), compiled in here
-// because a package cannot depend on a crate that depends on it.
+// because a package cannot depend on a crate that depends on it. The one `#[path]`
+// left: it goes when the binary moves to its own package depending on both
+// (issue 12), which also moves the CLI tests that use CARGO_BIN_EXE_troupe.
 #[path = "../agents/src/lib.rs"]
 #[allow(dead_code)]
 mod ready_made;
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use kameo::actor::{ActorRef, Spawn};
-use troupe::engine::{EngineConfig, ModelActor};
 use troupe::grammar::{Grammar, GrammarCompiler};
 use troupe::model::fetch::{self, FetchOutcome};
 use troupe::model::{LoadOptions, Message, Model, WeightsMode};
@@ -48,8 +38,8 @@ struct Cli {
     #[arg(short, long, global = true)]
     verbose: bool,
     /// Log lines on stderr (their level from RUST_LOG, default warn) as text or JSON.
-    #[arg(long, global = true, value_enum, default_value_t = trace::LogFormat::Text)]
-    log_format: trace::LogFormat,
+    #[arg(long, global = true, value_enum, default_value_t = cli::trace::LogFormat::Text)]
+    log_format: cli::trace::LogFormat,
     /// Write a Chrome/Perfetto trace of the run here (one track per agent, one for
     /// the engine's steps); open it in chrome://tracing or ui.perfetto.dev.
     #[arg(long, global = true)]
@@ -174,7 +164,7 @@ enum Command {
     },
     /// Benchmarks.
     #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    Bench(cli::bench::BenchCommand),
     /// Run a ready-made agent on a task (more tasks: more turns of one conversation),
     /// printing each tool call, its result and time, the answer and the token usage.
     Run {
@@ -223,52 +213,6 @@ enum ModelCommand {
     },
 }
 
-/// The async runtime of the commands that run actors: two workers (the engine's
-/// forward runs on its own thread).
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?)
-}
-
-/// The `--kv-dtype` of this invocation, for the model actors the commands start.
-static KV_DTYPE: std::sync::OnceLock<KvDtype> = std::sync::OnceLock::new();
-
-/// Loads the model at `path` and spawns its model actor (call inside [`runtime`]),
-/// whose agents' caches take the `--kv-dtype` given (default f16).
-fn start_model(
-    path: &std::path::Path,
-    weights: WeightsMode,
-) -> anyhow::Result<(Arc<Model>, ActorRef<ModelActor>)> {
-    let model = Arc::new(
-        Model::load(path, LoadOptions { weights })
-            .with_context(|| format!("loading {}", path.display()))?,
-    );
-    let config = EngineConfig {
-        kv_dtype: KV_DTYPE.get().copied().unwrap_or_default(),
-        ..EngineConfig::default()
-    };
-    let engine = ModelActor::spawn(ModelActor::new(model.clone(), config)?);
-    Ok((model, engine))
-}
-
-/// `text` on one line (newlines become `sep`), cut after `max` characters with `…`.
-fn one_line(text: &str, max: usize, sep: &str) -> String {
-    let line = text.replace('\n', sep);
-    match line.char_indices().nth(max) {
-        Some((i, _)) => format!("{}…", &line[..i]),
-        None => line,
-    }
-}
-
-/// Writes a report as pretty JSON and says so on stderr.
-fn write_json(path: &std::path::Path, value: &impl serde::Serialize) -> anyhow::Result<()> {
-    std::fs::write(path, serde_json::to_string_pretty(value)?)?;
-    eprintln!("wrote {}", path.display());
-    Ok(())
-}
-
 /// Runs the command; an error is printed as its chain of causes on one line, with a
 /// backtrace only when asked for (`-v` or `TROUPE_BACKTRACE=1`), whatever
 /// `RUST_BACKTRACE` says.
@@ -278,7 +222,7 @@ fn main() -> std::process::ExitCode {
     // anyhow captures a backtrace per error when RUST_LIB_BACKTRACE (or else
     // RUST_BACKTRACE) says so; set before any thread starts.
     std::env::set_var("RUST_LIB_BACKTRACE", if backtrace { "1" } else { "0" });
-    let _trace = trace::init(cli.log_format, cli.trace.clone());
+    let _trace = cli::trace::init(cli.log_format, cli.trace.clone());
     match run_command(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -292,7 +236,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run_command(cli: Cli) -> anyhow::Result<()> {
-    let _ = KV_DTYPE.set(cli.kv_dtype.unwrap_or_default());
+    let _ = cli::KV_DTYPE.set(cli.kv_dtype.unwrap_or_default());
     let model_path =
         || -> anyhow::Result<PathBuf> { Ok(fetch::resolve_model_path(cli.model.as_deref())?) };
     let load = || -> anyhow::Result<Model> {
@@ -317,7 +261,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             if *json {
                 println!("{}", serde_json::to_string_pretty(info)?);
             } else {
-                print_info(info);
+                cli::info::print_info(info);
             }
         }
         Command::Tokenize { text, decode } => {
@@ -421,7 +365,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             max_tokens,
         } => {
             let defaults = ready_made::Options::default();
-            run::run(run::RunOptions {
+            cli::run::run(cli::run::RunOptions {
                 model: cli.model.as_deref(),
                 weights: cli.weights,
                 agent,
@@ -433,18 +377,18 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                 max_tokens: *max_tokens,
             })?;
         }
-        Command::Agents => run::list(),
+        Command::Agents => cli::run::list(),
         Command::Workflow {
             name,
             input,
             max_tokens,
         } => {
             if name == "list" {
-                for (n, what, input) in workflow_demo::DEMOS {
+                for (n, what, input) in cli::workflow::DEMOS {
                     println!("{n:<11} {what}  (default input: {input:?})");
                 }
             } else {
-                workflow_demo::run(workflow_demo::WorkflowOptions {
+                cli::workflow::run(cli::workflow::WorkflowOptions {
                     model: cli.model.as_deref(),
                     weights: cli.weights,
                     name,
@@ -461,7 +405,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             seed,
         } => {
             let path = model_path()?;
-            chat::run(chat::ChatOptions {
+            cli::chat::run(cli::chat::ChatOptions {
                 model: &path,
                 weights: cli.weights,
                 agent: agent.as_deref(),
@@ -471,7 +415,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                 seed: *seed,
             })?;
         }
-        Command::Bench(b) => bench::run(
+        Command::Bench(b) => cli::bench::run(
             b,
             &model_path()?,
             cli.weights,
@@ -501,7 +445,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                 })
                 .transpose()?;
             let model = std::sync::Arc::new(load()?);
-            let rt = runtime()?;
+            let rt = cli::runtime()?;
             let mut runs = Vec::new();
             for &n in agents {
                 let o = troupe::loadtest::LoadtestOptions {
@@ -532,7 +476,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                 } else {
                     serde_json::json!({ "runs": runs })
                 };
-                write_json(j, &value)?;
+                cli::write_json(j, &value)?;
             }
             if let Some(p) = plot {
                 troupe::loadtest::plot(&runs, p)?;
@@ -541,61 +485,4 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-fn print_info(info: &troupe::ModelInfo) {
-    let c = &info.config;
-    println!(
-        "file              {} ({:.1} MiB)",
-        info.path.display(),
-        info.file_bytes as f64 / (1 << 20) as f64
-    );
-    println!("name              {}", info.name.as_deref().unwrap_or("-"));
-    println!("architecture      {}", info.architecture);
-    println!(
-        "parameters        {} ({:.1} M)",
-        info.parameters,
-        info.parameters as f64 / 1e6
-    );
-    let types: Vec<String> = info
-        .tensor_types
-        .iter()
-        .map(|(t, n)| format!("{t} x{n}"))
-        .collect();
-    println!("tensor types      {}", types.join(", "));
-    println!("context length    {}", c.context_length);
-    println!("vocab size        {}", c.vocab_size);
-    println!(
-        "shape             {} layers, width {}, mlp {}, {} heads / {} kv heads of {}",
-        c.n_layers, c.hidden, c.intermediate, c.n_head, c.n_kv_head, c.head_dim
-    );
-    let tok = |t: &(u32, String)| format!("{} {:?}", t.0, t.1);
-    println!(
-        "bos               {}",
-        info.bos.as_ref().map(tok).unwrap_or_else(|| "-".into())
-    );
-    println!(
-        "eos               {}",
-        info.eos.iter().map(tok).collect::<Vec<_>>().join(", ")
-    );
-    println!("pre-tokenizer     {}", info.pretokenizer);
-    println!(
-        "chat template     {}",
-        if info.chat_template_embedded {
-            "embedded"
-        } else {
-            "none (ChatML fallback)"
-        }
-    );
-    println!("weights           {}", info.weights_chosen);
-    let kv: Vec<String> = info
-        .kv_bytes_per_token
-        .iter()
-        .map(|(d, b)| format!("{d} {b} bytes"))
-        .collect();
-    println!(
-        "kv per token      {} (default {})",
-        kv.join(", "),
-        troupe::KvDtype::default()
-    );
 }

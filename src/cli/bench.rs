@@ -77,7 +77,7 @@ pub fn run(
     match command {
         BenchCommand::Grammar { json } => {
             let path = path.to_path_buf();
-            let rt = crate::runtime()?;
+            let rt = super::runtime()?;
             let r = rt.block_on(troupe::bench::grammar::run(&path, weights, |line| {
                 eprintln!("{line}")
             }))?;
@@ -96,7 +96,7 @@ pub fn run(
             r.constrained_tok_s / r.unconstrained_tok_s
         );
             if let Some(j) = json {
-                crate::write_json(j, &r)?;
+                super::write_json(j, &r)?;
             }
         }
         BenchCommand::Engine {
@@ -115,11 +115,11 @@ pub fn run(
                 kv_dtype,
                 ..base
             };
-            let rt = crate::runtime()?;
+            let rt = super::runtime()?;
             let report = rt.block_on(bench.run(&path, weights, |line| eprintln!("{line}")))?;
             print_engine(&report);
             if let Some(j) = json {
-                crate::write_json(j, &report)?;
+                super::write_json(j, &report)?;
             }
         }
         BenchCommand::Forward {
@@ -143,7 +143,7 @@ pub fn run(
             let report = bench.run(&path, weights, |line| eprintln!("{line}"))?;
             print_forward(&report);
             if let Some(j) = json {
-                crate::write_json(j, &report)?;
+                super::write_json(j, &report)?;
             }
         }
         BenchCommand::Perplexity {
@@ -183,7 +183,7 @@ pub fn run(
                 );
             }
             if let Some(j) = json {
-                crate::write_json(j, &r)?;
+                super::write_json(j, &r)?;
             }
         }
     }

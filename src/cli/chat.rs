@@ -45,9 +45,9 @@ pub fn run(o: ChatOptions<'_>) -> anyhow::Result<()> {
     if let Some(s) = o.seed {
         config.sampling.seed = s;
     }
-    crate::runtime()?
+    super::runtime()?
         .block_on(async move {
-            let (model, engine) = crate::start_model(o.model, o.weights)?;
+            let (model, engine) = super::start_model(o.model, o.weights)?;
             let agent = AgentActor::new(config, model, engine, vec![])?.spawn_agent();
             let stdin = std::io::stdin();
             let interactive = stdin.is_terminal();

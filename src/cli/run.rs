@@ -46,8 +46,8 @@ pub fn run(o: RunOptions<'_>) -> anyhow::Result<()> {
         made.config.max_tokens = n;
     }
     let tool_names = made.config.tools.join(", ");
-    crate::runtime()?.block_on(async move {
-        let (model, engine) = crate::start_model(&model_path, o.weights)?;
+    super::runtime()?.block_on(async move {
+        let (model, engine) = super::start_model(&model_path, o.weights)?;
         let agent = made.spawn(model, engine)?;
         let mut out = std::io::stdout();
         writeln!(out, "agent {} (tools: {tool_names})", o.agent)?;
@@ -64,7 +64,7 @@ pub fn run(o: RunOptions<'_>) -> anyhow::Result<()> {
                         "  {} ({:.1} ms) {}",
                         if r.failed { "tool error " } else { "tool result" },
                         r.seconds * 1e3,
-                        crate::one_line(&r.result, 200, " | ")
+                        super::one_line(&r.result, 200, " | ")
                     ),
                 };
                 if written.is_ok() {

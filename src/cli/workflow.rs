@@ -52,7 +52,7 @@ pub struct WorkflowOptions<'a> {
 
 /// One line of at most 160 characters.
 fn clip(s: &str) -> String {
-    crate::one_line(s.trim(), 160, " ")
+    super::one_line(s.trim(), 160, " ")
 }
 
 fn print_event(ev: WorkflowEvent) {
@@ -91,8 +91,8 @@ pub fn run(o: WorkflowOptions<'_>) -> anyhow::Result<()> {
     };
     let input = o.input.unwrap_or(default_input).to_string();
     let model_path = troupe::model::fetch::resolve_model_path(o.model)?;
-    crate::runtime()?.block_on(async move {
-        let (model, engine) = crate::start_model(&model_path, o.weights)?;
+    super::runtime()?.block_on(async move {
+        let (model, engine) = super::start_model(&model_path, o.weights)?;
         let agent = |name: &str, prompt: &str| -> anyhow::Result<Named> {
             let config = AgentConfig {
                 max_tokens: o.max_tokens,
