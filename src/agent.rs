@@ -1,49 +1,51 @@
-//! Agent actors: each [`AgentActor`] owns its conversation, an append-only token log
-//! (exactly what its KV cache holds, plus the last sampled token) and its KV cache,
-//! and talks to the shared [`ModelActor`].
+//! Agent actors: each [`AgentActor`] owns a [`Conversation`] (messages, an
+//! append-only token log that is exactly what its KV cache holds plus the last
+//! sampled token, and the cache itself) and talks to the shared model actor through
+//! an [`Engine`].
 //!
-//! A turn renders the chat template for the whole conversation and keeps only the
-//! part past what the log already says, tokenizes that delta and feeds it, so a turn
-//! computes only its new tokens. Between turns the agent registers its idle cache with
-//! the model actor, which may ask it to evict under KV pressure; an evicted agent keeps
-//! its conversation and log and re-prefills on its next turn.
+//! A turn appends only what the new messages add to the log and feeds the tokens past
+//! what the cache holds, so a turn computes only its new tokens. Between turns the
+//! agent holds its cache under a lease; the engine may ask it to [`Evict`] under KV
+//! pressure. During a tool call the cache is parked with the engine, which may drop
+//! it at once. An evicted agent keeps its conversation and re-prefills on its next
+//! turn. See `ARCHITECTURE.md` for the sequence of one turn.
 
 mod config;
+mod conversation;
 mod messages;
 mod snapshot;
+mod supervision;
 mod tool_run;
 mod tools;
 mod turn;
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kameo::actor::{ActorRef, Spawn, WeakActorRef};
+use kameo::actor::{ActorRef, Spawn, WeakActorRef, WeakRecipient};
 use kameo::Actor;
 
 pub use config::{
     AgentConfig, ContextPolicy, ToolChoice, MAX_REPLY_TOKENS, MAX_TOOL_STEPS, MAX_TOOL_TIMEOUT_SECS,
 };
+pub use conversation::{CacheSlot, Conversation, SyncWork, Undo};
 pub(crate) use messages::{ask_error, unreachable, AskNested};
 pub use messages::{
-    ask_streaming, Ask, AskStream, AskWith, Evict, Fork, ForkVaried, GetAgentStats, History, Reset,
-    Save, TokenLog,
+    ask_streaming, Ask, Fork, GetAgentStats, History, Reset, Save, TokenLog, TurnOptions,
 };
+pub use supervision::AgentSupervisor;
 pub use tool_run::cap_text;
 pub(crate) use tool_run::tool_callers;
 pub use tools::{
-    example_exchange, format_call, parse_call, tool_fn, tools_prompt, Tool, ToolCall, ToolRun,
-    CALL_CLOSE, CALL_OPEN,
+    example_exchange, format_call, parse_call, reply_grammar, tool_fn, tools_prompt, Tool,
+    ToolCall, ToolRun, CALL_CLOSE, CALL_OPEN,
 };
 
-use crate::engine::{HoldCache, ModelActor, ReleaseCache, Usage};
+pub use crate::engine::Evict;
+use crate::engine::{Engine, Hold, Usage};
 use crate::grammar::Grammar;
-use crate::kv::KvCache;
-use crate::model::{Message, Model};
+use crate::model::Message;
 use crate::{Error, Result};
-
-static NEXT_HOLDER: AtomicU64 = AtomicU64::new(1);
 
 /// What one turn produced.
 #[derive(Clone, Debug, serde::Serialize)]
@@ -64,7 +66,7 @@ pub struct AgentReply {
     pub elapsed: Duration,
 }
 
-/// Events of a streamed turn ([`AskStream`]).
+/// Events of a streamed turn ([`TurnOptions::events`]).
 #[derive(Clone, Debug)]
 pub enum AgentEvent {
     /// Generated text.
@@ -87,79 +89,71 @@ pub struct AgentStats {
     /// Times a rendered prompt disagreed with the token log (cache truncated to the
     /// common prefix).
     pub prefix_mismatches: u64,
-    /// Times the cache was evicted.
+    /// Times the cache was evicted (by the engine, a park it dropped, or a caller).
     pub evictions: u64,
     /// Tokens recomputed after evictions.
     pub recomputed_tokens: u64,
+    /// Model calls whose prompt came from a rendered window (not the whole
+    /// conversation).
+    pub windowed_syncs: u64,
+    /// Model calls that rendered the whole conversation.
+    pub full_syncs: u64,
 }
 
-/// An agent: conversation, token log, KV cache, tools.
+/// An agent: its conversation (with its cache), tools and settings.
 pub struct AgentActor {
     config: AgentConfig,
-    model: Arc<Model>,
-    engine: ActorRef<ModelActor>,
+    engine: Engine,
     tools: Vec<Arc<dyn Tool>>,
-    messages: Vec<Message>,
-    log: Vec<u32>,
-    /// `None` when evicted (or never filled).
-    cache: Option<KvCache>,
-    holder: u64,
-    self_ref: Option<WeakActorRef<AgentActor>>,
+    conv: Conversation,
+    /// Where the engine sends evictions (this actor), set when it starts.
+    holder: Option<WeakRecipient<Evict>>,
     stats: AgentStats,
     /// The state after the last completed turn, kept outside the actor so a
     /// supervised agent restarts from it after a crash.
-    checkpoint: Option<Arc<std::sync::Mutex<Checkpoint>>>,
+    checkpoint: Option<supervision::CheckpointCell>,
     /// What the turn in progress may undo, and who asked it.
     turn_state: turn::TurnState,
-}
-
-/// What a restarted agent resumes from.
-#[derive(Debug, Clone, Default)]
-struct Checkpoint {
-    messages: Vec<Message>,
-    log: Vec<u32>,
-}
-
-/// A supervisor for agents: spawn it once, then hand it to
-/// [`AgentActor::spawn_supervised`].
-#[derive(Debug, Default)]
-pub struct AgentSupervisor;
-
-impl Actor for AgentSupervisor {
-    type Args = ();
-    type Error = std::convert::Infallible;
-
-    async fn on_start(_: (), _: ActorRef<Self>) -> std::result::Result<Self, Self::Error> {
-        Ok(AgentSupervisor)
-    }
 }
 
 impl std::fmt::Debug for AgentActor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AgentActor")
             .field("name", &self.config.name)
-            .field("messages", &self.messages.len())
-            .field("log", &self.log.len())
+            .field("messages", &self.conv.messages().len())
+            .field("log", &self.conv.log().len())
             .finish()
     }
 }
 
-impl AgentActor {
-    /// An agent over `engine` (which serves `model`). Grammars (the answer grammar and
-    /// the tool-call grammar) are compiled now: a bad one fails here.
-    pub fn new(
+impl Engine {
+    /// Spawns an agent on this engine (see [`AgentActor::new`]).
+    pub fn agent(
+        &self,
         config: AgentConfig,
-        model: Arc<Model>,
-        engine: ActorRef<ModelActor>,
         tools: Vec<Arc<dyn Tool>>,
-    ) -> Result<Self> {
+    ) -> Result<ActorRef<AgentActor>> {
+        Ok(AgentActor::new(config, self.clone(), tools)?.spawn_agent())
+    }
+}
+
+impl AgentActor {
+    /// An agent on `engine`. Grammars (the answer grammar and the tool-call grammar)
+    /// are compiled now: a bad one fails here, as does a config naming a tool that is
+    /// not in `tools`.
+    pub fn new(config: AgentConfig, engine: Engine, tools: Vec<Arc<dyn Tool>>) -> Result<Self> {
         config.validate()?;
         for name in &config.tools {
             if !tools.iter().any(|t| t.name() == name) {
-                return Err(Error::InvalidInput(format!(
-                    "agent `{}` lists unknown tool `{name}`",
-                    config.name
-                )));
+                return Err(Error::UnknownTool {
+                    owner: format!("agent `{}`", config.name),
+                    tool: name.clone(),
+                    known: tools
+                        .iter()
+                        .map(|t| t.name())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                });
             }
         }
         let tools: Vec<Arc<dyn Tool>> = if config.tools.is_empty() {
@@ -171,15 +165,11 @@ impl AgentActor {
                 .collect()
         };
         let agent = Self {
-            messages: Self::initial_messages(&config, &tools),
+            conv: Conversation::new(Self::initial_messages(&config, &tools)),
             config,
-            model,
             engine,
             tools,
-            log: Vec::new(),
-            cache: None,
-            holder: NEXT_HOLDER.fetch_add(1, Ordering::Relaxed),
-            self_ref: None,
+            holder: None,
             stats: AgentStats::default(),
             checkpoint: None,
             turn_state: turn::TurnState::default(),
@@ -189,14 +179,12 @@ impl AgentActor {
             if agent.tools.is_empty() && choice != ToolChoice::None {
                 continue;
             }
-            if let Some(g) =
-                tools::reply_grammar(&agent.tools, &choice, agent.config.grammar.as_ref())?
-            {
+            if let Some(g) = reply_grammar(&agent.tools, &choice, agent.config.grammar.as_ref())? {
                 agent.check_grammar(&g)?;
             }
         }
         if let ToolChoice::Tool(_) = &agent.config.tool_choice {
-            tools::reply_grammar(
+            reply_grammar(
                 &agent.tools,
                 &agent.config.tool_choice,
                 agent.config.grammar.as_ref(),
@@ -206,10 +194,9 @@ impl AgentActor {
     }
 
     fn check_grammar(&self, g: &Grammar) -> Result<()> {
-        // Compiled by the model actor's cached compiler, so a thousand agents sharing
-        // one grammar compile it once.
-        let compiler = self.model.grammar_compiler()?;
-        compiler.compile(g)?;
+        // The engine's cached compiler: a thousand agents sharing one grammar compile
+        // it once.
+        self.engine.grammars().compile(g)?;
         Ok(())
     }
 
@@ -219,7 +206,7 @@ impl AgentActor {
             if !system.is_empty() {
                 system.push_str("\n\n");
             }
-            system.push_str(&tools::tools_prompt(tools));
+            system.push_str(&tools_prompt(tools));
         }
         let mut messages = Vec::new();
         if !system.is_empty() {
@@ -234,117 +221,46 @@ impl AgentActor {
         <AgentActor as Spawn>::spawn(self)
     }
 
-    /// Spawns the agent under `supervisor`: if it crashes (panics or is killed), it
-    /// restarts from its last completed turn (conversation and token log; the cache is
-    /// re-prefilled on the next turn). The actor reference stays valid across restarts.
-    pub async fn spawn_supervised(
-        mut self,
-        supervisor: &ActorRef<AgentSupervisor>,
-    ) -> ActorRef<AgentActor> {
-        let checkpoint = Arc::new(std::sync::Mutex::new(Checkpoint {
-            messages: self.messages.clone(),
-            log: self.log.clone(),
-        }));
-        self.checkpoint = Some(checkpoint.clone());
-        let (config, model, engine, tools) = (
-            self.config.clone(),
-            self.model.clone(),
-            self.engine.clone(),
-            self.tools.clone(),
-        );
-        let holder = self.holder;
-        // The first incarnation is this agent (with its cache); later ones are rebuilt
-        // from the checkpoint.
-        let first = std::sync::Mutex::new(Some(self));
-        let factory = move || {
-            if let Some(a) = first.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                return a;
-            }
-            let cp = checkpoint.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            AgentActor {
-                config: config.clone(),
-                model: model.clone(),
-                engine: engine.clone(),
-                tools: tools.clone(),
-                messages: cp.messages,
-                log: cp.log,
-                cache: None,
-                holder,
-                self_ref: None,
-                stats: AgentStats::default(),
-                checkpoint: Some(checkpoint.clone()),
-                turn_state: turn::TurnState::default(),
-            }
-        };
-        AgentActor::supervise_with(supervisor, factory)
-            .restart_policy(kameo::supervision::RestartPolicy::Transient)
-            .spawn()
-            .await
-    }
-
-    fn save_checkpoint(&self) {
-        if let Some(cp) = &self.checkpoint {
-            *cp.lock().unwrap_or_else(|p| p.into_inner()) = Checkpoint {
-                messages: self.messages.clone(),
-                log: self.log.clone(),
-            };
+    /// Loads an agent saved with [`Save`]; a corrupt file or one made for another
+    /// model or format version gets a clear error.
+    pub fn load(path: &std::path::Path, engine: Engine, tools: Vec<Arc<dyn Tool>>) -> Result<Self> {
+        let (snap, cache) = snapshot::load(path, engine.model())?;
+        let mut agent = Self::new(snap.config, engine, tools)?;
+        agent.conv = Conversation::restore(agent.engine.model(), snap.messages, snap.log)?;
+        if let Some(c) = cache {
+            agent.conv.cache = CacheSlot::Here(c.into());
         }
+        Ok(agent)
     }
 
-    async fn release_hold(&self) {
-        let _ = self
-            .engine
-            .tell(ReleaseCache {
-                holder: self.holder,
-            })
-            .await;
+    /// Drops the cache (wherever it is); the conversation stays.
+    fn drop_cache(&mut self) {
+        if !matches!(self.conv.cache, CacheSlot::Empty) {
+            self.stats.evictions += 1;
+        }
+        self.conv.cache = CacheSlot::Empty;
     }
 
-    /// The callback the engine calls to ask this agent to evict.
-    fn evict_handle(&self) -> Option<crate::engine::EvictFn> {
-        let me = self.self_ref.clone()?;
-        // Called on the engine thread: delivered from a task on the agent's runtime,
-        // which waits for room in a full mailbox rather than dropping the request.
-        let runtime = tokio::runtime::Handle::try_current().ok();
-        Some(Arc::new(move || {
-            if let Some(a) = me.upgrade() {
-                match &runtime {
-                    Some(rt) => {
-                        rt.spawn(async move {
-                            let _ = a.tell(Evict).await;
-                        });
-                    }
-                    None => {
-                        let _ = a.tell(Evict).try_send();
-                    }
-                }
-            }
-        }))
-    }
-
-    /// Registers the idle cache (after a failed turn; a finished request registers
-    /// it in the engine itself).
-    async fn hold(&self) {
-        self.hold_idle(false).await;
-    }
-
-    /// Registers the idle cache; `in_tool_call` makes it the last to be evicted.
-    async fn hold_idle(&self, in_tool_call: bool) {
-        let (Some(cache), Some(evict)) = (&self.cache, self.evict_handle()) else {
+    /// Puts an unleased cache under a lease (a forked or loaded agent, or one whose
+    /// request failed with an unleased cache), so the engine accounts for it.
+    async fn lease_cache(&mut self) {
+        let CacheSlot::Here(c) = &self.conv.cache else {
             return;
         };
-        if cache.bytes() == 0 {
+        let Some(holder) = self.holder.clone() else {
+            return;
+        };
+        if c.lease().is_some() || c.is_empty() {
             return;
         }
-        let _ = self
-            .engine
-            .tell(HoldCache {
-                holder: self.holder,
-                bytes: cache.bytes(),
-                in_tool_call,
-                evict,
-            })
-            .await;
+        let CacheSlot::Here(cache) = std::mem::take(&mut self.conv.cache) else {
+            return;
+        };
+        self.conv.cache = match self.engine.actor().ask(Hold { cache, holder }).await {
+            Ok(leased) => CacheSlot::Here(leased),
+            // The model actor is gone: nothing to account with.
+            Err(_) => CacheSlot::Empty,
+        };
     }
 }
 
@@ -356,10 +272,9 @@ impl Actor for AgentActor {
         mut args: Self::Args,
         me: ActorRef<Self>,
     ) -> std::result::Result<Self, Self::Error> {
-        args.self_ref = Some(me.downgrade());
-        // A forked or loaded agent starts with a cache: account for it (and make it
-        // evictable) now rather than after its first request.
-        args.hold().await;
+        args.holder = Some(me.recipient::<Evict>().downgrade());
+        // A forked or loaded agent starts with a cache: account for it now.
+        args.lease_cache().await;
         Ok(args)
     }
 
@@ -368,26 +283,8 @@ impl Actor for AgentActor {
         _: WeakActorRef<Self>,
         _: kameo::error::ActorStopReason,
     ) -> std::result::Result<(), Self::Error> {
-        // A dead agent's cache is gone: stop accounting it.
-        self.release_hold().await;
+        // Dropping the cache drops its lease, which ends the engine's accounting.
+        self.conv.cache = CacheSlot::Empty;
         Ok(())
-    }
-}
-
-impl AgentActor {
-    /// Loads an agent saved with [`Save`]; a corrupt file or one made for another
-    /// model or format version gets a clear error.
-    pub fn load(
-        path: &std::path::Path,
-        model: Arc<Model>,
-        engine: ActorRef<ModelActor>,
-        tools: Vec<Arc<dyn Tool>>,
-    ) -> Result<Self> {
-        let (snap, cache) = snapshot::load(path, &model)?;
-        let mut agent = Self::new(snap.config, model, engine, tools)?;
-        agent.messages = snap.messages;
-        agent.log = snap.log;
-        agent.cache = cache;
-        Ok(agent)
     }
 }

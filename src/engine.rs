@@ -10,85 +10,28 @@
 //! stream cancels the request at the next step.
 
 mod actor;
+mod gate;
 mod guarded;
+mod handle;
+mod lease;
 pub mod scheduler;
+pub mod sequence;
 mod stop;
 mod worker;
 
 use std::time::Duration;
 
-pub use actor::{GetStats, HoldCache, ModelActor, ReleaseCache};
+pub use actor::{GetStats, Hold, ModelActor, Park};
+pub use gate::StepGate;
+pub use handle::Engine;
+pub use lease::{Evict, Lease, LeaseId, LeasedCache, ParkedCache};
 pub use scheduler::{HolderId, Scheduler, SchedulerConfig, SeqId, StepPlan};
+pub use sequence::{generate, Generated, Sequence};
 
-use crate::kv::{KvCache, KvDtype};
+use crate::kv::KvDtype;
+pub use crate::sampling::TokenConstraint;
 use crate::sampling::SamplingParams;
-use crate::{Error, Result};
-
-/// A constraint on the tokens a sequence may produce (a grammar): it masks logits
-/// before sampling and follows the chosen tokens.
-pub trait TokenConstraint: Send {
-    /// Sets the logits of forbidden tokens to `-inf`.
-    fn mask(&mut self, logits: &mut [f32]) -> Result<()>;
-    /// Advances past the sampled token; returns whether the constraint is complete
-    /// (the generation should end with [`FinishReason::Grammar`]).
-    fn commit(&mut self, token: u32) -> Result<bool>;
-    /// Tokens the constraint forces next (only one continuation is possible),
-    /// already committed; the engine appends them without a decode step each.
-    fn forced(&mut self) -> Vec<u32> {
-        Vec::new()
-    }
-    /// Whether the constraint reached its end (after forced tokens too).
-    fn is_complete(&self) -> bool {
-        false
-    }
-    /// Time of each mask computation so far, in microseconds.
-    fn mask_times(&self) -> &[f64] {
-        &[]
-    }
-}
-
-/// One sampling step, shared by the model actor and [`Model::generate`](crate::Model):
-/// masks `logits` with the constraint, samples a token and commits it, then appends
-/// the tokens the constraint forces (fast-forward, no decode step each). `tokens`
-/// receives the new tokens, the sampled one first; the sampler observes each (for its
-/// penalties). Returns whether the constraint is complete.
-pub(crate) fn sample_step<C: TokenConstraint + ?Sized>(
-    logits: &mut [f32],
-    sampler: &mut crate::sampling::Sampler,
-    constraint: Option<&mut C>,
-    tokens: &mut Vec<u32>,
-) -> Result<bool> {
-    let Some(c) = constraint else {
-        check_logits(logits)?;
-        let token = sampler.sample(logits);
-        sampler.observe_generated(token);
-        tokens.push(token);
-        return Ok(false);
-    };
-    c.mask(logits)?;
-    check_logits(logits)?;
-    let token = sampler.sample(logits);
-    sampler.observe_generated(token);
-    tokens.push(token);
-    if c.commit(token)? {
-        return Ok(true);
-    }
-    let forced = c.forced();
-    for &t in &forced {
-        sampler.observe_generated(t);
-    }
-    tokens.extend(forced);
-    Ok(c.is_complete())
-}
-
-/// A row of logits with a NaN cannot be sampled from (every comparison with NaN is
-/// false, so the sampler would pick arbitrary tokens): an error for that sequence.
-fn check_logits(logits: &[f32]) -> Result<()> {
-    match logits.iter().position(|l| l.is_nan()) {
-        Some(index) => Err(Error::NanLogits { index }),
-        None => Ok(()),
-    }
-}
+use crate::Error;
 
 /// Settings of one model actor's engine.
 #[derive(Clone, Debug, Default)]
@@ -103,10 +46,14 @@ pub struct EngineConfig {
     pub test_hooks: TestHooks,
 }
 
-/// Faults the robustness tests inject into the engine thread (all off by default).
+/// Faults the robustness tests inject into the engine thread (all off by default),
+/// and the gate through which tests hold and release its steps.
 #[doc(hidden)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct TestHooks {
+    /// Every step waits for a pass through this gate (tests that need to control
+    /// when the engine steps, instead of sleeping).
+    pub step_gate: Option<StepGate>,
     /// The forward panics on any step that feeds this token id.
     pub panic_in_forward_on_token: Option<u32>,
     /// The engine thread panics (outside any `catch_unwind`) when a request with
@@ -119,9 +66,13 @@ pub struct TestHooks {
 
 /// A generation request: append `tokens` to `cache`, then generate.
 pub struct Generate {
-    /// The requester's cache, moved in; it comes back in [`Done`] (or in the
-    /// rejection).
-    pub cache: KvCache,
+    /// The requester's cache, moved in (a lease on it ends: the request accounts for
+    /// it now); it comes back in [`Done`] (or in the failure or the rejection).
+    pub cache: LeasedCache,
+    /// A cache parked with the engine to continue from instead of `cache` (which
+    /// must then be empty): taken back when the engine still holds it, otherwise
+    /// recomputed from the prefix.
+    pub resume: Option<Resume>,
     /// New tokens to feed after what the cache holds.
     pub tokens: Vec<u32>,
     /// How tokens are chosen.
@@ -137,11 +88,10 @@ pub struct Generate {
     pub max_tokens: usize,
     /// Keep generating past end-of-generation tokens (benchmarks).
     pub ignore_eos: bool,
-    /// The requester's holder id and evict callback: when the request ends, its cache
-    /// stays accounted as the holder's idle cache (see [`HoldCache`]) with no gap in
-    /// which the budget could be overrun; a later request with the same holder takes
-    /// it back.
-    pub holder: Option<(HolderId, EvictFn)>,
+    /// Who holds the cache afterwards: it comes back leased (still accounted against
+    /// the KV budget, with no gap in which the budget could be overrun), and under
+    /// pressure the engine sends this recipient an [`Evict`] naming the lease.
+    pub holder: Option<kameo::actor::WeakRecipient<Evict>>,
     /// An empty `cache` takes the engine's [`EngineConfig::kv_dtype`] (agents whose
     /// config names no dtype set this); otherwise the cache is used as given.
     pub engine_kv_dtype: bool,
@@ -153,11 +103,22 @@ pub struct Generate {
     pub span: tracing::Span,
 }
 
+/// A parked cache a request continues from, with the tokens it held (fed again if
+/// the engine dropped it).
+#[derive(Debug)]
+pub struct Resume {
+    /// The park.
+    pub parked: ParkedCache,
+    /// The tokens the parked cache held, `parked.len()` of them.
+    pub prefix: Vec<u32>,
+}
+
 impl Generate {
     /// A greedy request for up to `max_tokens` tokens.
-    pub fn new(cache: KvCache, tokens: Vec<u32>, max_tokens: usize) -> Self {
+    pub fn new(cache: impl Into<LeasedCache>, tokens: Vec<u32>, max_tokens: usize) -> Self {
         Self {
-            cache,
+            cache: cache.into(),
+            resume: None,
             tokens,
             sampling: SamplingParams::default(),
             grammar: None,
@@ -171,12 +132,17 @@ impl Generate {
             span: tracing::Span::current(),
         }
     }
+
+    /// Tokens of context the request starts from (its cache's, or the park's).
+    pub fn cached_len(&self) -> usize {
+        self.resume.as_ref().map_or(self.cache.len(), |r| r.parked.len())
+    }
 }
 
 impl std::fmt::Debug for Generate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Generate")
-            .field("cache_len", &self.cache.len())
+            .field("cache_len", &self.cached_len())
             .field("tokens", &self.tokens.len())
             .field("sampling", &self.sampling)
             .field("grammar", &self.grammar)
@@ -187,42 +153,38 @@ impl std::fmt::Debug for Generate {
     }
 }
 
-/// A request the actor refused at once; the cache is handed back untouched.
-#[derive(Debug)]
+/// A request the actor refused at once; the cache (and the park) are handed back
+/// untouched.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
 pub struct Rejected {
     /// Why.
     pub error: Error,
     /// The requester's cache.
-    pub cache: KvCache,
+    pub cache: LeasedCache,
+    /// The park the request named, still parked.
+    pub resume: Option<Resume>,
 }
 
-impl std::fmt::Display for Rejected {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.error.fmt(f)
+impl Rejected {
+    fn of(error: Error, g: Generate) -> Self {
+        Self {
+            error,
+            cache: g.cache,
+            resume: g.resume,
+        }
     }
 }
 
-impl std::error::Error for Rejected {}
-
 /// A generation that failed after it was accepted.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{error}")]
 pub struct GenerationError {
     /// What went wrong.
     pub error: Error,
     /// The requester's cache, when the engine could hand it back.
-    pub cache: Option<KvCache>,
+    pub cache: Option<LeasedCache>,
 }
-
-impl std::fmt::Display for GenerationError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.error.fmt(f)
-    }
-}
-
-impl std::error::Error for GenerationError {}
-
-/// Called by the engine to ask an idle cache holder to drop its cache.
-pub type EvictFn = std::sync::Arc<dyn Fn() + Send + Sync>;
 
 /// Why a generation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -268,10 +230,11 @@ pub struct Timings {
 /// The end of a generation.
 #[derive(Debug)]
 pub struct Done {
-    /// The requester's cache: it holds the context and every generated token except
-    /// the last one, which was sampled but never fed (a requester's next turn feeds
-    /// it with its new tokens, as it is the first token past `cache.len()`).
-    pub cache: KvCache,
+    /// The requester's cache (leased to the holder the request named): it holds the
+    /// context and every generated token except the last one, which was sampled but
+    /// never fed (a requester's next turn feeds it with its new tokens, as it is the
+    /// first token past `cache.len()`).
+    pub cache: LeasedCache,
     /// Generated token ids (end-of-generation token included when it ended the
     /// generation).
     pub tokens: Vec<u32>,
@@ -310,20 +273,27 @@ pub enum Event {
         /// What went wrong.
         error: Error,
         /// The requester's cache.
-        cache: Box<KvCache>,
+        cache: Box<LeasedCache>,
     },
 }
 
-/// The events of one generation. Dropping it cancels the generation.
+/// The events of one generation. Dropping it cancels the generation (the engine
+/// notices at once, even while it waits for evictions).
 #[derive(Debug)]
 pub struct GenerationStream {
     rx: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    /// Wakes the engine when the stream is dropped before the end.
+    wake: Option<std::sync::mpsc::Sender<worker::Command>>,
 }
 
 impl GenerationStream {
     /// The next event; `None` after the last one.
     pub async fn next(&mut self) -> Option<Event> {
-        self.rx.recv().await
+        let ev = self.rx.recv().await;
+        if matches!(ev, None | Some(Event::Done(_) | Event::Failed { .. })) {
+            self.wake = None;
+        }
+        ev
     }
 
     /// Waits for the end; returns [`Done`], or the error with the cache when the
@@ -354,7 +324,22 @@ impl futures::Stream for GenerationStream {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Event>> {
-        self.rx.poll_recv(cx)
+        let ev = self.rx.poll_recv(cx);
+        if matches!(
+            ev,
+            std::task::Poll::Ready(None | Some(Event::Done(_) | Event::Failed { .. }))
+        ) {
+            self.wake = None;
+        }
+        ev
+    }
+}
+
+impl Drop for GenerationStream {
+    fn drop(&mut self) {
+        if let Some(wake) = self.wake.take() {
+            let _ = wake.send(worker::Command::Wake);
+        }
     }
 }
 
@@ -393,11 +378,13 @@ pub struct Stats {
     /// Times the engine started afresh after a panic escaped a step (or the model
     /// actor restarted a dead engine thread).
     pub engine_restarts: u64,
-    /// Grammar mask computation time per token (µs): median and 99th percentile over
-    /// the most recent masks of finished requests.
-    pub mask_us_p50: f64,
-    /// See `mask_us_p50`.
-    pub mask_us_p99: f64,
+    /// Grammar mask computation time per token (µs), over the most recent masks of
+    /// finished requests.
+    pub mask_us: crate::stats::Quantiles,
+    /// Time requests waited for admission (ms), over the most recent admissions.
+    pub queue_ms: crate::stats::Quantiles,
+    /// The longest admission wait (ms) since the engine started.
+    pub queue_ms_max: f64,
     /// One sample per step (the first [`TIMELINE_STEPS`]): when it ended, its rows
     /// and the KV bytes live (`troupe loadtest --plot` draws them over time).
     pub timeline: Vec<StepSample>,

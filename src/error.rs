@@ -156,9 +156,78 @@ pub enum Error {
     /// (its tool call timed out).
     #[error("the turn was cancelled: the agent that asked it gave up")]
     Cancelled,
-    /// A forward call that makes no sense (no sequences, a sequence with no new tokens…).
-    #[error("invalid input: {0}")]
-    InvalidInput(String),
+    /// A generation request or forward call that makes no sense (an empty prompt,
+    /// `max_tokens` of 0, a forward with no sequences).
+    #[error("bad request: {what}")]
+    BadRequest {
+        /// What is wrong with it.
+        what: String,
+    },
+    /// Sampling parameters out of range.
+    #[error("sampling: {param} must be {want}, got {got}")]
+    Sampling {
+        /// The parameter.
+        param: &'static str,
+        /// What it must be.
+        want: &'static str,
+        /// What it was.
+        got: f32,
+    },
+    /// The forward failed on a sequence for a reason other than a panic.
+    #[error("forward: {what}")]
+    Forward {
+        /// What failed.
+        what: String,
+    },
+    /// An agent snapshot that cannot be written, or read back (corrupt, another
+    /// format version, another model).
+    #[error("agent snapshot {path}: {what}")]
+    Snapshot {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// A configuration (an agent's, a workflow's, a load test's options) that cannot
+    /// be used.
+    #[error("{what}")]
+    Config {
+        /// Which setting and why, as the user wrote it.
+        what: String,
+    },
+    /// A tool an agent's configuration or tool choice names that it does not have.
+    #[error("{owner}: unknown tool `{tool}` (tools: {known})")]
+    UnknownTool {
+        /// Who names it (an agent's config, a tool choice).
+        owner: String,
+        /// The tool named.
+        tool: String,
+        /// The tools it has.
+        known: String,
+    },
+    /// An agent that cannot be reached (stopped, or its mailbox gone).
+    #[error("agent unreachable: {what}")]
+    AgentUnreachable {
+        /// What the actor system said.
+        what: String,
+    },
+    /// A workflow's picking agent (a router, a moderator) picked something that is
+    /// not one of the choices.
+    #[error("{picker} picked `{picked}`, not one of {choices}")]
+    Pick {
+        /// The agent that picked.
+        picker: String,
+        /// What it picked.
+        picked: String,
+        /// The choices.
+        choices: String,
+    },
+    /// Writing a report (a plot, a JSON file) failed.
+    #[error("report {what}")]
+    Report {
+        /// What failed.
+        what: String,
+    },
     /// A KV cache built for another model shape was passed to the forward.
     #[error("KV cache layout {found} does not match the model's {expected}")]
     CacheMismatch {

@@ -14,7 +14,7 @@ use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
 use toktrie::{InferenceCapabilities, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 
-use crate::engine::TokenConstraint;
+use crate::sampling::TokenConstraint;
 use crate::model::Tokenizer;
 use crate::{Error, Result};
 

@@ -48,7 +48,6 @@ impl std::fmt::Display for KvLayout {
     Eq,
     serde::Serialize,
     serde::Deserialize,
-    clap::ValueEnum,
 )]
 #[serde(rename_all = "lowercase")]
 pub enum KvDtype {

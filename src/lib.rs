@@ -41,6 +41,7 @@ pub mod loadtest;
 pub mod math;
 pub mod model;
 pub mod sampling;
+pub mod stats;
 pub mod workflow;
 
 pub use engine::{

@@ -5,5 +5,6 @@
 mod report;
 mod workload;
 
-pub use report::{plot, print_table, Quantiles, RunReport};
+pub use crate::stats::Quantiles;
+pub use report::{plot, print_table, RunReport};
 pub use workload::{run, GrammarKind, LoadtestLimits, LoadtestOptions, LIMITS};

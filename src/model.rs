@@ -175,7 +175,6 @@ pub struct ModelInfo {
 /// A loaded model: weights, tokenizer, chat template.
 pub struct Model {
     /// Built on first use: walking the vocabulary costs tens of milliseconds.
-    grammars: std::sync::OnceLock<std::sync::Arc<crate::grammar::GrammarCompiler>>,
     llama: Llama,
     tokenizer: Tokenizer,
     chat_template: ChatTemplate,
@@ -263,7 +262,6 @@ impl Model {
             kv_bytes_per_token,
         };
         Ok(Self {
-            grammars: std::sync::OnceLock::new(),
             llama,
             tokenizer,
             chat_template,
@@ -299,15 +297,6 @@ impl Model {
     /// The chat template (the GGUF's own, or ChatML).
     pub fn chat_template(&self) -> &ChatTemplate {
         &self.chat_template
-    }
-
-    /// The grammar compiler of this model's tokenizer, shared and cached.
-    pub fn grammar_compiler(&self) -> Result<std::sync::Arc<crate::grammar::GrammarCompiler>> {
-        if let Some(c) = self.grammars.get() {
-            return Ok(c.clone());
-        }
-        let c = std::sync::Arc::new(crate::grammar::GrammarCompiler::new(&self.tokenizer)?);
-        Ok(self.grammars.get_or_init(|| c).clone())
     }
 
     /// Description for `troupe model info`.
@@ -423,69 +412,5 @@ fn exact_mode(parameters: u64, stored: &str, asked: &str) -> (ResolvedMode, Stri
                 avail.map(|a| format!("{} MiB", mib(a))).unwrap_or_else(|| "unknown".into())
             ),
         ),
-    }
-}
-
-/// Why a [`Model::generate`] stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Finish {
-    /// An end-of-generation token was sampled.
-    Stop,
-    /// `max_tokens` were generated.
-    Length,
-    /// The grammar reached its end.
-    Grammar,
-}
-
-impl Model {
-    /// Generates up to `max_tokens` tokens after `prompt` for one sequence, alone:
-    /// prefills the prompt into `cache`, then decodes token by token, calling
-    /// `on_token` with each new id. End-of-generation tokens stop it and are not
-    /// returned. With a `constraint`, logits are masked before sampling and forced
-    /// tokens are fed together. (Batched serving is the model actor's job; this is
-    /// the plain loop the CLI and the tests use.)
-    pub fn generate(
-        &self,
-        cache: &mut KvCache,
-        prompt: &[u32],
-        max_tokens: usize,
-        sampler: &mut crate::sampling::Sampler,
-        mut constraint: Option<&mut dyn crate::engine::TokenConstraint>,
-        mut on_token: impl FnMut(u32) -> Result<()>,
-    ) -> Result<(Vec<u32>, Finish)> {
-        let mut out = Vec::new();
-        sampler.observe_prompt(prompt);
-        let mut next: Vec<u32> = prompt.to_vec();
-        while out.len() < max_tokens {
-            let logits = self.forward(&mut [SeqInput {
-                tokens: &next,
-                cache,
-            }])?;
-            let mut row: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
-            next.clear();
-            let done = crate::engine::sample_step(
-                &mut row,
-                sampler,
-                constraint.as_deref_mut(),
-                &mut next,
-            )?;
-            for (i, &t) in next.iter().enumerate() {
-                if self.tokenizer.eos_token_ids().contains(&t) {
-                    let finish = if done { Finish::Grammar } else { Finish::Stop };
-                    return Ok((out, finish));
-                }
-                on_token(t)?;
-                out.push(t);
-                if out.len() >= max_tokens && i + 1 < next.len() {
-                    // Cut inside a forced run: the grammar did not reach its end.
-                    return Ok((out, Finish::Length));
-                }
-            }
-            if done {
-                return Ok((out, Finish::Grammar));
-            }
-        }
-        Ok((out, Finish::Length))
     }
 }

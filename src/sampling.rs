@@ -12,6 +12,72 @@ use rand::{Rng, SeedableRng};
 
 use crate::{Error, Result};
 
+/// A constraint on the tokens a sequence may produce (a grammar): it masks logits
+/// before sampling and follows the chosen tokens.
+pub trait TokenConstraint: Send {
+    /// Sets the logits of forbidden tokens to `-inf`.
+    fn mask(&mut self, logits: &mut [f32]) -> Result<()>;
+    /// Advances past the sampled token; returns whether the constraint is complete
+    /// (the generation should end with a grammar finish).
+    fn commit(&mut self, token: u32) -> Result<bool>;
+    /// Tokens the constraint forces next (only one continuation is possible),
+    /// already committed; the engine appends them without a decode step each.
+    fn forced(&mut self) -> Vec<u32> {
+        Vec::new()
+    }
+    /// Whether the constraint reached its end (after forced tokens too).
+    fn is_complete(&self) -> bool {
+        false
+    }
+    /// Time of each mask computation so far, in microseconds.
+    fn mask_times(&self) -> &[f64] {
+        &[]
+    }
+}
+
+/// One sampling step, shared by every decode loop (the engine's sequences):
+/// masks `logits` with the constraint, samples a token and commits it, then appends
+/// the tokens the constraint forces (fast-forward, no decode step each). `tokens`
+/// receives the new tokens, the sampled one first; the sampler observes each (for its
+/// penalties). Returns whether the constraint is complete.
+pub(crate) fn sample_step<C: TokenConstraint + ?Sized>(
+    logits: &mut [f32],
+    sampler: &mut Sampler,
+    constraint: Option<&mut C>,
+    tokens: &mut Vec<u32>,
+) -> Result<bool> {
+    let Some(c) = constraint else {
+        check_logits(logits)?;
+        let token = sampler.sample(logits);
+        sampler.observe_generated(token);
+        tokens.push(token);
+        return Ok(false);
+    };
+    c.mask(logits)?;
+    check_logits(logits)?;
+    let token = sampler.sample(logits);
+    sampler.observe_generated(token);
+    tokens.push(token);
+    if c.commit(token)? {
+        return Ok(true);
+    }
+    let forced = c.forced();
+    for &t in &forced {
+        sampler.observe_generated(t);
+    }
+    tokens.extend(forced);
+    Ok(c.is_complete())
+}
+
+/// A row of logits with a NaN cannot be sampled from (every comparison with NaN is
+/// false, so the sampler would pick arbitrary tokens): an error for that sequence.
+fn check_logits(logits: &[f32]) -> Result<()> {
+    match logits.iter().position(|l| l.is_nan()) {
+        Some(index) => Err(Error::NanLogits { index }),
+        None => Ok(()),
+    }
+}
+
 /// Temperatures below this are greedy.
 pub const GREEDY_BELOW: f32 = 1e-5;
 
@@ -70,10 +136,8 @@ impl SamplingParams {
 
     /// Rejects parameters that make no sense, naming the parameter.
     pub fn validate(&self) -> Result<()> {
-        let bad = |name: &str, want: &str, got: f32| {
-            Err(Error::InvalidInput(format!(
-                "{name} must be {want}, got {got}"
-            )))
+        let bad = |param: &'static str, want: &'static str, got: f32| {
+            Err(Error::Sampling { param, want, got })
         };
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             return bad("temperature", "a finite number >= 0", self.temperature);

@@ -29,8 +29,7 @@ use std::sync::Arc;
 
 use kameo::actor::ActorRef;
 use troupe::agent::{AgentActor, AgentConfig, Tool};
-use troupe::engine::ModelActor;
-use troupe::Model;
+use troupe::engine::Engine;
 
 /// One ready-made agent, as `troupe agents` lists it.
 #[derive(Clone, Copy, Debug)]
@@ -136,12 +135,8 @@ impl ReadyMade {
     }
 
     /// Spawns it on `engine`.
-    pub fn spawn(
-        self,
-        model: Arc<Model>,
-        engine: ActorRef<ModelActor>,
-    ) -> anyhow::Result<ActorRef<AgentActor>> {
-        Ok(AgentActor::new(self.config, model, engine, self.tools)?.spawn_agent())
+    pub fn spawn(self, engine: &Engine) -> anyhow::Result<ActorRef<AgentActor>> {
+        Ok(engine.agent(self.config, self.tools)?)
     }
 }
 
@@ -179,12 +174,10 @@ mod tests {
     /// citations over escaped file names) compile: `AgentActor::new` compiles them all.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_agent_spawns_with_its_grammars_compiled() {
-        use kameo::actor::Spawn;
         let dir = tempfile::tempdir().unwrap();
         let gguf = dir.path().join("tiny.gguf");
         troupe::model::tiny::write_tiny_model(&gguf, &Default::default()).unwrap();
-        let model = Arc::new(Model::load(&gguf, Default::default()).unwrap());
-        let engine = ModelActor::spawn(ModelActor::new(model.clone(), Default::default()).unwrap());
+        let engine = Engine::start(&gguf, Default::default(), Default::default()).unwrap();
         let docs = dir.path().join("docs");
         std::fs::create_dir(&docs).unwrap();
         for name in ["a+b (1).md", "c[2].txt", "plain.txt"] {
@@ -196,7 +189,7 @@ mod tests {
         };
         for info in CATALOG {
             let made = ReadyMade::build(info.name, &opts).unwrap();
-            if let Err(e) = made.spawn(model.clone(), engine.clone()) {
+            if let Err(e) = made.spawn(&engine) {
                 panic!("{}: {e}", info.name);
             }
         }

@@ -115,7 +115,9 @@ impl AgentConfig {
     /// it.
     pub fn load(path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(path)?;
-        let bad = |e: String| Error::InvalidInput(format!("agent config {}: {e}", path.display()));
+        let bad = |e: String| Error::Config {
+            what: format!("agent config {}: {e}", path.display()),
+        };
         let config: Self = match path.extension().and_then(|e| e.to_str()) {
             Some("toml") => toml::from_str(&text).map_err(|e| bad(e.to_string()))?,
             Some("json") => serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?,
@@ -131,10 +133,9 @@ impl AgentConfig {
     /// sampling parameters.
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &str, why: String| {
-            Err(Error::InvalidInput(format!(
-                "agent `{}`: {field} {why}",
-                self.name
-            )))
+            Err(Error::Config {
+                what: format!("agent `{}`: {field} {why}", self.name),
+            })
         };
         if !(1..=MAX_REPLY_TOKENS).contains(&self.max_tokens) {
             return bad(

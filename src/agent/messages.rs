@@ -1,26 +1,68 @@
-//! The messages an agent answers: asking (plain, with a per-turn tool choice or
-//! grammar, streamed), reading its history and counters, forking, evicting, resetting
-//! and saving.
-
-use std::sync::atomic::Ordering;
+//! The messages an agent answers: asking (one [`Ask`] with its [`TurnOptions`]),
+//! reading its history and counters, forking, evicting, resetting and saving.
 
 use kameo::actor::ActorRef;
 use kameo::message::{Context, Message as KameoMessage};
 
-use super::{snapshot, AgentActor, AgentEvent, AgentReply, AgentStats, ToolChoice, NEXT_HOLDER};
+use super::conversation::CacheSlot;
+use super::{snapshot, AgentActor, AgentEvent, AgentReply, AgentStats, Evict, ToolChoice};
 use crate::grammar::Grammar;
-use crate::kv::KvCache;
 use crate::model::Message;
 use crate::Result;
 
+/// How one turn runs, where it differs from the agent's config.
+#[derive(Debug, Clone, Default)]
+pub struct TurnOptions {
+    /// Tool choice for this turn (the agent's default when `None`).
+    pub tool_choice: Option<ToolChoice>,
+    /// Answer grammar for this turn (the agent's own when `None`).
+    pub grammar: Option<Grammar>,
+    /// Where tokens and tool events go as they happen (a streamed turn). Dropping the
+    /// receiver does not stop the turn; dropping the [`Ask`]'s reply does.
+    pub events: Option<tokio::sync::mpsc::UnboundedSender<AgentEvent>>,
+}
+
 /// A user message; replies with the turn's [`AgentReply`].
 #[derive(Debug, Clone)]
-pub struct Ask(pub String);
+pub struct Ask {
+    /// The message.
+    pub text: String,
+    /// How the turn runs.
+    pub options: TurnOptions,
+}
+
+impl Ask {
+    /// A plain turn.
+    pub fn new(text: impl Into<String>) -> Self {
+        Self {
+            text: text.into(),
+            options: TurnOptions::default(),
+        }
+    }
+
+    /// With a tool choice for this turn.
+    pub fn tool_choice(mut self, choice: ToolChoice) -> Self {
+        self.options.tool_choice = Some(choice);
+        self
+    }
+
+    /// With an answer grammar for this turn.
+    pub fn grammar(mut self, grammar: Grammar) -> Self {
+        self.options.grammar = Some(grammar);
+        self
+    }
+
+    /// Streaming the turn's events to `events`.
+    pub fn events(mut self, events: tokio::sync::mpsc::UnboundedSender<AgentEvent>) -> Self {
+        self.options.events = Some(events);
+        self
+    }
+}
 
 impl KameoMessage<Ask> for AgentActor {
     type Reply = Result<AgentReply>;
     async fn handle(&mut self, m: Ask, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
-        self.turn(m.0, None, None, None).await
+        self.turn(m.text, m.options).await
     }
 }
 
@@ -44,80 +86,19 @@ impl KameoMessage<AskNested> for AgentActor {
     async fn handle(&mut self, m: AskNested, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
         self.turn_state.asked_by = m.asked_by;
         self.turn_state.asker_alive = Some(m.asker_alive);
-        self.turn(m.text, None, None, None).await
+        self.turn(m.text, TurnOptions::default()).await
     }
 }
 
-/// A user message with a per-turn tool choice.
-#[derive(Debug, Clone)]
-pub struct AskWith {
-    /// The message.
-    pub text: String,
-    /// Tool choice for this turn (the agent's default when `None`).
-    pub tool_choice: Option<ToolChoice>,
-    /// Answer grammar for this turn (the agent's own when `None`).
-    pub grammar: Option<Grammar>,
-}
-
-impl AskWith {
-    /// A message whose answer must follow `grammar`.
-    pub fn grammar(text: impl Into<String>, grammar: Grammar) -> Self {
-        Self {
-            text: text.into(),
-            tool_choice: None,
-            grammar: Some(grammar),
-        }
-    }
-
-    /// A message with a tool choice for this turn.
-    pub fn tool_choice(text: impl Into<String>, choice: ToolChoice) -> Self {
-        Self {
-            text: text.into(),
-            tool_choice: Some(choice),
-            grammar: None,
-        }
-    }
-}
-
-impl KameoMessage<AskWith> for AgentActor {
-    type Reply = Result<AgentReply>;
-    async fn handle(&mut self, m: AskWith, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
-        self.turn(m.text, m.tool_choice, m.grammar, None).await
-    }
-}
-
-/// A user message whose tokens and tool events are sent to `events` as they happen.
-#[derive(Debug)]
-pub struct AskStream {
-    /// The message.
-    pub text: String,
-    /// Where events go.
-    pub events: tokio::sync::mpsc::UnboundedSender<AgentEvent>,
-    /// Tool choice for this turn (the agent's default when `None`).
-    pub tool_choice: Option<ToolChoice>,
-}
-
-impl KameoMessage<AskStream> for AgentActor {
-    type Reply = Result<AgentReply>;
-    async fn handle(&mut self, m: AskStream, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
-        self.turn(m.text, m.tool_choice, None, Some(m.events)).await
-    }
-}
-
-/// Asks `agent` with [`AskStream`] and hands each token and tool event to `on_event`
-/// as it happens; returns the turn's reply.
+/// Asks `agent` and hands each token and tool event to `on_event` as it happens;
+/// returns the turn's reply.
 pub async fn ask_streaming(
     agent: &ActorRef<AgentActor>,
-    text: impl Into<String>,
-    tool_choice: Option<ToolChoice>,
+    ask: Ask,
     mut on_event: impl FnMut(AgentEvent),
 ) -> Result<AgentReply> {
     let (events, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let ask = agent.ask(AskStream {
-        text: text.into(),
-        events,
-        tool_choice,
-    });
+    let ask = agent.ask(ask.events(events));
     // The channel closes when the turn ends (the agent drops its sender).
     let drain = async {
         while let Some(ev) = rx.recv().await {
@@ -130,7 +111,9 @@ pub async fn ask_streaming(
 
 /// An agent that cannot be reached (stopped, or its mailbox gone), as an error.
 pub(crate) fn unreachable(e: impl std::fmt::Debug) -> crate::Error {
-    crate::Error::InvalidInput(format!("agent unreachable: {e:?}"))
+    crate::Error::AgentUnreachable {
+        what: format!("{e:?}"),
+    }
 }
 
 /// The error of an ask: the agent's own, or [`unreachable`].
@@ -150,7 +133,7 @@ pub struct History;
 impl KameoMessage<History> for AgentActor {
     type Reply = Vec<Message>;
     async fn handle(&mut self, _: History, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
-        self.messages.clone()
+        self.conv.messages().to_vec()
     }
 }
 
@@ -162,10 +145,7 @@ pub struct TokenLog;
 impl KameoMessage<TokenLog> for AgentActor {
     type Reply = (Vec<u32>, usize);
     async fn handle(&mut self, _: TokenLog, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
-        (
-            self.log.clone(),
-            self.cache.as_ref().map_or(0, KvCache::len),
-        )
+        (self.conv.log().to_vec(), self.conv.cache.len())
     }
 }
 
@@ -185,48 +165,27 @@ impl KameoMessage<GetAgentStats> for AgentActor {
 }
 
 /// Spawns a new agent with a copy of the conversation, log and cache (a memory copy,
-/// no recomputation); the two then diverge independently.
-#[derive(Debug, Clone, Copy)]
-pub struct Fork;
+/// no recomputation); the two then diverge independently. Its sampling seed is the
+/// parent's plus `seed_offset`, so that forks sampling at a temperature explore
+/// different continuations of the shared prefix (with the same seed they would all
+/// write the same thing).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fork {
+    /// Added to the parent's sampling seed.
+    pub seed_offset: u64,
+}
 
 impl KameoMessage<Fork> for AgentActor {
     type Reply = ActorRef<AgentActor>;
-    async fn handle(&mut self, _: Fork, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
-        self.fork_child(0)
-    }
-}
-
-/// A [`Fork`] whose sampling seed is the parent's plus the given offset, so that forks
-/// sampling at a temperature explore different continuations of the shared prefix
-/// (with the same seed they would all write the same thing).
-#[derive(Debug, Clone, Copy)]
-pub struct ForkVaried(pub u64);
-
-impl KameoMessage<ForkVaried> for AgentActor {
-    type Reply = ActorRef<AgentActor>;
-    async fn handle(
-        &mut self,
-        ForkVaried(offset): ForkVaried,
-        _: &mut Context<Self, Self::Reply>,
-    ) -> Self::Reply {
-        self.fork_child(offset)
-    }
-}
-
-impl AgentActor {
-    fn fork_child(&self, seed_offset: u64) -> ActorRef<AgentActor> {
+    async fn handle(&mut self, m: Fork, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
         let mut config = self.config.clone();
-        config.sampling.seed = config.sampling.seed.wrapping_add(seed_offset);
+        config.sampling.seed = config.sampling.seed.wrapping_add(m.seed_offset);
         let child = AgentActor {
             config,
-            model: self.model.clone(),
             engine: self.engine.clone(),
             tools: self.tools.clone(),
-            messages: self.messages.clone(),
-            log: self.log.clone(),
-            cache: self.cache.as_ref().map(KvCache::fork),
-            holder: NEXT_HOLDER.fetch_add(1, Ordering::Relaxed),
-            self_ref: None,
+            conv: self.conv.fork(),
+            holder: None,
             stats: AgentStats::default(),
             checkpoint: None,
             turn_state: Default::default(),
@@ -235,18 +194,19 @@ impl AgentActor {
     }
 }
 
-/// Drops the agent's cache (the conversation and log stay); its next turn
-/// re-prefills.
-#[derive(Debug, Clone, Copy)]
-pub struct Evict;
-
+/// Drops the agent's cache when the lease named is the one it holds (or always, for
+/// [`Evict::ANY`]); the conversation and log stay, and the next turn re-prefills.
 impl KameoMessage<Evict> for AgentActor {
     type Reply = ();
-    async fn handle(&mut self, _: Evict, _: &mut Context<Self, Self::Reply>) {
-        if self.cache.take().is_some() {
-            self.stats.evictions += 1;
+    async fn handle(&mut self, m: Evict, _: &mut Context<Self, Self::Reply>) {
+        let held = match &self.conv.cache {
+            CacheSlot::Here(c) => c.lease(),
+            CacheSlot::Parked(p) => Some(p.lease.id()),
+            CacheSlot::Empty => return,
+        };
+        if m.applies_to(held) {
+            self.drop_cache();
         }
-        self.release_hold().await;
     }
 }
 
@@ -258,11 +218,9 @@ pub struct Reset;
 impl KameoMessage<Reset> for AgentActor {
     type Reply = ();
     async fn handle(&mut self, _: Reset, _: &mut Context<Self, Self::Reply>) {
-        self.messages = Self::initial_messages(&self.config, &self.tools);
-        self.log.clear();
-        self.cache = None;
+        self.conv
+            .reset(Self::initial_messages(&self.config, &self.tools));
         self.save_checkpoint();
-        self.release_hold().await;
     }
 }
 
@@ -273,15 +231,19 @@ pub struct Save(pub std::path::PathBuf);
 impl KameoMessage<Save> for AgentActor {
     type Reply = Result<()>;
     async fn handle(&mut self, m: Save, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+        let cache = match &self.conv.cache {
+            CacheSlot::Here(c) => Some(&**c),
+            _ => None,
+        };
         snapshot::save(
             &m.0,
             snapshot::Snapshot {
                 config: self.config.clone(),
-                messages: self.messages.clone(),
-                log: self.log.clone(),
+                messages: self.conv.messages().to_vec(),
+                log: self.conv.log().to_vec(),
             },
-            self.cache.as_ref(),
-            &self.model,
+            cache,
+            self.engine.model(),
         )
     }
 }

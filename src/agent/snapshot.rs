@@ -54,11 +54,18 @@ fn model_id(model: &Model) -> ModelId {
     }
 }
 
+fn write_err(path: &Path, why: impl std::fmt::Display) -> Error {
+    Error::Snapshot {
+        path: path.to_path_buf(),
+        what: format!("cannot be written: {why}"),
+    }
+}
+
 fn corrupt(path: &Path, why: impl std::fmt::Display) -> Error {
-    Error::InvalidInput(format!(
-        "agent snapshot {} is corrupt: {why}",
-        path.display()
-    ))
+    Error::Snapshot {
+        path: path.to_path_buf(),
+        what: format!("corrupt: {why}"),
+    }
 }
 
 pub(super) fn save(
@@ -82,7 +89,7 @@ pub(super) fn save(
     };
     let meta = HashMap::from([(
         "troupe".to_string(),
-        serde_json::to_string(&header).map_err(|e| Error::InvalidInput(e.to_string()))?,
+        serde_json::to_string(&header).map_err(|e| write_err(path, e))?,
     )]);
     let layers = cache.map(KvCache::to_f32_layers).unwrap_or_default();
     let layout = model.config().kv_layout();
@@ -105,11 +112,11 @@ pub(super) fn save(
         .map(|(n, b)| {
             TensorView::new(Dtype::F32, shape.clone(), b)
                 .map(|v| (n.clone(), v))
-                .map_err(|e| Error::InvalidInput(format!("snapshot tensor {n}: {e}")))
+                .map_err(|e| write_err(path, format!("tensor {n}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
     let bytes = safetensors::serialize(views, Some(meta))
-        .map_err(|e| Error::InvalidInput(format!("writing snapshot {}: {e}", path.display())))?;
+        .map_err(|e| write_err(path, e))?;
     write_durably(path, &bytes)
 }
 
@@ -145,20 +152,23 @@ pub(super) fn load(path: &Path, model: &Model) -> Result<(Snapshot, Option<KvCac
         .ok_or_else(|| corrupt(path, "no troupe header"))
         .and_then(|h| serde_json::from_str(h).map_err(|e| corrupt(path, e)))?;
     if header.format != FORMAT_VERSION {
-        return Err(Error::InvalidInput(format!(
-            "agent snapshot {} has format version {}, this troupe reads version {FORMAT_VERSION}",
-            path.display(),
-            header.format
-        )));
+        return Err(Error::Snapshot {
+            path: path.to_path_buf(),
+            what: format!(
+                "format version {}, this troupe reads version {FORMAT_VERSION}",
+                header.format
+            ),
+        });
     }
     let here = model_id(model);
     if header.model != here {
-        return Err(Error::InvalidInput(format!(
-            "agent snapshot {} was made with another model ({:?}), not the loaded one ({:?})",
-            path.display(),
-            header.model,
-            here
-        )));
+        return Err(Error::Snapshot {
+            path: path.to_path_buf(),
+            what: format!(
+            "made with another model ({:?}), not the loaded one ({:?})",
+                header.model, here
+            ),
+        });
     }
     let tensors = safetensors::SafeTensors::deserialize(&data).map_err(|e| corrupt(path, e))?;
     let cache = match header.kv_dtype {

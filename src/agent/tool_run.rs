@@ -71,7 +71,7 @@ impl AgentActor {
                             Box::pin(async { panic!("tool panicked before running") })
                         });
                 let mut chain = self.turn_state.asked_by.clone();
-                if let Some(me) = &self.self_ref {
+                if let Some(me) = &self.holder {
                     chain.push(me.id());
                 }
                 let mut task = tokio::spawn(TOOL_CALLERS.scope(chain, fut));

@@ -261,14 +261,15 @@ pub fn reply_grammar(
         ToolChoice::Auto | ToolChoice::Required => tools.iter().collect(),
         ToolChoice::Tool(name) => {
             let t = tools.iter().find(|t| t.name() == name).ok_or_else(|| {
-                Error::InvalidInput(format!(
-                    "tool_choice names unknown tool `{name}` (tools: {})",
-                    tools
+                Error::UnknownTool {
+                    owner: "tool_choice".into(),
+                    tool: name.clone(),
+                    known: tools
                         .iter()
                         .map(|t| t.name())
                         .collect::<Vec<_>>()
-                        .join(", ")
-                ))
+                        .join(", "),
+                }
             })?;
             vec![t]
         }
@@ -298,9 +299,9 @@ pub fn reply_grammar(
             c.iter().map(|o| serde_json::to_string(o).unwrap_or_default()).collect::<Vec<_>>().join(" | ")
         ),
         Some(Grammar::Lark(_)) => {
-            return Err(Error::InvalidInput(
-                "a Lark answer grammar cannot be combined with tools; use a regex, a JSON Schema or a choice".into(),
-            ))
+            return Err(Error::Config {
+                what: "a Lark answer grammar cannot be combined with tools; use a regex, a JSON Schema or a choice".into(),
+            })
         }
     };
     let lark = if callable.is_empty() {

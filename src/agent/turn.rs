@@ -6,15 +6,14 @@
 //! template from a file may be slow (it is bounded by fuel, see
 //! [`ChatTemplate`](crate::model::ChatTemplate)).
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::tools::{parse_call, CALL_OPEN};
+use super::conversation::{CacheSlot, Conversation, Undo};
+use super::messages::TurnOptions;
+use super::tools::{parse_call, reply_grammar, CALL_OPEN};
 use super::{AgentActor, AgentEvent, AgentReply, ContextPolicy, ToolChoice};
-use crate::engine::{Event, FinishReason, Generate, Usage};
-use crate::grammar::Grammar;
-use crate::kv::KvCache;
-use crate::model::{Message, Model, Role};
+use crate::engine::{Done, Event, FinishReason, Generate, Park, Resume, Usage};
+use crate::model::{Message, Role};
 use crate::{Error, Result};
 
 /// What a turn in progress may need to undo or answer to.
@@ -22,7 +21,7 @@ use crate::{Error, Result};
 pub(super) struct TurnState {
     /// The cache from before the turn, when `drop_oldest` rebuilt the context: put
     /// back if the turn fails.
-    pub stash: Option<KvCache>,
+    pub stash: Option<CacheSlot>,
     /// The agents whose tool calls asked this turn, outermost first (agent-as-tool
     /// calls carry it, so that a cycle is refused instead of deadlocking).
     pub asked_by: Vec<kameo::actor::ActorId>,
@@ -31,14 +30,6 @@ pub(super) struct TurnState {
     pub asker_alive: Option<tokio::sync::oneshot::Receiver<()>>,
 }
 
-/// The state a failed turn returns to.
-struct Undo {
-    messages: Vec<Message>,
-    log: Vec<u32>,
-    cache_len: usize,
-}
-
-/// Renders the conversation on a blocking thread.
 /// The token counts of a reply on its span (`reused`, `computed`, `generated`).
 fn record_usage(span: &tracing::Span, u: &Usage) {
     span.record("reused", u.cached_tokens);
@@ -46,89 +37,98 @@ fn record_usage(span: &tracing::Span, u: &Usage) {
     span.record("generated", u.generated_tokens);
 }
 
-async fn render(model: &Arc<Model>, messages: Vec<Message>) -> Result<String> {
-    let model = model.clone();
-    tokio::task::spawn_blocking(move || model.chat_template().render(&messages, true))
-        .await
-        .map_err(|e| Error::ChatTemplate(format!("rendering stopped: {e}")))?
+fn add_usage(total: &mut Usage, u: &Usage) {
+    total.prompt_tokens += u.prompt_tokens;
+    total.cached_tokens += u.cached_tokens;
+    total.computed_tokens += u.computed_tokens;
+    total.generated_tokens += u.generated_tokens;
 }
 
 impl AgentActor {
-    /// Appends to the log what the rendered conversation adds past it; on
-    /// disagreement, truncates log and cache to the longest common prefix.
-    async fn sync_log(&mut self) -> Result<()> {
-        let full = render(&self.model, self.messages.clone()).await?;
-        let tok = self.model.tokenizer();
-        let said = tok.decode(&self.log)?;
-        if let Some(delta) = full.strip_prefix(said.as_str()) {
-            let mut ids = if self.log.is_empty() {
-                tok.encode_prompt(delta)?
-            } else {
-                tok.encode(delta)?
-            };
-            self.log.append(&mut ids);
-            return Ok(());
+    /// Runs `f` on the conversation on a blocking thread (it renders the template).
+    async fn with_conv<T: Send + 'static>(
+        &mut self,
+        undo: &mut Undo,
+        f: impl FnOnce(&mut Conversation, &crate::Model, &mut Undo) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let model = self.engine.model().clone();
+        let mut conv = std::mem::take(&mut self.conv);
+        let mut u = std::mem::replace(undo, self.conv.undo_point());
+        let (conv, u, out) = tokio::task::spawn_blocking(move || {
+            let out = f(&mut conv, &model, &mut u);
+            (conv, u, out)
+        })
+        .await
+        .map_err(|e| Error::ChatTemplate(format!("rendering stopped: {e}")))?;
+        self.conv = conv;
+        *undo = u;
+        out
+    }
+
+    /// Appends the prompt of the new messages to the log (see
+    /// [`Conversation::sync`]).
+    async fn sync_log(&mut self, undo: &mut Undo) -> Result<()> {
+        let work = self.with_conv(undo, |c, m, u| c.sync(m, u)).await?;
+        if work.mismatch {
+            self.stats.prefix_mismatches += 1;
         }
-        let ids = tok.encode_prompt(&full)?;
-        let common = self
-            .log
-            .iter()
-            .zip(&ids)
-            .take_while(|(a, b)| a == b)
-            .count();
-        self.log.truncate(common);
-        self.log.extend_from_slice(&ids[common..]);
-        if let Some(c) = self.cache.as_mut() {
-            c.truncate(common);
+        if work.windowed {
+            self.stats.windowed_syncs += 1;
+        } else if work.rendered_bytes > 0 {
+            self.stats.full_syncs += 1;
         }
-        self.stats.prefix_mismatches += 1;
         Ok(())
     }
 
-    /// Makes the turn fit the context, per the policy; `drop_oldest` works on a copy
-    /// of the conversation and commits only when it fits.
-    async fn fit_context(&mut self, max_tokens: usize) -> Result<()> {
-        let context = self.model.config().context_length;
-        let fits = |log: &[u32]| log.len().saturating_add(max_tokens) <= context;
-        if fits(&self.log) {
+    /// Makes the turn fit the context, per the policy; `drop_oldest` tries cuts of
+    /// the conversation and commits only one that fits.
+    async fn fit_context(&mut self, max_tokens: usize, undo: &mut Undo) -> Result<()> {
+        let context = self.engine.model().config().context_length;
+        let fits = |n: usize| n.saturating_add(max_tokens) <= context;
+        let log_len = self.conv.log().len();
+        if fits(log_len) {
             return Ok(());
         }
-        let cached = self.cache.as_ref().map_or(0, KvCache::len);
-        let too_long = |new: usize| Error::RequestTooLong {
+        let cached = self.conv.cache.len();
+        let too_long = Error::RequestTooLong {
             cached,
-            new,
+            new: log_len.saturating_sub(cached),
             max_tokens,
             context,
         };
         if self.config.context_policy == ContextPolicy::Error {
-            return Err(too_long(self.log.len().saturating_sub(cached)));
+            return Err(too_long);
         }
         let keep = usize::from(
-            self.messages
+            self.conv
+                .messages()
                 .first()
                 .is_some_and(|m| m.role == Role::System),
         ) + self.config.examples.len();
-        let mut messages = self.messages.clone();
+        let mut messages = self.conv.messages().to_vec();
+        let model = self.engine.model().clone();
         loop {
             // Drop the oldest turn: from the first message after the system prompt
             // and the examples up to (not including) the next user message.
             if messages.len() <= keep + 1 {
-                return Err(too_long(self.log.len().saturating_sub(cached)));
+                return Err(too_long);
             }
             let end = messages[keep + 1..]
                 .iter()
                 .position(|m| m.role == Role::User)
                 .map_or(messages.len() - 1, |p| p + keep + 1);
             messages.drain(keep..end.max(keep + 1));
-            let full = render(&self.model, messages.clone()).await?;
-            let log = self.model.tokenizer().encode_prompt(&full)?;
-            if fits(&log) {
-                self.messages = messages;
-                self.log = log;
+            let (m2, probe) = (model.clone(), messages.clone());
+            let len = tokio::task::spawn_blocking(move || Conversation::prompt_len(&m2, &probe))
+                .await
+                .map_err(|e| Error::ChatTemplate(format!("rendering stopped: {e}")))??;
+            if fits(len) {
+                let old = self
+                    .with_conv(undo, move |c, m, u| c.replace(m, messages, u))
+                    .await?;
                 // Kept aside, not dropped: a failed turn puts it back.
-                let old = self.cache.take();
                 if self.turn_state.stash.is_none() {
-                    self.turn_state.stash = old;
+                    self.turn_state.stash = Some(old);
                 }
                 return Ok(());
             }
@@ -140,20 +140,19 @@ impl AgentActor {
     async fn generate(
         &mut self,
         choice: &ToolChoice,
-        answer: Option<&Grammar>,
-        events: Option<&tokio::sync::mpsc::UnboundedSender<AgentEvent>>,
+        opts: &TurnOptions,
         max_tokens: usize,
-    ) -> Result<(crate::engine::Done, usize)> {
+        undo: &mut Undo,
+    ) -> Result<(Done, usize)> {
         let span = tracing::debug_span!(
             "model_call",
             agent = %self.config.name,
-            holder = self.holder,
             reused = tracing::field::Empty,
             computed = tracing::field::Empty,
             generated = tracing::field::Empty,
         );
         let result = tracing::Instrument::instrument(
-            self.generate_inner(choice, answer, events, max_tokens),
+            self.generate_inner(choice, opts, max_tokens, undo),
             span.clone(),
         )
         .await;
@@ -166,60 +165,70 @@ impl AgentActor {
     async fn generate_inner(
         &mut self,
         choice: &ToolChoice,
-        answer: Option<&Grammar>,
-        events: Option<&tokio::sync::mpsc::UnboundedSender<AgentEvent>>,
+        opts: &TurnOptions,
         max_tokens: usize,
-    ) -> Result<(crate::engine::Done, usize)> {
-        self.sync_log().await?;
-        self.fit_context(max_tokens).await?;
-        let recomputed =
-            if self.cache.as_ref().is_none_or(KvCache::is_empty) && self.stats.turns > 0 {
-                self.log.len().saturating_sub(1)
-            } else {
-                0
-            };
-        let cache = self.cache.take().unwrap_or_else(|| {
-            self.model
-                .new_cache(self.config.kv_dtype.unwrap_or_default())
-        });
-        let fed = cache.len().min(self.log.len());
-        let mut g = Generate::new(cache, self.log[fed..].to_vec(), max_tokens);
+        undo: &mut Undo,
+    ) -> Result<(Done, usize)> {
+        self.sync_log(undo).await?;
+        self.fit_context(max_tokens, undo).await?;
+        let answer = opts.grammar.as_ref().or(self.config.grammar.as_ref());
+        let grammar = reply_grammar(&self.tools, choice, answer)?;
+        // The context the cache should hold: all of it after an eviction (a
+        // re-prefill), the park's when it was parked (recomputed if dropped).
+        let expected_cached = self.conv.cache.len();
+        let evicted = expected_cached == 0 && self.stats.turns > 0;
+        let feed = self.conv.to_feed().to_vec();
+        let mut g = match std::mem::take(&mut self.conv.cache) {
+            CacheSlot::Empty => {
+                let dtype = self.config.kv_dtype.unwrap_or(self.engine.kv_dtype());
+                Generate::new(self.engine.model().new_cache(dtype), feed, max_tokens)
+            }
+            CacheSlot::Here(c) => Generate::new(c, feed, max_tokens),
+            CacheSlot::Parked(parked) => {
+                let prefix = self.conv.log()[..parked.len()].to_vec();
+                let dtype = self.config.kv_dtype.unwrap_or(self.engine.kv_dtype());
+                let mut g = Generate::new(self.engine.model().new_cache(dtype), feed, max_tokens);
+                g.resume = Some(Resume { parked, prefix });
+                g
+            }
+        };
         g.sampling = self.config.sampling.clone();
         g.engine_kv_dtype = self.config.kv_dtype.is_none();
         g.label = Some(self.config.name.clone());
-        let answer = answer.or(self.config.grammar.as_ref());
-        g.grammar = match super::tools::reply_grammar(&self.tools, choice, answer) {
-            Ok(g) => g,
-            Err(e) => {
-                self.cache = Some(g.cache);
-                return Err(e);
-            }
-        };
-        g.holder = self.evict_handle().map(|e| (self.holder, e));
-        let mut stream = match self.engine.ask(g).await {
+        g.grammar = grammar;
+        g.holder = self.holder.clone();
+        let mut stream = match self.engine.generate(g).await {
             Ok(s) => s,
-            Err(kameo::error::SendError::HandlerError(r)) => {
-                self.cache = Some(r.cache);
+            Err(r) => {
+                self.conv.cache = match r.resume {
+                    Some(resume) => CacheSlot::Parked(resume.parked),
+                    None => CacheSlot::Here(r.cache),
+                };
                 return Err(r.error);
-            }
-            Err(e) => {
-                tracing::warn!("model actor unreachable: {e:?}");
-                return Err(Error::EngineStopped);
             }
         };
         loop {
             match stream.next().await {
                 Some(Event::Token { text, .. }) | Some(Event::Text { text }) => {
-                    if let (Some(tx), false) = (events, text.is_empty()) {
+                    if let (Some(tx), false) = (&opts.events, text.is_empty()) {
                         let _ = tx.send(AgentEvent::Token(text));
                     }
                 }
                 Some(Event::Done(done)) => {
+                    let recomputed = if evicted {
+                        self.conv.log().len().saturating_sub(1)
+                    } else {
+                        expected_cached.saturating_sub(done.usage.cached_tokens)
+                    };
+                    if recomputed > 0 && !evicted {
+                        // The engine dropped the park under pressure.
+                        self.stats.evictions += 1;
+                    }
                     self.stats.recomputed_tokens += recomputed as u64;
                     return Ok((*done, recomputed));
                 }
                 Some(Event::Failed { error, cache }) => {
-                    self.cache = Some(*cache);
+                    self.conv.cache = CacheSlot::Here(*cache);
                     return Err(error);
                 }
                 None => return Err(Error::EngineStopped),
@@ -236,18 +245,8 @@ impl AgentActor {
 
     /// A whole turn, as a transaction: on any error the conversation, the log and
     /// the cache are put back as they were (see [`Self::turn_steps`]).
-    pub(super) async fn turn(
-        &mut self,
-        user: String,
-        choice: Option<ToolChoice>,
-        answer: Option<Grammar>,
-        events: Option<tokio::sync::mpsc::UnboundedSender<AgentEvent>>,
-    ) -> Result<AgentReply> {
-        let undo = Undo {
-            messages: self.messages.clone(),
-            log: self.log.clone(),
-            cache_len: self.cache.as_ref().map_or(0, KvCache::len),
-        };
+    pub(super) async fn turn(&mut self, user: String, opts: TurnOptions) -> Result<AgentReply> {
+        let mut undo = self.conv.undo_point();
         self.turn_state.stash = None;
         let span = tracing::info_span!(
             "turn",
@@ -259,11 +258,9 @@ impl AgentActor {
             tool_calls = tracing::field::Empty,
             error = tracing::field::Empty,
         );
-        let result = tracing::Instrument::instrument(
-            self.turn_steps(user, choice, answer, events),
-            span.clone(),
-        )
-        .await;
+        let result =
+            tracing::Instrument::instrument(self.turn_steps(user, opts, &mut undo), span.clone())
+                .await;
         match &result {
             Ok(reply) => {
                 record_usage(&span, &reply.usage);
@@ -285,38 +282,35 @@ impl AgentActor {
                 Ok(reply)
             }
             Err(e) => {
-                self.messages = undo.messages;
-                self.log = undo.log;
                 if let Some(old) = stash {
-                    self.cache = Some(old);
+                    self.conv.cache = old;
                 }
-                if let Some(c) = self.cache.as_mut() {
-                    // Caches only grow within a turn (or are cut to a common prefix),
-                    // so the first `cache_len` tokens are those of before.
-                    c.truncate(c.len().min(undo.cache_len).min(self.log.len()));
-                }
-                self.hold().await;
+                self.conv.rollback(undo);
+                // A cache handed back without a lease is accounted again.
+                self.lease_cache().await;
                 Err(e)
             }
         }
     }
 
     /// The steps of a turn: the user's message, then model calls and tool runs until
-    /// a final answer or the step limit. `choice` and `answer` override the config's
-    /// tool choice and answer grammar for this turn.
+    /// a final answer or the step limit. The options' tool choice and answer grammar
+    /// override the config's for this turn.
     async fn turn_steps(
         &mut self,
         user: String,
-        choice: Option<ToolChoice>,
-        answer: Option<Grammar>,
-        events: Option<tokio::sync::mpsc::UnboundedSender<AgentEvent>>,
+        opts: TurnOptions,
+        undo: &mut Undo,
     ) -> Result<AgentReply> {
         let start = Instant::now();
         if self.asker_gone() {
             return Err(Error::Cancelled);
         }
-        self.messages.push(Message::user(user));
-        let mut choice = choice.unwrap_or_else(|| self.config.tool_choice.clone());
+        self.conv.push(Message::user(user));
+        let mut choice = opts
+            .tool_choice
+            .clone()
+            .unwrap_or_else(|| self.config.tool_choice.clone());
         let mut usage = Usage::default();
         let mut runs = Vec::new();
         let mut ttft = None;
@@ -329,25 +323,17 @@ impl AgentActor {
                 return Err(Error::Cancelled);
             }
             let submitted = start.elapsed();
-            let mut result = self
-                .generate(&choice, answer.as_ref(), events.as_ref(), max_tokens)
-                .await;
+            let mut result = self.generate(&choice, &opts, max_tokens, undo).await;
             while matches!(result, Err(Error::Preempted)) {
                 // Dropped while queued: start again from an empty cache.
-                self.cache = None;
-                self.stats.evictions += 1;
-                result = self
-                    .generate(&choice, answer.as_ref(), events.as_ref(), max_tokens)
-                    .await;
+                self.drop_cache();
+                result = self.generate(&choice, &opts, max_tokens, undo).await;
             }
             let (done, rec) = result?;
             recomputed += rec;
             queue += done.timings.queue;
             ttft.get_or_insert(submitted + done.timings.time_to_first_token);
-            usage.prompt_tokens += done.usage.prompt_tokens;
-            usage.cached_tokens += done.usage.cached_tokens;
-            usage.computed_tokens += done.usage.computed_tokens;
-            usage.generated_tokens += done.usage.generated_tokens;
+            add_usage(&mut usage, &done.usage);
             let reply = done.text;
             let opening = reply.trim_start();
             let cut_call = done.finish == FinishReason::Length
@@ -359,13 +345,14 @@ impl AgentActor {
                 // Forget the reply and retry once with more room (the last prompt
                 // token is fed again, so the cache keeps one token less).
                 let mut cache = done.cache;
-                cache.truncate(self.log.len().saturating_sub(1));
-                self.cache = Some(cache);
+                cache.truncate(self.conv.log().len().saturating_sub(1));
+                self.conv.cache = CacheSlot::Here(cache);
                 let room = self
-                    .model
+                    .engine
+                    .model()
                     .config()
                     .context_length
-                    .saturating_sub(self.log.len());
+                    .saturating_sub(self.conv.log().len());
                 let more = room.min(self.config.max_tokens.saturating_mul(4));
                 if retried || more <= max_tokens {
                     return Err(Error::ToolCallCut { max_tokens });
@@ -374,25 +361,26 @@ impl AgentActor {
                 max_tokens = more;
                 continue;
             }
-            self.log.extend_from_slice(&done.tokens);
-            self.cache = Some(done.cache);
-            self.messages.push(Message::assistant(reply.clone()));
+            self.conv.cache = CacheSlot::Here(done.cache);
+            self.conv
+                .record_reply(self.engine.model(), &done.tokens, reply.clone())?;
             let Some(call) = parse_call(&reply) else {
                 break reply;
             };
             if runs.len() >= self.config.max_tool_steps {
                 break reply;
             }
-            if let Some(tx) = &events {
+            if let Some(tx) = &opts.events {
                 let _ = tx.send(AgentEvent::ToolCall(call.clone()));
             }
-            // Idle while the tool runs, but about to continue: evicted last.
-            self.hold_idle(true).await;
+            // Idle while the tool runs: the engine holds the cache and may drop it
+            // under pressure without waiting for the tool.
+            self.park_cache().await;
             let run = self.run_tool(call).await;
-            if let Some(tx) = &events {
+            if let Some(tx) = &opts.events {
                 let _ = tx.send(AgentEvent::ToolResult(run.clone()));
             }
-            self.messages.push(Message::tool(run.result.clone()));
+            self.conv.push(Message::tool(run.result.clone()));
             runs.push(run);
             max_tokens = self.config.max_tokens;
             retried = false;
@@ -414,5 +402,22 @@ impl AgentActor {
             queue,
             elapsed: start.elapsed(),
         })
+    }
+
+    /// Parks the cache with the engine (see [`Park`]); keeps it here when the engine
+    /// cannot take it.
+    async fn park_cache(&mut self) {
+        let CacheSlot::Here(cache) = std::mem::take(&mut self.conv.cache) else {
+            return;
+        };
+        if cache.is_empty() {
+            self.conv.cache = CacheSlot::Here(cache);
+            return;
+        }
+        self.conv.cache = match self.engine.actor().ask(Park(cache)).await {
+            Ok(parked) => CacheSlot::Parked(parked),
+            Err(kameo::error::SendError::HandlerError(cache)) => CacheSlot::Here(cache),
+            Err(_) => CacheSlot::Empty,
+        };
     }
 }

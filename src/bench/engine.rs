@@ -7,10 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use kameo::actor::Spawn;
-
 use super::percentiles;
-use crate::engine::{EngineConfig, Event, Generate, ModelActor, SchedulerConfig};
+use crate::engine::{Engine, EngineConfig, Event, Generate, SchedulerConfig};
 use crate::kv::KvDtype;
 use crate::model::{LoadOptions, Model, WeightsMode};
 use crate::{Error, Result};
@@ -140,7 +138,7 @@ impl EngineBench {
         &self,
         model: &Arc<Model>,
         max_running: usize,
-    ) -> Result<kameo::actor::ActorRef<ModelActor>> {
+    ) -> Result<Engine> {
         let cfg = EngineConfig {
             scheduler: SchedulerConfig {
                 max_step_tokens: 512,
@@ -150,7 +148,7 @@ impl EngineBench {
             },
             ..EngineConfig::default()
         };
-        Ok(ModelActor::spawn(ModelActor::new(model.clone(), cfg)?))
+        Engine::serve(model.clone(), cfg)
     }
 
     fn prompt(&self, i: usize, vocab: usize) -> Vec<u32> {
@@ -176,7 +174,7 @@ impl EngineBench {
     async fn level(
         &self,
         model: &Arc<Model>,
-        actor: &kameo::actor::ActorRef<ModelActor>,
+        engine: &Engine,
         n: usize,
     ) -> Result<(LevelReport, Vec<Trace>)> {
         let start = Instant::now();
@@ -188,13 +186,10 @@ impl EngineBench {
                 self.new_tokens,
             );
             g.ignore_eos = true;
-            let actor = actor.clone();
+            let engine = engine.clone();
             tasks.push(tokio::spawn(async move {
                 let sent = Instant::now();
-                let mut stream = actor
-                    .ask(g)
-                    .await
-                    .map_err(|e| Error::InvalidInput(format!("request refused: {e}")))?;
+                let mut stream = engine.generate(g).await.map_err(|r| r.error)?;
                 let mut last: Option<Instant> = None;
                 let mut trace = Trace {
                     ttft: 0.0,
@@ -222,7 +217,9 @@ impl EngineBench {
         for t in tasks {
             traces.push(
                 t.await
-                    .map_err(|e| Error::InvalidInput(format!("bench task: {e}")))??,
+                    .map_err(|e| Error::Report {
+                        what: format!("bench task: {e}"),
+                    })??,
             );
         }
         let wall = start.elapsed().as_secs_f64();

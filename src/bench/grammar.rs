@@ -7,16 +7,15 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use kameo::actor::Spawn;
 use serde_json::json;
 
-use super::MaskQuantiles;
-use crate::engine::{EngineConfig, Generate, ModelActor, SchedulerConfig, TokenConstraint};
+use super::Quantiles;
+use crate::engine::{generate, Engine, EngineConfig, Generate, SchedulerConfig, Sequence};
 use crate::grammar::Grammar;
 use crate::kv::KvDtype;
 use crate::model::{LoadOptions, Message, Model, WeightsMode};
 use crate::sampling::{Sampler, SamplingParams};
-use crate::{Error, Result};
+use crate::Result;
 
 /// What the grammar bench measured.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -24,7 +23,7 @@ pub struct GrammarReport {
     /// The model file.
     pub model: String,
     /// Grammar kind -> mask computation time per token (µs).
-    pub mask_us: BTreeMap<String, MaskQuantiles>,
+    pub mask_us: BTreeMap<String, Quantiles>,
     /// Masks measured per kind.
     pub masks_measured: BTreeMap<String, usize>,
     /// Generated tokens/s of 16 concurrent JSON-Schema-constrained generations.
@@ -64,7 +63,7 @@ pub async fn run(
     mut progress: impl FnMut(&str),
 ) -> Result<GrammarReport> {
     let model = Arc::new(Model::load(path, LoadOptions { weights })?);
-    let compiler = model.grammar_compiler()?;
+    let compiler = crate::grammar::GrammarCompiler::new(model.tokenizer())?;
     let kinds = [
         ("regex", Grammar::Regex(r"[A-Z][a-z]+ (is|was) [a-z ,]{5,60}\.".into()), "Describe the sea."),
         ("json_schema", Grammar::JsonSchema(nested_schema()), "Describe a person as JSON."),
@@ -84,13 +83,14 @@ pub async fn run(
         let ids = chat(&model, prompt)?;
         let mut times = Vec::new();
         for seed in 0..4 {
-            let mut c = compiled.constraint();
             let mut cache = model.new_cache(KvDtype::F32);
-            let mut sampler = Sampler::new(SamplingParams::with_temperature(0.8, seed))?;
-            model.generate(&mut cache, &ids, 64, &mut sampler, Some(&mut c), |_| Ok(()))?;
-            times.extend_from_slice(c.mask_times());
+            let sampler = Sampler::new(SamplingParams::with_temperature(0.8, seed))?;
+            let c: Box<dyn crate::sampling::TokenConstraint> = Box::new(compiled.constraint());
+            let seq = Sequence::new(ids.clone(), sampler, Some(c), &[], 64, false);
+            let out = generate(&model, &mut cache, seq, |_| {})?;
+            times.extend_from_slice(&out.mask_times);
         }
-        let q = MaskQuantiles::of(&times);
+        let q = Quantiles::of(&times);
         progress(&format!(
             "{name}: mask p50 {:.0} µs, p99 {:.0} µs over {} masks",
             q.p50,
@@ -101,7 +101,7 @@ pub async fn run(
         mask_us.insert(name.to_string(), q);
     }
 
-    let actor = ModelActor::spawn(ModelActor::new(
+    let engine = Engine::serve(
         model.clone(),
         EngineConfig {
             scheduler: SchedulerConfig {
@@ -112,7 +112,7 @@ pub async fn run(
             },
             ..EngineConfig::default()
         },
-    )?);
+    )?;
     let json_prompt = chat(&model, "Describe a person as JSON.")?;
     let mut rates = Vec::new();
     for constrained in [true, false] {
@@ -126,12 +126,7 @@ pub async fn run(
             } else {
                 g.ignore_eos = true;
             }
-            streams.push(
-                actor
-                    .ask(g)
-                    .await
-                    .map_err(|e| Error::InvalidInput(format!("request refused: {e}")))?,
-            );
+            streams.push(engine.generate(g).await.map_err(|r| r.error)?);
         }
         let mut generated = 0;
         for s in streams {

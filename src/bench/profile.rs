@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use crate::engine::TokenConstraint;
+use crate::sampling::TokenConstraint;
 use crate::grammar::Grammar;
 use crate::kv::{KvCache, KvDtype};
 use crate::model::profile::{self, PhaseTimes};
@@ -44,7 +44,7 @@ pub fn profile_steps(
     rows: &[usize],
     steps: usize,
 ) -> Result<Vec<ProfileRow>> {
-    let compiler = model.grammar_compiler()?;
+    let compiler = crate::grammar::GrammarCompiler::new(model.tokenizer())?;
     let grammar = compiler.compile(&Grammar::JsonSchema(super::grammar::nested_schema()))?;
     let mut out = Vec::new();
     for &b in rows {

@@ -35,6 +35,13 @@ pub struct SchedulerConfig {
     pub max_prefill_while_decoding: usize,
 }
 
+impl SchedulerConfig {
+    /// Whether a request needing `bytes` of KV could ever be admitted.
+    pub fn admits(&self, bytes: usize) -> bool {
+        bytes <= self.kv_budget_bytes
+    }
+}
+
 impl Default for SchedulerConfig {
     fn default() -> Self {
         Self {
@@ -132,11 +139,6 @@ impl Scheduler {
             bytes_now,
             bytes_needed: bytes_needed.max(bytes_now),
         });
-    }
-
-    /// Whether a request needing `bytes_needed` could ever be admitted.
-    pub fn fits_budget(&self, bytes_needed: usize) -> bool {
-        bytes_needed <= self.cfg.kv_budget_bytes
     }
 
     /// Sets how many tokens a running sequence has left to feed.

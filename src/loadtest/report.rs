@@ -9,19 +9,9 @@ use hdrhistogram::Histogram;
 
 use super::workload::{GrammarKind, LoadtestOptions};
 use crate::agent::AgentReply;
-use crate::bench::MaskQuantiles;
+use crate::stats::Quantiles;
 use crate::engine::Stats;
 
-/// p50, p95 and p99 of a latency, in milliseconds.
-#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
-pub struct Quantiles {
-    /// Median.
-    pub p50: f64,
-    /// 95th percentile.
-    pub p95: f64,
-    /// 99th percentile.
-    pub p99: f64,
-}
 
 /// The report of one run.
 #[derive(Clone, Debug, Default, serde::Serialize)]
@@ -83,7 +73,7 @@ pub struct RunReport {
     /// Tokens recomputed after evictions.
     pub recomputed_tokens: u64,
     /// Grammar mask time.
-    pub mask_us: MaskQuantiles,
+    pub mask_us: Quantiles,
     /// Peak resident memory of the process.
     pub rss_peak_bytes: u64,
 }
@@ -232,10 +222,7 @@ impl Recorder {
         r.timeline = stats.timeline.clone();
         r.kv_peak_bytes = stats.kv_peak_bytes;
         r.evictions = stats.evictions_requested + stats.preempted;
-        r.mask_us = MaskQuantiles {
-            p50: stats.mask_us_p50,
-            p99: stats.mask_us_p99,
-        };
+        r.mask_us = stats.mask_us;
         r.rss_peak_bytes = rss_peak();
         r
     }
@@ -302,7 +289,9 @@ pub fn print_table(r: &RunReport) {
 /// Draws generated tokens/s and TTFT p95 against the number of agents (SVG).
 pub fn plot(runs: &[RunReport], path: &std::path::Path) -> crate::Result<()> {
     use plotters::prelude::*;
-    let err = |e: String| crate::Error::InvalidInput(format!("plot {}: {e}", path.display()));
+    let err = |e: String| crate::Error::Report {
+        what: format!("plot {}: {e}", path.display()),
+    };
     let root = SVGBackend::new(path, (900, 840)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
     let (top, bottom) = root.split_vertically(420);

@@ -5,23 +5,22 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kameo::actor::Spawn;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use super::report::{Recorder, RunReport};
 use crate::agent::{
-    ask_streaming, tool_fn, AgentActor, AgentConfig, AgentEvent, Evict, Tool, ToolChoice,
+    ask_streaming, tool_fn, AgentConfig, AgentEvent, Ask, Evict, Tool, ToolChoice,
 };
-use crate::engine::{EngineConfig, GetStats, ModelActor, SchedulerConfig};
+use crate::engine::{Engine, EngineConfig, SchedulerConfig};
 use crate::grammar::Grammar;
 use crate::model::Model;
 use crate::sampling::SamplingParams;
 use crate::{Error, Result};
 
 /// Output grammar of every reply.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum GrammarKind {
     /// Unconstrained.
@@ -122,7 +121,11 @@ pub struct LoadtestLimits {
 impl LoadtestOptions {
     /// Rejects counts and times out of [`LIMITS`], naming the option.
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str, why: String| Err(Error::InvalidInput(format!("--{what}: {why}")));
+        let bad = |what: &str, why: String| {
+            Err(Error::Config {
+                what: format!("--{what}: {why}"),
+            })
+        };
         let count = |what: &str, n: usize, lo: usize, hi: usize| {
             if (lo..=hi).contains(&n) {
                 Ok(())
@@ -194,7 +197,7 @@ struct LookupArgs {
 /// Runs one load test.
 pub async fn run(model: Arc<Model>, o: &LoadtestOptions) -> Result<RunReport> {
     o.validate()?;
-    let engine = ModelActor::spawn(ModelActor::new(
+    let engine = Engine::serve(
         model.clone(),
         EngineConfig {
             scheduler: SchedulerConfig {
@@ -206,7 +209,7 @@ pub async fn run(model: Arc<Model>, o: &LoadtestOptions) -> Result<RunReport> {
             kv_dtype: o.kv_dtype,
             ..EngineConfig::default()
         },
-    )?);
+    )?;
     let mut rng = StdRng::seed_from_u64(o.seed);
     let system = text_of(&model, o.system_tokens, &mut rng)?;
     let tools: Vec<Arc<dyn Tool>> = if o.tool_ms > 0.0 {
@@ -236,8 +239,7 @@ pub async fn run(model: Arc<Model>, o: &LoadtestOptions) -> Result<RunReport> {
             max_tool_steps: 1,
             ..AgentConfig::default()
         };
-        let agent =
-            AgentActor::new(config, model.clone(), engine.clone(), tools.clone())?.spawn_agent();
+        let agent = engine.agent(config, tools.clone())?;
         let mut msgs = Vec::new();
         for _ in 0..o.turns {
             msgs.push(text_of(&model, o.user_tokens, &mut rng)?);
@@ -255,7 +257,7 @@ pub async fn run(model: Arc<Model>, o: &LoadtestOptions) -> Result<RunReport> {
                     break;
                 }
                 if o.no_cache_reuse {
-                    let _ = agent.tell(Evict).await;
+                    let _ = agent.tell(Evict::ANY).await;
                 }
                 let choice = if o.tool_ms > 0.0 {
                     ToolChoice::Tool("lookup".into())
@@ -264,7 +266,7 @@ pub async fn run(model: Arc<Model>, o: &LoadtestOptions) -> Result<RunReport> {
                 };
                 let sent = Instant::now();
                 let mut token_times = Vec::new();
-                let reply = ask_streaming(&agent, text, Some(choice), |ev| {
+                let reply = ask_streaming(&agent, Ask::new(text).tool_choice(choice), |ev| {
                     if let AgentEvent::Token(_) = ev {
                         token_times.push(Instant::now());
                     }
@@ -288,9 +290,7 @@ pub async fn run(model: Arc<Model>, o: &LoadtestOptions) -> Result<RunReport> {
         }
     }
     let wall = start.elapsed();
-    let stats = engine
-        .ask(GetStats)
-        .await
-        .map_err(|e| crate::Error::InvalidInput(format!("stats: {e}")))?;
+    let stats = engine.stats().await?;
+    engine.stop().await;
     Ok(recorder.report(o, wall, &stats))
 }

@@ -30,7 +30,7 @@ impl Rope {
             .collect();
         // Fallible: a context length from a file must not abort the process.
         let n = max_pos.checked_mul(half).ok_or_else(|| {
-            crate::Error::InvalidInput(format!("rotary tables of {max_pos} x {half} overflow"))
+            crate::Error::BadRequest { what: format!("rotary tables of {max_pos} x {half} overflow") }
         })?;
         let oom = |_| crate::Error::OutOfMemory {
             what: "rotary tables",

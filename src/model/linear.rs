@@ -28,7 +28,6 @@ use crate::Result;
     Eq,
     serde::Serialize,
     serde::Deserialize,
-    clap::ValueEnum,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum WeightsMode {
@@ -46,7 +45,6 @@ pub enum WeightsMode {
     /// Dequantized f32 weights: exact dequantized values, GEMM for every step.
     F32,
     /// Weights requantized to Q8_0 (candle's fastest quantized x86 kernels).
-    #[value(name = "q8_0")]
     #[serde(rename = "q8_0")]
     Q8_0,
     /// bf16 weights and activations, f32 sums, for every step (`vdpbf16ps` where

@@ -481,15 +481,15 @@ impl Llama {
     fn check(&self, seqs: &[SeqInput<'_>]) -> Result<()> {
         let cfg = &self.config;
         if seqs.is_empty() {
-            return Err(Error::InvalidInput(
-                "a forward needs at least one sequence".into(),
-            ));
+            return Err(Error::BadRequest {
+                what: "a forward needs at least one sequence".into(),
+            });
         }
         for (i, s) in seqs.iter().enumerate() {
             if s.tokens.is_empty() {
-                return Err(Error::InvalidInput(format!(
-                    "sequence {i} has no new tokens"
-                )));
+                return Err(Error::BadRequest {
+                    what: format!("sequence {i} has no new tokens"),
+                });
             }
             if let Some(&id) = s.tokens.iter().find(|&&t| t as usize >= cfg.vocab_size) {
                 return Err(Error::TokenOutOfRange {

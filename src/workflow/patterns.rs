@@ -6,7 +6,7 @@ use kameo::actor::ActorRef;
 
 use super::{emit, Events, WorkflowEvent};
 use crate::agent::{
-    ask_error, tool_fn, unreachable, AgentActor, AgentReply, Ask, AskNested, AskWith, ForkVaried,
+    ask_error, tool_fn, unreachable, AgentActor, AgentReply, Ask, AskNested, Fork,
     Tool,
 };
 use crate::grammar::Grammar;
@@ -37,7 +37,7 @@ async fn ask(n: &Named, input: String, events: &Events) -> Result<AgentReply> {
         input: input.clone(),
     });
     tracing::debug!(agent = %n.name, input_bytes = input.len(), "workflow step: asked");
-    let reply = n.agent.ask(Ask(input)).await.map_err(ask_error)?;
+    let reply = n.agent.ask(Ask::new(input)).await.map_err(ask_error)?;
     tracing::debug!(agent = %n.name, answer_bytes = reply.text.len(), "workflow step: answered");
     emit(events, || WorkflowEvent::Answered {
         agent: n.name.clone(),
@@ -57,17 +57,18 @@ async fn pick<'a>(
     let names: Vec<String> = agents.iter().map(|a| a.name.clone()).collect();
     let answer = picker
         .agent
-        .ask(AskWith::grammar(question, Grammar::Choice(names.clone())))
+        .ask(Ask::new(question).grammar(Grammar::Choice(names.clone())))
         .await
         .map_err(ask_error)?;
     let chosen = agents
         .iter()
         .find(|a| a.name == answer.text)
         .ok_or_else(|| {
-            Error::InvalidInput(format!(
-                "{} picked `{}`, not one of {names:?}",
-                picker.name, answer.text
-            ))
+            Error::Pick {
+                picker: picker.name.clone(),
+                picked: answer.text.clone(),
+                choices: format!("{names:?}"),
+            }
         })?;
     tracing::debug!(picker = %picker.name, picked = %chosen.name, "workflow step: picked");
     emit(events, || WorkflowEvent::Picked {
@@ -184,7 +185,9 @@ pub async fn group_chat(
     events: &Events,
 ) -> Result<(Vec<(String, String)>, String)> {
     if chat.agents.is_empty() {
-        return Err(Error::InvalidInput("a group chat needs agents".into()));
+        return Err(Error::Config {
+            what: "a group chat needs agents".into(),
+        });
     }
     let names: Vec<String> = chat.agents.iter().map(|a| a.name.clone()).collect();
     let mut transcript = Vec::new();
@@ -274,7 +277,7 @@ struct AgentToolArgs {
 }
 
 /// Forks `agent` `n` times from its current state (the shared prefix is never
-/// recomputed), each fork with its own sampling seed ([`ForkVaried`]), asks each fork
+/// recomputed), each fork with its own sampling seed ([`Fork::seed_offset`]), asks each fork
 /// the task, and returns the best answer by `score` with the index of its fork. The
 /// forks differ only if the agent samples at a temperature above zero.
 pub async fn fork_explore(
@@ -287,7 +290,9 @@ pub async fn fork_explore(
     let mut forks = Vec::with_capacity(n);
     for i in 0..n {
         let child = agent
-            .ask(ForkVaried(i as u64 + 1))
+            .ask(Fork {
+                seed_offset: i as u64 + 1,
+            })
             .await
             .map_err(unreachable)?;
         forks.push(Named::new(format!("fork-{i}"), child));
@@ -300,5 +305,7 @@ pub async fn fork_explore(
         .map(|(i, (_, r))| (score(&r), i, r))
         .max_by(|a, b| a.0.total_cmp(&b.0))
         .map(|(_, i, r)| (i, r))
-        .ok_or_else(|| Error::InvalidInput("fork_explore needs n >= 1".into()))
+        .ok_or_else(|| Error::Config {
+            what: "fork_explore needs n >= 1".into(),
+        })
 }

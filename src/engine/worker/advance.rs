@@ -5,9 +5,12 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use super::super::{sample_step, Done, Event, FinishReason, Timings};
-use super::guarded::guard;
+use super::super::guarded::guard;
+use super::super::{Done, Event, FinishReason, Timings};
 use super::{SeqId, Worker};
+
+/// Most recent grammar mask times kept for [`Stats::mask_us`](super::Stats).
+const MASK_SAMPLES: usize = 20_000;
 
 impl Worker {
     /// Takes every sequence of a step past it: drops the fed tokens, and for those
@@ -30,29 +33,17 @@ impl Worker {
             let Some((n, row)) = fed.remove(&id) else {
                 continue;
             };
-            s.feed.drain(..n);
+            s.dec.feed.drain(..n);
             s.usage.computed_tokens += n;
-            if !s.feed.is_empty() {
+            if !s.dec.feed.is_empty() {
                 // A prefill chunk: the logits of a mid-prompt token are not needed.
-                self.sched.set_to_feed(id, s.feed.len());
+                self.sched.set_to_feed(id, s.dec.feed.len());
                 continue;
             }
             jobs.push((id, s, row));
         }
         jobs.par_iter_mut()
-            .map(|(id, s, logits)| {
-                // The sampled token and the ones the grammar forces after it, fed
-                // together in the next step (`feed` is empty here).
-                let done = guard(|| {
-                    sample_step(
-                        logits,
-                        &mut s.sampler,
-                        s.constraint.as_deref_mut(),
-                        &mut s.feed,
-                    )
-                });
-                (*id, done)
-            })
+            .map(|(id, s, logits)| (*id, guard(|| s.dec.sample(logits))))
             .collect()
     }
 
@@ -60,7 +51,6 @@ impl Worker {
     /// condition holds.
     pub(super) fn advance(&mut self, id: SeqId, sampled: crate::Result<bool>) {
         let model = self.model.clone();
-        let eos = model.tokenizer().eos_token_ids();
         let grammar_done = match sampled {
             Ok(done) => done,
             Err(e) => {
@@ -71,54 +61,24 @@ impl Worker {
         let Some(s) = self.seqs.get_mut(&id) else {
             return;
         };
-        let now = Instant::now();
-        if s.first_token.is_none() {
-            s.first_token = Some(now);
-        }
-        let mut finish = None;
-        let before = s.generated.len();
-        for i in 0..s.feed.len() {
-            let t = s.feed[i];
-            s.generated.push(t);
-            s.usage.generated_tokens += 1;
-            self.stats.tokens_generated += 1;
-            if eos.contains(&t) && !s.ignore_eos {
-                finish = Some(FinishReason::Stop);
-                break;
+        s.first_token.get_or_insert_with(Instant::now);
+        let step = match s.dec.advance(model.tokenizer(), grammar_done) {
+            Ok(step) => step,
+            Err(e) => {
+                self.fail(id, e);
+                return;
             }
-            let piece = match s.decoder.push(model.tokenizer(), t) {
-                Ok(p) => p,
-                Err(e) => {
-                    self.fail(id, e);
-                    return;
-                }
-            };
-            let released = s.stop.push(&piece);
-            s.text.push_str(&released.text);
-            let _ = s.tx.send(Event::Token {
-                id: t,
-                text: released.text,
-            });
-            if released.stopped {
-                s.stop_hit = true;
-                finish = Some(FinishReason::Stop);
-                break;
-            }
-            if s.generated.len() >= s.max_tokens {
-                finish = Some(FinishReason::Length);
-                break;
-            }
+        };
+        let new = s.dec.generated().len() - s.usage.generated_tokens;
+        s.usage.generated_tokens += new;
+        self.stats.tokens_generated += new as u64;
+        for (id, text) in step.tokens {
+            let _ = s.tx.send(Event::Token { id, text });
         }
-        // The grammar's end counts only when its last forced token was emitted too (a
-        // `max_tokens` cut inside a forced run is a `Length` end).
-        let emitted_all = s.generated.len() - before == s.feed.len();
-        if grammar_done && !s.stop_hit && emitted_all {
-            finish = Some(FinishReason::Grammar);
-        }
-        match finish {
+        match step.finish {
             Some(f) => self.finish(id, f),
             None => {
-                let n = s.feed.len();
+                let n = s.dec.feed.len();
                 self.sched.set_to_feed(id, n);
             }
         }
@@ -129,30 +89,23 @@ impl Worker {
         let Some(mut s) = self.seqs.remove(&id) else {
             return;
         };
-        if !s.stop_hit {
-            // Release what was held back for a possible stop string or character.
-            let tail = s.decoder.finish();
-            let tail = s.stop.push(&tail).text + &s.stop.flush();
-            if !tail.is_empty() {
-                s.text.push_str(&tail);
-                let _ = s.tx.send(Event::Text { text: tail });
-            }
+        let tail = s.dec.release_tail();
+        if !tail.is_empty() {
+            let _ = s.tx.send(Event::Text { text: tail });
         }
-        if let Some(c) = &s.constraint {
+        if let Some(c) = s.dec.constraint() {
             self.mask_times.extend(c.mask_times());
-            let excess = self.mask_times.len().saturating_sub(20_000);
+            let excess = self.mask_times.len().saturating_sub(MASK_SAMPLES);
             self.mask_times.drain(..excess);
-        }
-        if let Some((holder, evict)) = s.holder.take() {
-            // The cache goes back to an idle holder: still accounted, now evictable.
-            self.hold_idle(holder, s.cache.bytes(), false, evict);
         }
         let now = Instant::now();
         let first = s.first_token.unwrap_or(now);
+        let (tokens, text) = s.dec.into_output();
+        let cache = self.hand_back(s.cache, s.holder);
         let done = Done {
-            cache: s.cache,
-            tokens: s.generated,
-            text: s.text,
+            cache,
+            tokens,
+            text,
             finish,
             usage: s.usage,
             timings: Timings {

@@ -4,9 +4,8 @@
 use std::path::Path;
 
 use anyhow::Context;
-use kameo::actor::ActorRef;
-use troupe::agent::{AgentActor, AgentConfig};
-use troupe::engine::{GetStats, ModelActor};
+use troupe::agent::AgentConfig;
+use troupe::engine::Engine;
 use troupe::model::WeightsMode;
 use troupe::workflow::{self, GroupChat, Named, Speaker, Termination, WorkflowEvent};
 
@@ -92,14 +91,13 @@ pub fn run(o: WorkflowOptions<'_>) -> anyhow::Result<()> {
     let input = o.input.unwrap_or(default_input).to_string();
     let model_path = troupe::model::fetch::resolve_model_path(o.model)?;
     super::runtime()?.block_on(async move {
-        let (model, engine) = super::start_model(&model_path, o.weights)?;
+        let engine = super::start_model(&model_path, o.weights)?;
         let agent = |name: &str, prompt: &str| -> anyhow::Result<Named> {
             let config = AgentConfig {
                 max_tokens: o.max_tokens,
                 ..AgentConfig::new(name, prompt)
             };
-            let a = AgentActor::new(config, model.clone(), engine.clone(), vec![])?;
-            Ok(Named::new(name, a.spawn_agent()))
+            Ok(Named::new(name, engine.agent(config, vec![])?))
         };
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let printer = tokio::spawn(async move {
@@ -132,7 +130,7 @@ pub fn run(o: WorkflowOptions<'_>) -> anyhow::Result<()> {
                 let ready = |n: &str| -> anyhow::Result<Named> {
                     let mut made = ReadyMade::build(n, &Options::default())?;
                     made.config.max_tokens = made.config.max_tokens.max(o.max_tokens);
-                    Ok(Named::new(n, made.spawn(model.clone(), engine.clone())?))
+                    Ok(Named::new(n, made.spawn(&engine)?))
                 };
                 let team = [
                     ready("calculator")?,
@@ -173,8 +171,8 @@ pub fn run(o: WorkflowOptions<'_>) -> anyhow::Result<()> {
 }
 
 /// How the model actor batched the workflow's requests.
-async fn print_batching(engine: &ActorRef<ModelActor>) {
-    if let Ok(s) = engine.ask(GetStats).await {
+async fn print_batching(engine: &Engine) {
+    if let Ok(s) = engine.stats().await {
         println!(
             "model: {} steps, largest batch {} sequences, mean {:.2}; {} tokens computed, {} generated",
             s.steps,

@@ -5,7 +5,7 @@ use std::io::{BufRead, IsTerminal, Write};
 use std::path::Path;
 
 use anyhow::Context;
-use troupe::agent::{ask_streaming, AgentActor, AgentConfig, AgentEvent, AgentReply, Ask};
+use troupe::agent::{ask_streaming, AgentConfig, AgentEvent, AgentReply, Ask};
 use troupe::model::WeightsMode;
 
 /// Options of `troupe chat`.
@@ -47,8 +47,8 @@ pub fn run(o: ChatOptions<'_>) -> anyhow::Result<()> {
     }
     super::runtime()?
         .block_on(async move {
-            let (model, engine) = super::start_model(o.model, o.weights)?;
-            let agent = AgentActor::new(config, model, engine, vec![])?.spawn_agent();
+            let engine = super::start_model(o.model, o.weights)?;
+            let agent = engine.agent(config, vec![])?;
             let stdin = std::io::stdin();
             let interactive = stdin.is_terminal();
             let mut out = std::io::stdout();
@@ -69,7 +69,7 @@ pub fn run(o: ChatOptions<'_>) -> anyhow::Result<()> {
                 }
                 if interactive {
                     let mut written = Ok(());
-                    let reply = ask_streaming(&agent, text, None, |ev| match ev {
+                    let reply = ask_streaming(&agent, Ask::new(text), |ev| match ev {
                         AgentEvent::Token(t) => {
                             if written.is_ok() {
                                 written = write!(out, "{t}").and_then(|()| out.flush());
@@ -95,7 +95,7 @@ pub fn run(o: ChatOptions<'_>) -> anyhow::Result<()> {
                         Err(e) => eprintln!("\nerror: {e}"),
                     }
                 } else {
-                    match agent.ask(Ask(text)).await {
+                    match agent.ask(Ask::new(text)).await {
                         Ok(r) => {
                             writeln!(out, "{}", r.text)?;
                             writeln!(out, "{}", usage_line(&r))?;

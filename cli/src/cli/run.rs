@@ -7,7 +7,7 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
-use troupe::agent::{ask_streaming, AgentEvent};
+use troupe::agent::{ask_streaming, AgentEvent, Ask};
 use troupe::model::WeightsMode;
 
 use crate::ready_made::{Options, ReadyMade, CATALOG};
@@ -47,14 +47,14 @@ pub fn run(o: RunOptions<'_>) -> anyhow::Result<()> {
     }
     let tool_names = made.config.tools.join(", ");
     super::runtime()?.block_on(async move {
-        let (model, engine) = super::start_model(&model_path, o.weights)?;
-        let agent = made.spawn(model, engine)?;
+        let engine = super::start_model(&model_path, o.weights)?;
+        let agent = made.spawn(&engine)?;
         let mut out = std::io::stdout();
         writeln!(out, "agent {} (tools: {tool_names})", o.agent)?;
         for task in o.tasks {
             writeln!(out, "\ntask: {task}")?;
             let mut written = Ok(());
-            let reply = ask_streaming(&agent, task.clone(), None, |ev| {
+            let reply = ask_streaming(&agent, Ask::new(task.clone()), |ev| {
                 let line = match ev {
                     AgentEvent::Token(_) => return,
                     AgentEvent::ToolCall(c) => {

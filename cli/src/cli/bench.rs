@@ -37,7 +37,7 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 512)]
         ctx: usize,
         /// Weights modes to score (default: the global --weights).
-        #[arg(long, value_enum, value_delimiter = ',')]
+        #[arg(long, value_parser = super::named::<WeightsMode>(super::WEIGHTS), value_delimiter = ',')]
         modes: Vec<WeightsMode>,
         /// Most chunks (0: all).
         #[arg(long, default_value_t = 0)]

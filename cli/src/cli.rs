@@ -3,17 +3,15 @@
 
 pub mod bench;
 pub mod chat;
+pub mod generate;
 pub mod info;
 pub mod run;
 pub mod trace;
 pub mod workflow;
 
-use std::sync::Arc;
-
 use anyhow::Context;
-use kameo::actor::{ActorRef, Spawn};
-use troupe::engine::{EngineConfig, ModelActor};
-use troupe::model::{LoadOptions, Model, WeightsMode};
+use troupe::engine::{Engine, EngineConfig};
+use troupe::model::{LoadOptions, WeightsMode};
 use troupe::KvDtype;
 
 /// The async runtime of the commands that run actors: two workers (the engine's
@@ -28,22 +26,32 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// The `--kv-dtype` of this invocation, for the model actors the commands start.
 pub(crate) static KV_DTYPE: std::sync::OnceLock<KvDtype> = std::sync::OnceLock::new();
 
-/// Loads the model at `path` and spawns its model actor (call inside [`runtime`]),
+/// The names of the weights modes, as `--weights` takes them.
+pub(crate) const WEIGHTS: &[&str] = &["auto", "native", "f32", "q8_0", "bf16", "exact"];
+
+/// The names of the KV element types.
+pub(crate) const KV_DTYPES: &[&str] = &["f16", "f32"];
+
+/// A clap value parser for a library enum, by its serde name: the library knows
+/// nothing of clap, and `--help` still lists the choices.
+pub(crate) fn named<T>(names: &'static [&'static str]) -> impl clap::builder::TypedValueParser<Value = T>
+where
+    T: serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
+{
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(names)
+        .try_map(|s| serde_json::from_value::<T>(serde_json::Value::String(s)))
+}
+
+/// Loads the model at `path` and starts its engine (call inside [`runtime`]),
 /// whose agents' caches take the `--kv-dtype` given (default f16).
-pub(crate) fn start_model(
-    path: &std::path::Path,
-    weights: WeightsMode,
-) -> anyhow::Result<(Arc<Model>, ActorRef<ModelActor>)> {
-    let model = Arc::new(
-        Model::load(path, LoadOptions { weights })
-            .with_context(|| format!("loading {}", path.display()))?,
-    );
+pub(crate) fn start_model(path: &std::path::Path, weights: WeightsMode) -> anyhow::Result<Engine> {
     let config = EngineConfig {
         kv_dtype: KV_DTYPE.get().copied().unwrap_or_default(),
         ..EngineConfig::default()
     };
-    let engine = ModelActor::spawn(ModelActor::new(model.clone(), config)?);
-    Ok((model, engine))
+    Engine::start(path, LoadOptions { weights }, config)
+        .with_context(|| format!("loading {}", path.display()))
 }
 
 /// `text` on one line (newlines become `sep`), cut after `max` characters with `…`.

@@ -2,24 +2,15 @@
 //! and benchmarks.
 
 mod cli;
-// The ready-made agents of the `agents/` crate (troupe-agents), compiled in here
-// because a package cannot depend on a crate that depends on it. The one `#[path]`
-// left: it goes when the binary moves to its own package depending on both
-// (issue 12), which also moves the CLI tests that use CARGO_BIN_EXE_troupe.
-#[path = "../agents/src/lib.rs"]
-#[allow(dead_code)]
-mod ready_made;
+use troupe_agents as ready_made;
 
-use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
-use troupe::grammar::{Grammar, GrammarCompiler};
 use troupe::model::fetch::{self, FetchOutcome};
-use troupe::model::{LoadOptions, Message, Model, WeightsMode};
-use troupe::sampling::{Sampler, SamplingParams};
-use troupe::{IncrementalDecoder, KvDtype};
+use troupe::model::{LoadOptions, Model, WeightsMode};
+use troupe::KvDtype;
 
 /// troupe: a Rust runtime for LLM agents built on actors.
 #[derive(Parser)]
@@ -29,10 +20,10 @@ struct Cli {
     #[arg(long, global = true, env = "TROUPE_MODEL")]
     model: Option<PathBuf>,
     /// How weights are stored and multiplied.
-    #[arg(long, global = true, value_enum, default_value_t = WeightsMode::Auto)]
+    #[arg(long, global = true, value_parser = cli::named::<WeightsMode>(cli::WEIGHTS), default_value = "auto")]
     weights: WeightsMode,
     /// Element type of the KV caches (default: the engine's, f32 or f16).
-    #[arg(long, global = true, value_enum)]
+    #[arg(long, global = true, value_parser = cli::named::<KvDtype>(cli::KV_DTYPES))]
     kv_dtype: Option<KvDtype>,
     /// Print a backtrace with an error (as does TROUPE_BACKTRACE=1).
     #[arg(short, long, global = true)]
@@ -138,7 +129,7 @@ enum Command {
         #[arg(long, default_value_t = 0.0)]
         tool_ms: f64,
         /// Output grammar of the replies.
-        #[arg(long, value_enum, default_value_t = troupe::loadtest::GrammarKind::None)]
+        #[arg(long, value_parser = cli::named::<troupe::loadtest::GrammarKind>(&["none", "json", "regex"]), default_value = "none")]
         grammar: troupe::loadtest::GrammarKind,
         /// KV memory budget in bytes.
         #[arg(long, default_value_t = 4 << 30)]
@@ -286,77 +277,22 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             regex,
             lark,
             choice,
-        } => {
-            let grammar = if let Some(f) = json_schema {
-                let text = std::fs::read_to_string(f)
-                    .with_context(|| format!("reading {}", f.display()))?;
-                let schema = serde_json::from_str(&text)
-                    .with_context(|| format!("{} is not JSON", f.display()))?;
-                Some(Grammar::JsonSchema(schema))
-            } else if let Some(r) = regex {
-                Some(Grammar::Regex(r.clone()))
-            } else if let Some(f) = lark {
-                Some(Grammar::Lark(
-                    std::fs::read_to_string(f)
-                        .with_context(|| format!("reading {}", f.display()))?,
-                ))
-            } else {
-                choice.as_ref().map(|c| Grammar::Choice(c.clone()))
-            };
-            let model = load()?;
-            let mut constraint = match &grammar {
-                Some(g) => Some(
-                    GrammarCompiler::new(model.tokenizer())?
-                        .compile(g)?
-                        .constraint(),
-                ),
-                None => None,
-            };
-            let text = if *raw {
-                prompt.clone()
-            } else {
-                let mut msgs = Vec::new();
-                if let Some(s) = system {
-                    msgs.push(Message::system(s));
-                }
-                msgs.push(Message::user(prompt));
-                model.chat_template().render(&msgs, true)?
-            };
-            let ids = model.tokenizer().encode_prompt(&text)?;
-            let mut sampler = Sampler::new(SamplingParams {
+        } => cli::generate::run(
+            &load()?,
+            cli::generate::GenerateOptions {
+                prompt,
+                system: system.as_deref(),
+                raw: *raw,
+                max_tokens: *max_tokens,
                 temperature: *temperature,
                 seed: *seed,
-                ..Default::default()
-            })?;
-            let mut cache = model.new_cache(cli.kv_dtype.unwrap_or_default());
-            let room = model.config().context_length.saturating_sub(ids.len());
-            if room == 0 {
-                bail!(
-                    "the prompt has {} tokens, the model's context is {}",
-                    ids.len(),
-                    model.config().context_length
-                );
-            }
-            let mut dec = IncrementalDecoder::new();
-            let mut out = std::io::stdout().lock();
-            let c = constraint
-                .as_mut()
-                .map(|c| c as &mut dyn troupe::engine::TokenConstraint);
-            model.generate(
-                &mut cache,
-                &ids,
-                (*max_tokens).min(room),
-                &mut sampler,
-                c,
-                |id| {
-                    let piece = dec.push(model.tokenizer(), id)?;
-                    out.write_all(piece.as_bytes())?;
-                    out.flush()?;
-                    Ok(())
-                },
-            )?;
-            writeln!(out, "{}", dec.finish())?;
-        }
+                json_schema: json_schema.as_deref(),
+                regex: regex.as_deref(),
+                lark: lark.as_deref(),
+                choice: choice.as_deref(),
+                kv_dtype: cli.kv_dtype.unwrap_or_default(),
+            },
+        )?,
         Command::Run {
             agent,
             tasks,
