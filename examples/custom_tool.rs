@@ -4,12 +4,9 @@
 //!
 //! Run: `cargo run --release --example custom_tool`.
 
-use std::sync::Arc;
-
-use kameo::actor::Spawn;
-use troupe::agent::{tool_fn, AgentActor, AgentConfig, Ask, ToolChoice};
-use troupe::engine::{EngineConfig, ModelActor};
-use troupe::model::{fetch, LoadOptions, Model};
+use troupe::agent::{tool_fn, AgentConfig, Ask, ToolChoice};
+use troupe::engine::{Engine, EngineConfig};
+use troupe::model::{fetch, LoadOptions};
 
 /// The tool's arguments. Doc comments become the schema's descriptions.
 #[derive(serde::Deserialize, schemars::JsonSchema)]
@@ -21,8 +18,7 @@ struct StockArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let path = fetch::resolve_model_path(None)?;
-    let model = Arc::new(Model::load(&path, LoadOptions::default())?);
-    let engine = ModelActor::spawn(ModelActor::new(model.clone(), EngineConfig::default())?);
+    let engine = Engine::start(&path, LoadOptions::default(), EngineConfig::default())?;
 
     let stock = tool_fn(
         "stock",
@@ -43,9 +39,9 @@ async fn main() -> anyhow::Result<()> {
         max_tokens: 48,
         ..AgentConfig::new("clerk", "You answer questions about the warehouse stock.")
     };
-    let agent = AgentActor::new(config, model, engine, vec![stock])?.spawn_agent();
+    let agent = engine.agent(config, vec![stock])?;
 
-    let reply = agent.ask(Ask("How many apples do we have?".into())).await?;
+    let reply = agent.ask(Ask::new("How many apples do we have?")).await?;
     for run in &reply.tool_runs {
         println!("{} {} -> {}", run.call.name, run.call.arguments, run.result);
     }

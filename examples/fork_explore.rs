@@ -4,31 +4,27 @@
 //!
 //! Run: `cargo run --release --example fork_explore`.
 
-use std::sync::Arc;
-
-use kameo::actor::Spawn;
-use troupe::agent::{AgentActor, AgentConfig, Ask};
-use troupe::engine::{EngineConfig, ModelActor};
-use troupe::model::{fetch, LoadOptions, Model};
+use troupe::agent::{AgentConfig, Ask};
+use troupe::engine::{Engine, EngineConfig};
+use troupe::model::{fetch, LoadOptions};
 use troupe::sampling::SamplingParams;
 use troupe::workflow::fork_explore;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let path = fetch::resolve_model_path(None)?;
-    let model = Arc::new(Model::load(&path, LoadOptions::default())?);
-    let engine = ModelActor::spawn(ModelActor::new(model.clone(), EngineConfig::default())?);
+    let engine = Engine::start(&path, LoadOptions::default(), EngineConfig::default())?;
     let config = AgentConfig {
         max_tokens: 32,
         // Forks differ only when they sample.
         sampling: SamplingParams::with_temperature(0.9, 1),
         ..AgentConfig::new("namer", "You name products. Answer with the name only.")
     };
-    let agent = AgentActor::new(config, model, engine, vec![])?.spawn_agent();
+    let agent = engine.agent(config, vec![])?;
 
     // The shared prefix: computed once, then shared by every fork.
     agent
-        .ask(Ask("We make a quiet, solar-powered lawn mower.".into()))
+        .ask(Ask::new("We make a quiet, solar-powered lawn mower."))
         .await?;
 
     // Score: prefer short names (a real scorer could be a test, a judge agent...).

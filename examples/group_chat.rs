@@ -3,26 +3,22 @@
 //!
 //! Run: `cargo run --release --example group_chat`.
 
-use std::sync::Arc;
-
-use kameo::actor::Spawn;
-use troupe::agent::{AgentActor, AgentConfig};
-use troupe::engine::{EngineConfig, ModelActor};
-use troupe::model::{fetch, LoadOptions, Model};
+use troupe::agent::{AgentConfig};
+use troupe::engine::{Engine, EngineConfig};
+use troupe::model::{fetch, LoadOptions};
 use troupe::workflow::{group_chat, GroupChat, Named, Speaker, Termination};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let path = fetch::resolve_model_path(None)?;
-    let model = Arc::new(Model::load(&path, LoadOptions::default())?);
-    let engine = ModelActor::spawn(ModelActor::new(model.clone(), EngineConfig::default())?);
+    let engine = Engine::start(&path, LoadOptions::default(), EngineConfig::default())?;
     let agent = |name: &str, prompt: &str| -> anyhow::Result<Named> {
         let config = AgentConfig {
             max_tokens: 40,
             ..AgentConfig::new(name, prompt)
         };
-        let actor = AgentActor::new(config, model.clone(), engine.clone(), vec![])?;
-        Ok(Named::new(name, actor.spawn_agent()))
+        let actor = engine.agent(config, vec![])?;
+        Ok(Named::new(name, actor))
     };
 
     let chat = GroupChat {

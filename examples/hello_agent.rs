@@ -3,19 +3,15 @@
 //!
 //! Run: `cargo run --release --example hello_agent` (after `troupe model fetch`).
 
-use std::sync::Arc;
-
-use kameo::actor::Spawn;
-use troupe::agent::{AgentActor, AgentConfig, Ask};
-use troupe::engine::{EngineConfig, ModelActor};
-use troupe::model::{fetch, LoadOptions, Model};
+use troupe::agent::{AgentConfig, Ask};
+use troupe::engine::{Engine, EngineConfig};
+use troupe::model::{fetch, LoadOptions};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     // One model, one model actor: it batches the requests of every agent.
     let path = fetch::resolve_model_path(None)?;
-    let model = Arc::new(Model::load(&path, LoadOptions::default())?);
-    let engine = ModelActor::spawn(ModelActor::new(model.clone(), EngineConfig::default())?);
+    let engine = Engine::start(&path, LoadOptions::default(), EngineConfig::default())?;
 
     // An agent is configured, then spawned as an actor.
     let config = AgentConfig {
@@ -25,10 +21,10 @@ async fn main() -> anyhow::Result<()> {
             "You are a friendly travel guide. Answer in one sentence.",
         )
     };
-    let agent = AgentActor::new(config, model, engine, vec![])?.spawn_agent();
+    let agent = engine.agent(config, vec![])?;
 
     for question in ["What is Lisbon famous for?", "And what should I eat there?"] {
-        let reply = agent.ask(Ask(question.into())).await?;
+        let reply = agent.ask(Ask::new(question)).await?;
         println!("> {question}\n{}", reply.text);
         println!(
             "  (reused {} tokens from the cache, computed {})\n",

@@ -3,27 +3,23 @@
 //!
 //! Run: `cargo run --release --example router`.
 
-use std::sync::Arc;
-
-use kameo::actor::Spawn;
-use troupe::agent::{AgentActor, AgentConfig};
-use troupe::engine::{EngineConfig, ModelActor};
-use troupe::model::{fetch, LoadOptions, Model};
+use troupe::agent::{AgentConfig};
+use troupe::engine::{Engine, EngineConfig};
+use troupe::model::{fetch, LoadOptions};
 use troupe::workflow::{route, Named};
 use troupe_agents::{Options, ReadyMade};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let path = fetch::resolve_model_path(None)?;
-    let model = Arc::new(Model::load(&path, LoadOptions::default())?);
-    let engine = ModelActor::spawn(ModelActor::new(model.clone(), EngineConfig::default())?);
+    let engine = Engine::start(&path, LoadOptions::default(), EngineConfig::default())?;
 
     // Two ready-made agents and a plain one.
     let ready = |name: &str| -> anyhow::Result<Named> {
         let agent = ReadyMade::build(name, &Options::default())?;
         Ok(Named::new(
             name,
-            agent.spawn(model.clone(), engine.clone())?,
+            agent.spawn(&engine)?,
         ))
     };
     let plain = |name: &str, prompt: &str| -> anyhow::Result<Named> {
@@ -31,8 +27,8 @@ async fn main() -> anyhow::Result<()> {
             max_tokens: 48,
             ..AgentConfig::new(name, prompt)
         };
-        let actor = AgentActor::new(config, model.clone(), engine.clone(), vec![])?;
-        Ok(Named::new(name, actor.spawn_agent()))
+        let actor = engine.agent(config, vec![])?;
+        Ok(Named::new(name, actor))
     };
     let team = [
         ready("calculator")?,

@@ -4,26 +4,22 @@
 //!
 //! Run: `cargo run --release --example tool_agent`.
 
-use std::sync::Arc;
-
-use kameo::actor::Spawn;
 use troupe::agent::Ask;
-use troupe::engine::{EngineConfig, ModelActor};
-use troupe::model::{fetch, LoadOptions, Model};
+use troupe::engine::{Engine, EngineConfig};
+use troupe::model::{fetch, LoadOptions};
 use troupe_agents::{Options, ReadyMade};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let path = fetch::resolve_model_path(None)?;
-    let model = Arc::new(Model::load(&path, LoadOptions::default())?);
-    let engine = ModelActor::spawn(ModelActor::new(model.clone(), EngineConfig::default())?);
+    let engine = Engine::start(&path, LoadOptions::default(), EngineConfig::default())?;
 
     // A ready-made agent is a config plus its tools; change either before spawning.
     let calculator = ReadyMade::build("calculator", &Options::default())?;
     println!("tools: {:?}", calculator.config.tools);
-    let agent = calculator.spawn(model, engine)?;
+    let agent = calculator.spawn(&engine)?;
 
-    let reply = agent.ask(Ask("What is 17 * 23?".into())).await?;
+    let reply = agent.ask(Ask::new("What is 17 * 23?")).await?;
     for run in &reply.tool_runs {
         println!(
             "called {} with {} -> {} ({:.2} ms)",

@@ -438,7 +438,7 @@ mod tests {
     fn nan_logits_fail_the_step() {
         let mut s = sampler(SamplingParams::greedy());
         let mut out = Vec::new();
-        let e = crate::engine::sample_step::<dyn crate::engine::TokenConstraint>(
+        let e = sample_step::<dyn TokenConstraint>(
             &mut [0.5, f32::NAN, 1.0],
             &mut s,
             None,

@@ -12,8 +12,9 @@ use std::sync::{Arc, OnceLock};
 use common::*;
 use kameo::actor::{ActorRef, Spawn};
 use proptest::prelude::*;
+use troupe::engine::Engine;
 use troupe::agent::{
-    tool_fn, AgentActor, AgentConfig, Ask, AskWith, ContextPolicy, History, TokenLog, Tool,
+    tool_fn, AgentActor, AgentConfig, Ask, ContextPolicy, History, TokenLog, Tool,
     ToolChoice,
 };
 use troupe::engine::ModelActor;
@@ -50,8 +51,8 @@ fn roomy() -> Arc<Model> {
     )
 }
 
-fn engine(model: &Arc<Model>) -> ActorRef<ModelActor> {
-    ModelActor::spawn(ModelActor::new(model.clone(), engine_config(512, 16, usize::MAX)).unwrap())
+fn engine(model: &Arc<Model>) -> Engine {
+    Engine::serve(model.clone(), engine_config(512, 16, usize::MAX)).unwrap()
 }
 
 #[derive(serde::Deserialize, schemars::JsonSchema, Debug)]
@@ -59,11 +60,11 @@ struct Nothing {}
 
 fn spawn(
     model: &Arc<Model>,
-    e: &ActorRef<ModelActor>,
+    e: &Engine,
     config: AgentConfig,
     tools: Vec<Arc<dyn Tool>>,
 ) -> ActorRef<AgentActor> {
-    AgentActor::new(config, model.clone(), e.clone(), tools)
+    AgentActor::new(config, e.clone(), tools)
         .unwrap()
         .spawn_agent()
 }
@@ -90,7 +91,7 @@ async fn a_huge_tool_result_is_capped_with_a_marker() {
         ..forced("big")
     };
     let a = spawn(&model, &e, config, vec![big]);
-    let r = a.ask(Ask("go".into())).await.unwrap();
+    let r = a.ask(Ask::new("go")).await.unwrap();
     let result = &r.tool_runs[0].result;
     assert!(result.len() <= 1024, "{}", result.len());
     assert!(
@@ -131,7 +132,7 @@ async fn a_timed_out_tool_is_stopped() {
         },
         vec![busy],
     );
-    let r = a.ask(Ask("go".into())).await.unwrap();
+    let r = a.ask(Ask::new("go")).await.unwrap();
     assert!(r.tool_runs[0].failed && r.tool_runs[0].result.contains("timed out"));
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let after = ticks.load(Ordering::Relaxed);
@@ -186,7 +187,7 @@ async fn an_agent_tool_cycle_is_refused() {
     );
     a_slot.set(a.clone()).unwrap();
     let started = std::time::Instant::now();
-    let r = a.ask(Ask("go".into())).await.unwrap();
+    let r = a.ask(Ask::new("go")).await.unwrap();
     assert!(started.elapsed().as_secs() < 30, "waited for the timeout");
     assert!(!r.tool_runs[0].failed, "{:?}", r.tool_runs[0]);
     let hb = b.ask(History).await.unwrap();
@@ -220,7 +221,7 @@ async fn an_agent_tool_cycle_is_refused() {
         vec![ask_me],
     );
     me_slot.set(me.clone()).unwrap();
-    let r = me.ask(Ask("go".into())).await.unwrap();
+    let r = me.ask(Ask::new("go")).await.unwrap();
     assert!(
         r.tool_runs[0].result.contains("cycle refused"),
         "{:?}",
@@ -249,12 +250,12 @@ async fn a_reply_cut_inside_a_tool_call_fails_the_turn_and_changes_nothing() {
         },
         vec![echo],
     );
-    a.ask(AskWith::tool_choice("hello", ToolChoice::None))
+    a.ask(Ask::new("hello").tool_choice(ToolChoice::None))
         .await
         .unwrap();
     let before = state(&a).await;
     let err = a
-        .ask(AskWith::tool_choice("call it", ToolChoice::Required))
+        .ask(Ask::new("call it").tool_choice(ToolChoice::Required))
         .await
         .unwrap_err();
     let msg = err.to_string();
@@ -299,7 +300,7 @@ struct Long {
 
 async fn run_steps(
     model: Arc<Model>,
-    e: ActorRef<ModelActor>,
+    e: Engine,
     policy: ContextPolicy,
     steps: Vec<Step>,
 ) {
@@ -332,42 +333,27 @@ async fn run_steps(
     for s in steps {
         let reply = match &s {
             Step::Plain(i) => {
-                a.ask(AskWith::tool_choice(format!("note {i}"), ToolChoice::None))
+                a.ask(Ask::new(format!("note {i}")).tool_choice(ToolChoice::None))
                     .await
             }
             Step::Medium => {
-                a.ask(AskWith::tool_choice(
-                    "ab ".repeat(context / 6),
-                    ToolChoice::None,
-                ))
+                a.ask(Ask::new("ab ".repeat(context / 6)).tool_choice(ToolChoice::None))
                 .await
             }
             Step::TooLong => {
-                a.ask(AskWith::tool_choice(
-                    "ab ".repeat(context),
-                    ToolChoice::Auto,
-                ))
+                a.ask(Ask::new("ab ".repeat(context)).tool_choice(ToolChoice::Auto))
                 .await
             }
             Step::Cut => {
-                a.ask(AskWith::tool_choice(
-                    "long",
-                    ToolChoice::Tool("long".into()),
-                ))
+                a.ask(Ask::new("long").tool_choice(ToolChoice::Tool("long".into())))
                 .await
             }
             Step::ToolError => {
-                a.ask(AskWith::tool_choice(
-                    "fail",
-                    ToolChoice::Tool("fail".into()),
-                ))
+                a.ask(Ask::new("fail").tool_choice(ToolChoice::Tool("fail".into())))
                 .await
             }
             Step::ToolTimeout => {
-                a.ask(AskWith::tool_choice(
-                    "hang",
-                    ToolChoice::Tool("hang".into()),
-                ))
+                a.ask(Ask::new("hang").tool_choice(ToolChoice::Tool("hang".into())))
                 .await
             }
         };
@@ -423,8 +409,8 @@ async fn two_concurrent_saves_of_one_snapshot_leave_one_whole_file() {
     };
     let a = spawn(&model, &e, config("a"), vec![]);
     let b = spawn(&model, &e, config("b"), vec![]);
-    a.ask(Ask("first agent".into())).await.unwrap();
-    b.ask(Ask("the second one, longer".into())).await.unwrap();
+    a.ask(Ask::new("first agent")).await.unwrap();
+    b.ask(Ask::new("the second one, longer")).await.unwrap();
     let (ha, hb) = (a.ask(History).await.unwrap(), b.ask(History).await.unwrap());
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("shared.snapshot");
@@ -432,7 +418,7 @@ async fn two_concurrent_saves_of_one_snapshot_leave_one_whole_file() {
         let (ra, rb) = tokio::join!(a.ask(Save(path.clone())), b.ask(Save(path.clone())));
         ra.unwrap();
         rb.unwrap();
-        let loaded = AgentActor::load(&path, model.clone(), e.clone(), vec![])
+        let loaded = AgentActor::load(&path, e.clone(), vec![])
             .unwrap()
             .spawn_agent();
         let h = loaded.ask(History).await.unwrap();
@@ -465,10 +451,10 @@ async fn a_timed_out_agent_tool_leaves_no_phantom_turn() {
     // B is busy with a turn of its own while A's call of B waits and times out.
     let busy = {
         let b = b.clone();
-        tokio::spawn(async move { b.ask(Ask("first".into())).await })
+        tokio::spawn(async move { b.ask(Ask::new("first")).await })
     };
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    let r = a.ask(Ask("go".into())).await.unwrap();
+    let r = a.ask(Ask::new("go")).await.unwrap();
     assert!(
         r.tool_runs[0].result.contains("timed out"),
         "{:?}",

@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use kameo::actor::{ActorRef, Spawn};
-use troupe::agent::{tool_fn, AgentActor, AgentConfig, Ask, AskWith, History, Tool, ToolChoice};
+use troupe::engine::Engine;
+use troupe::agent::{tool_fn, AgentActor, AgentConfig, Ask, History, Tool, ToolChoice};
 use troupe::engine::ModelActor;
 use troupe::model::{Model, Role, WeightsMode};
 
@@ -21,11 +22,9 @@ struct AddArgs {
 #[derive(serde::Deserialize, schemars::JsonSchema, Debug)]
 struct Nothing {}
 
-fn setup() -> (Arc<Model>, ActorRef<ModelActor>) {
+fn setup() -> (Arc<Model>, Engine) {
     let model = Arc::new(real(WeightsMode::Native));
-    let actor = ModelActor::spawn(
-        ModelActor::new(model.clone(), engine_config(256, 8, usize::MAX)).unwrap(),
-    );
+    let actor = Engine::serve(model.clone(), engine_config(256, 8, usize::MAX)).unwrap();
     (model, actor)
 }
 
@@ -73,13 +72,11 @@ async fn a_required_tool_call_runs_and_its_result_reaches_the_model() {
             tool_choice: ToolChoice::Tool("add".into()),
             ..config()
         },
-        model.clone(),
         engine.clone(),
-        tools(calls.clone()),
-    )
+        tools(calls.clone()),)
     .unwrap()
     .spawn_agent();
-    let r = agent.ask(Ask("What is 17 + 25?".into())).await.unwrap();
+    let r = agent.ask(Ask::new("What is 17 + 25?")).await.unwrap();
     assert_eq!(r.tool_runs.len(), 1, "{r:?}");
     let run = &r.tool_runs[0];
     assert_eq!(run.call.name, "add");
@@ -116,18 +113,13 @@ async fn failing_slow_and_panicking_tools_leave_the_agent_healthy() {
                 tool_timeout_secs: timeout,
                 ..config()
             },
-            model.clone(),
             engine.clone(),
-            tools(Arc::new(Mutex::new(Vec::new()))),
-        )
+            tools(Arc::new(Mutex::new(Vec::new()))),)
         .unwrap()
         .spawn_agent();
         for (tool, expect) in cases {
             let r = agent
-                .ask(AskWith::tool_choice(
-                    format!("Use the {tool} tool."),
-                    ToolChoice::Tool(tool.to_string()),
-                ))
+                .ask(Ask::new(format!("Use the {tool} tool.")).tool_choice(ToolChoice::Tool(tool.to_string())))
                 .await
                 .unwrap();
             assert_eq!(r.tool_runs.len(), 1);
@@ -140,7 +132,7 @@ async fn failing_slow_and_panicking_tools_leave_the_agent_healthy() {
         }
         // Still answering, without tools this time.
         let r = agent
-            .ask(AskWith::tool_choice("Say hello.", ToolChoice::None))
+            .ask(Ask::new("Say hello.").tool_choice(ToolChoice::None))
             .await
             .unwrap();
         assert!(r.tool_runs.is_empty());
@@ -156,10 +148,8 @@ async fn unknown_tools_are_refused_at_configuration() {
             tools: vec!["nope".into()],
             ..config()
         },
-        model.clone(),
         engine.clone(),
-        tools(Arc::new(Mutex::new(Vec::new()))),
-    )
+        tools(Arc::new(Mutex::new(Vec::new()))),)
     .unwrap_err();
     assert!(e.to_string().contains("unknown tool `nope`"), "{e}");
     let e = AgentActor::new(
@@ -167,10 +157,8 @@ async fn unknown_tools_are_refused_at_configuration() {
             tool_choice: ToolChoice::Tool("nope".into()),
             ..config()
         },
-        model,
         engine,
-        tools(Arc::new(Mutex::new(Vec::new()))),
-    )
+        tools(Arc::new(Mutex::new(Vec::new()))),)
     .unwrap_err();
     assert!(e.to_string().contains("unknown tool `nope`"), "{e}");
 }

@@ -11,23 +11,23 @@ use kameo::actor::ActorRef;
 use troupe::agent::{
     AgentActor, AgentConfig, Ask, ContextPolicy, Evict, Fork, GetAgentStats, History, Save,
 };
-use troupe::engine::{EngineConfig, GetStats, ModelActor};
+use troupe::engine::{Engine, EngineConfig, GetStats, ModelActor};
 use troupe::model::{Message, Model, Role, WeightsMode};
 
-fn setup(budget: usize, max_running: usize) -> (Arc<Model>, ActorRef<ModelActor>) {
+fn setup(budget: usize, max_running: usize) -> (Arc<Model>, Engine) {
     use kameo::actor::Spawn;
     let model = Arc::new(tiny(WeightsMode::Native));
     let cfg: EngineConfig = engine_config(256, max_running, budget);
-    let actor = ModelActor::spawn(ModelActor::new(model.clone(), cfg).unwrap());
+    let actor = Engine::serve(model.clone(), cfg).unwrap();
     (model, actor)
 }
 
 fn agent(
     model: &Arc<Model>,
-    engine: &ActorRef<ModelActor>,
+    engine: &Engine,
     cfg: AgentConfig,
 ) -> ActorRef<AgentActor> {
-    AgentActor::new(cfg, model.clone(), engine.clone(), vec![])
+    AgentActor::new(cfg, engine.clone(), vec![])
         .unwrap()
         .spawn_agent()
 }
@@ -48,10 +48,10 @@ async fn turns_compute_only_new_tokens_and_equal_recomputing() {
     let recompute = agent(&model, &engine, config());
     let mut prev_log_len = 0usize;
     for (k, q) in QUESTIONS.iter().enumerate() {
-        let r = cached.ask(Ask(q.to_string())).await.unwrap();
+        let r = cached.ask(Ask::new(*q)).await.unwrap();
         // The recomputing agent drops its cache before every turn.
-        recompute.tell(Evict).await.unwrap();
-        let full = recompute.ask(Ask(q.to_string())).await.unwrap();
+        recompute.tell(Evict::ANY).await.unwrap();
+        let full = recompute.ask(Ask::new(*q)).await.unwrap();
         assert_eq!(r.text, full.text, "turn {k}");
         // What the turn's prompt holds, tokenized whole, independently of the agent.
         let history = cached.ask(History).await.unwrap();
@@ -93,21 +93,21 @@ async fn fork_shares_the_state_without_recomputation_and_diverges() {
     let parent = agent(&model, &engine, config());
     let twin = agent(&model, &engine, config());
     for q in &QUESTIONS[..2] {
-        parent.ask(Ask(q.to_string())).await.unwrap();
-        twin.ask(Ask(q.to_string())).await.unwrap();
+        parent.ask(Ask::new(*q)).await.unwrap();
+        twin.ask(Ask::new(*q)).await.unwrap();
     }
-    let before = engine.ask(GetStats).await.unwrap().kv_live_bytes;
-    let child = parent.ask(Fork).await.unwrap();
+    let before = engine.stats().await.unwrap().kv_live_bytes;
+    let child = parent.ask(Fork::default()).await.unwrap();
     // Once the child has started, its copy of the cache is accounted as held.
     child.ask(GetAgentStats).await.unwrap();
-    let after = engine.ask(GetStats).await.unwrap().kv_live_bytes;
+    let after = engine.stats().await.unwrap().kv_live_bytes;
     assert!(
         after > before,
         "fork's cache accounted: {before} -> {after}"
     );
-    let c = child.ask(Ask("a different road".into())).await.unwrap();
-    let p = parent.ask(Ask("the same road".into())).await.unwrap();
-    let t = twin.ask(Ask("the same road".into())).await.unwrap();
+    let c = child.ask(Ask::new("a different road")).await.unwrap();
+    let p = parent.ask(Ask::new("the same road")).await.unwrap();
+    let t = twin.ask(Ask::new("the same road")).await.unwrap();
     // The child computed only its new message: the shared prefix came with the fork.
     assert!(c.usage.cached_tokens > 0);
     assert_eq!(c.usage.cached_tokens, p.usage.cached_tokens);
@@ -126,16 +126,16 @@ async fn save_and_load_continue_identically_and_corruption_is_named() {
     let (model, engine) = setup(usize::MAX, 8);
     let a = agent(&model, &engine, config());
     for q in &QUESTIONS[..3] {
-        a.ask(Ask(q.to_string())).await.unwrap();
+        a.ask(Ask::new(*q)).await.unwrap();
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("agent.safetensors");
     a.ask(Save(path.clone())).await.unwrap();
-    let loaded = AgentActor::load(&path, model.clone(), engine.clone(), vec![])
+    let loaded = AgentActor::load(&path, engine.clone(), vec![])
         .unwrap()
         .spawn_agent();
-    let x = a.ask(Ask("next".into())).await.unwrap();
-    let y = loaded.ask(Ask("next".into())).await.unwrap();
+    let x = a.ask(Ask::new("next")).await.unwrap();
+    let y = loaded.ask(Ask::new("next")).await.unwrap();
     assert_eq!(x.text, y.text);
     assert_eq!(
         x.usage.cached_tokens, y.usage.cached_tokens,
@@ -146,7 +146,7 @@ async fn save_and_load_continue_identically_and_corruption_is_named() {
     bytes.truncate(bytes.len() / 2);
     let bad = dir.path().join("bad.safetensors");
     std::fs::write(&bad, &bytes).unwrap();
-    let e = AgentActor::load(&bad, model.clone(), engine.clone(), vec![]).unwrap_err();
+    let e = AgentActor::load(&bad, engine.clone(), vec![]).unwrap_err();
     assert!(e.to_string().contains("corrupt"), "{e}");
     // A snapshot of another model is refused.
     let other_dir = tempfile::tempdir().unwrap();
@@ -160,7 +160,8 @@ async fn save_and_load_continue_identically_and_corruption_is_named() {
     )
     .unwrap();
     let other = Arc::new(Model::load(&other_path, Default::default()).unwrap());
-    let e = AgentActor::load(&path, other, engine.clone(), vec![]).unwrap_err();
+    let other = Engine::serve(other, EngineConfig::default()).unwrap();
+    let e = AgentActor::load(&path, other, vec![]).unwrap_err();
     assert!(e.to_string().contains("another model"), "{e}");
 }
 
@@ -181,14 +182,14 @@ async fn twenty_agents_under_a_small_budget_all_finish_identically() {
             for (i, a) in agents.iter().enumerate() {
                 let a = a.clone();
                 pending.push(tokio::spawn(async move {
-                    a.ask(Ask(format!("agent {i} turn {turn}"))).await.unwrap()
+                    a.ask(Ask::new(format!("agent {i} turn {turn}"))).await.unwrap()
                 }));
             }
             for (i, p) in pending.into_iter().enumerate() {
                 replies[i].push(p.await.unwrap());
             }
         }
-        let stats = engine.ask(GetStats).await.unwrap();
+        let stats = engine.stats().await.unwrap();
         let mut evictions = 0;
         for a in &agents {
             evictions += a.ask(GetAgentStats).await.unwrap().evictions;
@@ -221,16 +222,16 @@ async fn context_policies() {
     let long = "ab ".repeat(context / 6);
     // Error: a clear error naming the lengths, conversation untouched.
     let strict = agent(&model, &engine, config());
-    strict.ask(Ask("hi".into())).await.unwrap();
+    strict.ask(Ask::new("hi")).await.unwrap();
     let before = strict.ask(History).await.unwrap();
     let e = strict
-        .ask(Ask(format!("{long}{long}{long}{long}")))
+        .ask(Ask::new(format!("{long}{long}{long}{long}")))
         .await
         .unwrap_err();
     let msg = e.to_string();
     assert!(msg.contains("context of 512"), "{msg}");
     assert_eq!(strict.ask(History).await.unwrap(), before);
-    strict.ask(Ask("still here".into())).await.unwrap();
+    strict.ask(Ask::new("still here")).await.unwrap();
     // DropOldest: old turns go, the system prompt stays, the agent keeps working.
     let rolling = agent(
         &model,
@@ -241,7 +242,7 @@ async fn context_policies() {
         },
     );
     for i in 0..4 {
-        let r = rolling.ask(Ask(format!("{i} {long}"))).await.unwrap();
+        let r = rolling.ask(Ask::new(format!("{i} {long}"))).await.unwrap();
         assert!(r.usage.prompt_tokens + 6 <= context);
     }
     let h: Vec<Message> = rolling.ask(History).await.unwrap();
@@ -261,12 +262,7 @@ async fn streaming_yields_the_reply_token_by_token() {
     let turn = {
         let a = a.clone();
         tokio::spawn(async move {
-            a.ask(troupe::agent::AskStream {
-                text: "stream this".into(),
-                events: tx,
-                tool_choice: None,
-            })
-            .await
+            a.ask(Ask::new("stream this").events(tx)).await
         })
     };
     let mut streamed = String::new();
@@ -286,12 +282,12 @@ async fn streaming_yields_the_reply_token_by_token() {
 async fn a_stopped_model_actor_fails_asks_clearly() {
     let (model, engine) = setup(usize::MAX, 8);
     let a = agent(&model, &engine, config());
-    a.ask(Ask("hi".into())).await.unwrap();
-    engine.kill();
-    engine.wait_for_shutdown().await;
+    a.ask(Ask::new("hi")).await.unwrap();
+    engine.actor().kill();
+    engine.actor().wait_for_shutdown().await;
     let e = tokio::time::timeout(
         std::time::Duration::from_secs(10),
-        a.ask(Ask("still there?".into())),
+        a.ask(Ask::new("still there?")),
     )
     .await
     .expect("the ask must not hang")
@@ -306,14 +302,14 @@ async fn a_crashed_supervised_agent_restarts_from_its_last_completed_turn() {
     use kameo::actor::Spawn;
     let (model, engine) = setup(usize::MAX, 8);
     let supervisor = troupe::agent::AgentSupervisor::spawn(());
-    let a = AgentActor::new(config(), model.clone(), engine.clone(), vec![])
+    let a = AgentActor::new(config(), engine.clone(), vec![])
         .unwrap()
         .spawn_supervised(&supervisor)
         .await;
     let twin = agent(&model, &engine, config());
     for q in &QUESTIONS[..2] {
-        a.ask(Ask(q.to_string())).await.unwrap();
-        twin.ask(Ask(q.to_string())).await.unwrap();
+        a.ask(Ask::new(*q)).await.unwrap();
+        twin.ask(Ask::new(*q)).await.unwrap();
     }
     let before = a.ask(History).await.unwrap();
     a.kill();
@@ -333,7 +329,7 @@ async fn a_crashed_supervised_agent_restarts_from_its_last_completed_turn() {
     // kill landed: an ask bounced by the restart is retried the same way.
     let mut x = None;
     for _ in 0..200 {
-        match a.ask(Ask("after the crash".into())).await {
+        match a.ask(Ask::new("after the crash")).await {
             Ok(r) => {
                 x = Some(r);
                 break;
@@ -343,7 +339,7 @@ async fn a_crashed_supervised_agent_restarts_from_its_last_completed_turn() {
         }
     }
     let x = x.expect("the restarted agent answers");
-    let y = twin.ask(Ask("after the crash".into())).await.unwrap();
+    let y = twin.ask(Ask::new("after the crash")).await.unwrap();
     assert_eq!(x.text, y.text, "same state, same reply");
     assert_eq!(
         x.usage.cached_tokens, 0,

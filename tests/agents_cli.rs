@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 
 fn troupe(args: &[&str]) -> Output {
     // The default model, whatever TROUPE_MODEL the environment holds.
-    Command::new(env!("CARGO_BIN_EXE_troupe"))
+    Command::new(common::troupe_bin())
         .args(args)
         .env_remove("TROUPE_MODEL")
         .output()

@@ -46,10 +46,11 @@ fn default_model_f16_cache_equals_recompute() {
         .unwrap();
     let greedy = |dtype| {
         let mut c = m.new_cache(dtype);
-        let mut s = troupe::sampling::Sampler::new(Default::default()).unwrap();
-        m.generate(&mut c, &prompt, 32, &mut s, None, |_| Ok(()))
+        let s = troupe::sampling::Sampler::new(Default::default()).unwrap();
+        let seq = troupe::engine::Sequence::new(prompt.clone(), s, None, &[], 32, false);
+        troupe::engine::generate(&m, &mut c, seq, |_| {})
             .unwrap()
-            .0
+            .tokens
     };
     assert_eq!(greedy(troupe::KvDtype::F16), greedy(troupe::KvDtype::F32));
 }

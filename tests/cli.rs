@@ -8,7 +8,7 @@ use std::process::{Command, Output};
 use common::*;
 
 fn troupe(args: &[&str], envs: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_troupe"));
+    let mut cmd = Command::new(common::troupe_bin());
     cmd.args(args).env_remove("TROUPE_MODEL");
     for (k, v) in envs {
         cmd.env(k, v);
@@ -133,7 +133,7 @@ fn chat_reads_lines_and_reports_reuse() {
     use std::io::Write;
     use std::process::Stdio;
     let tiny = tiny_model_path();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_troupe"))
+    let mut child = Command::new(common::troupe_bin())
         .args([
             "chat",
             "--max-tokens",

@@ -15,7 +15,8 @@ use troupe::model::tiny::{write_tiny_model, TinyConfig};
 /// after two minutes (exit 124), so a hang fails the test instead of stalling it.
 fn troupe(args: &[&str], stdin: Option<&str>) -> Output {
     let mut cmd = Command::new("timeout");
-    cmd.args(["-k", "5", "120", env!("CARGO_BIN_EXE_troupe")])
+    cmd.args(["-k", "5", "120"])
+        .arg(common::troupe_bin())
         .args(args)
         .env_remove("TROUPE_MODEL")
         .env_remove("TROUPE_BACKTRACE")
@@ -388,7 +389,7 @@ fn library_errors_print_their_chain_without_a_backtrace() {
     );
     fails_with("missing model", &o, "model file not found");
     // Asked for, the backtrace is there.
-    let o = Command::new(env!("CARGO_BIN_EXE_troupe"))
+    let o = Command::new(common::troupe_bin())
         .args(["model", "info", "--model", "/nonexistent/model.gguf"])
         .env("TROUPE_BACKTRACE", "1")
         .output()

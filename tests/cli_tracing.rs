@@ -9,7 +9,7 @@ use std::process::{Command, Output};
 use common::*;
 
 fn troupe(args: &[&str], envs: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_troupe"));
+    let mut cmd = Command::new(common::troupe_bin());
     cmd.args(args)
         .env_remove("TROUPE_MODEL")
         .env_remove("RUST_LOG");

@@ -34,7 +34,7 @@ async fn a_panicking_forward_fails_only_its_sequence() {
     // Each of the 7 good requests alone, on an engine with the same hook.
     let model = tiny(WeightsMode::Native);
     let alone_reqs: Vec<Generate> = (0..7).map(|i| request(&model, i)).collect();
-    let single = actor(model, hooked(1, hooks));
+    let single = actor(model, hooked(1, hooks.clone()));
     let mut alone = Vec::new();
     for (i, r) in alone_reqs.into_iter().enumerate() {
         let d = single.ask(r).await.unwrap().finish().await;

@@ -16,12 +16,12 @@ fn answer(mode: WeightsMode) -> Vec<u32> {
         .render(&[Message::user("What is the capital of France?")], true)
         .unwrap();
     let ids = model.tokenizer().encode_prompt(&prompt).unwrap();
-    let mut sampler = Sampler::new(SamplingParams::default()).unwrap();
+    let sampler = Sampler::new(SamplingParams::default()).unwrap();
     let mut c = cache(&model);
-    model
-        .generate(&mut c, &ids, 24, &mut sampler, None, |_| Ok(()))
+    let seq = troupe::engine::Sequence::new(ids, sampler, None, &[], 24, false);
+    troupe::engine::generate(&model, &mut c, seq, |_| {})
         .unwrap()
-        .0
+        .tokens
 }
 
 #[test]

@@ -119,7 +119,7 @@ fn load_and_use(path: &Path) -> Result<(), String> {
             cache: &mut c,
         }]);
     }
-    m.grammar_compiler().map_err(|e| e.to_string())?;
+    troupe::grammar::GrammarCompiler::new(m.tokenizer()).map_err(|e| e.to_string())?;
     Ok(())
 }
 
@@ -253,7 +253,7 @@ fn the_cli_reports_a_malformed_gguf_without_panicking() {
     let mut failures = Vec::new();
     for (i, m) in chosen.iter().enumerate() {
         let p = write(dir.path(), i, m);
-        let out = Command::new(env!("CARGO_BIN_EXE_troupe"))
+        let out = Command::new(common::troupe_bin())
             .args(["model", "info", "--model"])
             .arg(&p)
             .env("RUST_BACKTRACE", "1")

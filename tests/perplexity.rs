@@ -76,7 +76,7 @@ fn chunked_scores_equal_a_direct_sum_of_log_probabilities() {
 
 #[test]
 fn the_command_prints_one_row_per_mode() {
-    let out = Command::new(env!("CARGO_BIN_EXE_troupe"))
+    let out = Command::new(common::troupe_bin())
         .args(["--model", tiny_model_path().to_str().unwrap()])
         .args(["bench", "perplexity", text_path().to_str().unwrap()])
         .args([

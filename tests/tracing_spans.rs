@@ -15,6 +15,7 @@ use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
+use troupe::engine::Engine;
 use troupe::agent::{tool_fn, AgentActor, AgentConfig, Ask, ToolChoice};
 use troupe::engine::ModelActor;
 use troupe::model::WeightsMode;
@@ -100,9 +101,7 @@ async fn a_conversation_traces_as_turns_model_calls_admissions_and_steps() {
     tracing::subscriber::set_global_default(subscriber).unwrap();
 
     let model = Arc::new(real(WeightsMode::Auto));
-    let engine = ModelActor::spawn(
-        ModelActor::new(model.clone(), engine_config(256, 8, usize::MAX)).unwrap(),
-    );
+    let engine = Engine::serve(model.clone(), engine_config(256, 8, usize::MAX)).unwrap();
     let add = tool_fn("add", "Adds two integers.", |a: AddArgs| async move {
         Ok(format!("{}", a.a + a.b))
     });
@@ -112,21 +111,16 @@ async fn a_conversation_traces_as_turns_model_calls_admissions_and_steps() {
             max_tool_steps: 1,
             ..AgentConfig::new("calc", "You are a calculator. Use the tools.")
         },
-        model,
         engine,
-        vec![add],
-    )
+        vec![add],)
     .unwrap()
     .spawn_agent();
     let first = agent
-        .ask(troupe::agent::AskWith::tool_choice(
-            "What is 17 + 25?",
-            ToolChoice::Tool("add".into()),
-        ))
+        .ask(troupe::agent::Ask::new("What is 17 + 25?").tool_choice(ToolChoice::Tool("add".into())))
         .await
         .unwrap();
     assert_eq!(first.tool_runs.len(), 1, "{first:?}");
-    let second = agent.ask(Ask("And 2 + 2?".into())).await.unwrap();
+    let second = agent.ask(Ask::new("And 2 + 2?")).await.unwrap();
     drop(agent);
 
     let log = log.lock().unwrap();

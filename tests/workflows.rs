@@ -9,26 +9,24 @@ use std::sync::Arc;
 use common::*;
 use kameo::actor::{ActorRef, Spawn};
 use troupe::agent::{AgentActor, AgentConfig, History, ToolChoice};
-use troupe::engine::{GetStats, ModelActor};
+use troupe::engine::{Engine, GetStats, ModelActor};
 use troupe::model::{Model, Role, WeightsMode};
 use troupe::workflow::*;
 
-fn setup() -> (Arc<Model>, ActorRef<ModelActor>) {
+fn setup() -> (Arc<Model>, Engine) {
     let model = Arc::new(tiny(WeightsMode::Native));
-    let engine = ModelActor::spawn(
-        ModelActor::new(model.clone(), engine_config(256, 16, usize::MAX)).unwrap(),
-    );
+    let engine = Engine::serve(model.clone(), engine_config(256, 16, usize::MAX)).unwrap();
     (model, engine)
 }
 
-fn named(model: &Arc<Model>, engine: &ActorRef<ModelActor>, name: &str) -> Named {
+fn named(model: &Arc<Model>, engine: &Engine, name: &str) -> Named {
     let cfg = AgentConfig {
         max_tokens: 5,
         ..AgentConfig::new(name, format!("You are {name}."))
     };
     Named::new(
         name,
-        AgentActor::new(cfg, model.clone(), engine.clone(), vec![])
+        AgentActor::new(cfg, engine.clone(), vec![])
             .unwrap()
             .spawn_agent(),
     )
@@ -86,7 +84,7 @@ async fn fan_out_batches_and_gather_sees_every_answer() {
         answers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
         ["w0", "w1", "w2", "w3", "w4", "w5"]
     );
-    let stats = e.ask(GetStats).await.unwrap();
+    let stats = e.stats().await.unwrap();
     assert!(
         stats.max_batch() >= 6,
         "the six requests shared steps: {stats:?}"
@@ -204,7 +202,7 @@ async fn an_agent_can_be_another_agents_tool() {
     // The default model: the tool prompt and a call fit its context comfortably.
     let m = Arc::new(real(WeightsMode::Native));
     let e =
-        ModelActor::spawn(ModelActor::new(m.clone(), engine_config(256, 16, usize::MAX)).unwrap());
+        Engine::serve(m.clone(), engine_config(256, 16, usize::MAX)).unwrap();
     let helper = named(&m, &e, "helper");
     let cfg = AgentConfig {
         max_tokens: 120,
@@ -214,17 +212,15 @@ async fn an_agent_can_be_another_agents_tool() {
     };
     let boss = AgentActor::new(
         cfg,
-        m.clone(),
         e.clone(),
         vec![agent_tool(
             "helper",
             "Asks the helper.",
             helper.agent.clone(),
-        )],
-    )
+        )],)
     .unwrap()
     .spawn_agent();
-    let r = boss.ask(troupe::agent::Ask("do it".into())).await.unwrap();
+    let r = boss.ask(troupe::agent::Ask::new("do it")).await.unwrap();
     assert_eq!(r.tool_runs.len(), 1);
     let run = &r.tool_runs[0];
     assert!(!run.failed, "{run:?}");
@@ -248,12 +244,12 @@ async fn fork_explore_keeps_the_best_and_reuses_the_prefix() {
     };
     let base = Named::new(
         "base",
-        AgentActor::new(cfg, m.clone(), e.clone(), vec![])
+        AgentActor::new(cfg, e.clone(), vec![])
             .unwrap()
             .spawn_agent(),
     );
     base.agent
-        .ask(troupe::agent::Ask("some shared context".into()))
+        .ask(troupe::agent::Ask::new("some shared context"))
         .await
         .unwrap();
     let scored = std::sync::Mutex::new(Vec::new());

@@ -75,14 +75,31 @@ pub fn cache(model: &Model) -> KvCache {
     model.new_cache(KvDtype::F32)
 }
 
+/// Starts an engine over `model` with `config`.
+pub fn engine(model: Model, config: troupe::engine::EngineConfig) -> troupe::engine::Engine {
+    troupe::engine::Engine::serve(std::sync::Arc::new(model), config).expect("engine")
+}
+
 /// Spawns a model actor over `model` with `config`.
 pub fn actor(
     model: Model,
     config: troupe::engine::EngineConfig,
 ) -> kameo::actor::ActorRef<troupe::engine::ModelActor> {
-    use kameo::actor::Spawn;
-    let a = troupe::engine::ModelActor::new(std::sync::Arc::new(model), config).expect("engine");
-    troupe::engine::ModelActor::spawn(a)
+    engine(model, config).actor().clone()
+}
+
+/// The `troupe` binary (built by `cargo test --workspace`, for the CLI package's own
+/// tests), next to this test executable's directory.
+pub fn troupe_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let bin = dir.join(format!("troupe{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "the CLI tests need the troupe binary at {}: run `cargo test --workspace` or `cargo build -p troupe-cli`",
+        bin.display()
+    );
+    bin
 }
 
 /// Indices of the five largest values.

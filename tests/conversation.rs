@@ -1,0 +1,71 @@
+//! A conversation's turn costs the same whatever its history: the prompt of the new
+//! messages comes from a rendered window, not from the whole conversation, and it is
+//! exactly what rendering the whole conversation would add.
+
+mod common;
+
+use std::time::Instant;
+
+use common::*;
+use troupe::agent::{Conversation, SyncWork};
+use troupe::model::{Message, WeightsMode};
+
+/// Runs `turns` turns of a conversation without a model call: each turn a user
+/// message of the same length, then a reply of the same length (its tokens as the
+/// model would have produced them, end token included). Returns each turn's sync work
+/// and time.
+fn drive(turns: usize) -> (Conversation, Vec<(SyncWork, f64)>) {
+    let model = tiny(WeightsMode::Native);
+    let tok = model.tokenizer();
+    let end = tok.token_id("<|im_end|>").expect("end token");
+    let mut conv = Conversation::new(vec![Message::system("You answer briefly.")]);
+    let mut work = Vec::new();
+    for t in 0..turns {
+        conv.push(Message::user(format!("Question number {t:03}?")));
+        let mut undo = conv.undo_point();
+        let start = Instant::now();
+        let w = conv.sync(&model, &mut undo).unwrap();
+        work.push((w, start.elapsed().as_secs_f64() * 1e6));
+        let text = format!("Answer number {t:03}.");
+        let mut reply = tok.encode(&text).unwrap();
+        reply.push(end);
+        conv.record_reply(&model, &reply, text).unwrap();
+    }
+    // The log is what rendering and tokenizing the whole conversation gives.
+    let full = model
+        .chat_template()
+        .render(conv.messages(), false)
+        .unwrap();
+    let mut expected = tok.encode_prompt(&full).unwrap();
+    // The rendering closes the last reply with a newline the log does not hold yet
+    // (it comes with the next prompt).
+    let log = conv.log().to_vec();
+    assert_eq!(&expected[..log.len()], &log[..], "log differs from the full rendering");
+    expected.truncate(log.len());
+    (conv, work)
+}
+
+#[test]
+fn turn_forty_costs_what_turn_two_costs() {
+    let (conv, work) = drive(40);
+    assert_eq!(conv.messages().len(), 1 + 2 * 40);
+    // The first turn renders the whole (short) conversation; every later one a window.
+    assert!(!work[0].0.windowed);
+    for (i, (w, _)) in work.iter().enumerate().skip(1) {
+        assert!(w.windowed, "turn {}: {w:?}", i + 1);
+        assert!(!w.mismatch);
+        assert_eq!(
+            (w.rendered_bytes, w.tokenized_bytes, w.appended_tokens),
+            (work[1].0.rendered_bytes, work[1].0.tokenized_bytes, work[1].0.appended_tokens),
+            "turn {} did more work than turn 2",
+            i + 1
+        );
+    }
+    let us = |i: usize| work[i].1;
+    eprintln!(
+        "sync time: turn 2 {:.0} µs, turn 40 {:.0} µs (rendered {} bytes each)",
+        us(1),
+        us(39),
+        work[1].0.rendered_bytes
+    );
+}
