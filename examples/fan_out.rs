@@ -3,7 +3,7 @@
 //!
 //! Run: `cargo run --release --example fan_out`.
 
-use troupe::agent::{AgentConfig};
+use troupe::agent::AgentConfig;
 use troupe::engine::{Engine, EngineConfig};
 use troupe::model::{fetch, LoadOptions};
 use troupe::workflow::{fan_out, gather, Named};

@@ -3,7 +3,7 @@
 //!
 //! Run: `cargo run --release --example group_chat`.
 
-use troupe::agent::{AgentConfig};
+use troupe::agent::AgentConfig;
 use troupe::engine::{Engine, EngineConfig};
 use troupe::model::{fetch, LoadOptions};
 use troupe::workflow::{group_chat, GroupChat, Named, Speaker, Termination};

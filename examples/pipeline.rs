@@ -3,7 +3,7 @@
 //!
 //! Run: `cargo run --release --example pipeline`.
 
-use troupe::agent::{AgentConfig};
+use troupe::agent::AgentConfig;
 use troupe::engine::{Engine, EngineConfig};
 use troupe::model::{fetch, LoadOptions};
 use troupe::workflow::{pipeline, Named, WorkflowEvent};

@@ -3,7 +3,7 @@
 //!
 //! Run: `cargo run --release --example router`.
 
-use troupe::agent::{AgentConfig};
+use troupe::agent::AgentConfig;
 use troupe::engine::{Engine, EngineConfig};
 use troupe::model::{fetch, LoadOptions};
 use troupe::workflow::{route, Named};
@@ -17,10 +17,7 @@ async fn main() -> anyhow::Result<()> {
     // Two ready-made agents and a plain one.
     let ready = |name: &str| -> anyhow::Result<Named> {
         let agent = ReadyMade::build(name, &Options::default())?;
-        Ok(Named::new(
-            name,
-            agent.spawn(&engine)?,
-        ))
+        Ok(Named::new(name, agent.spawn(&engine)?))
     };
     let plain = |name: &str, prompt: &str| -> anyhow::Result<Named> {
         let config = AgentConfig {

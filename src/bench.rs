@@ -40,4 +40,3 @@ pub(crate) fn decode_step_times(
 }
 
 pub use crate::stats::{median, percentiles, Quantiles};
-

@@ -29,8 +29,8 @@ pub use scheduler::{HolderId, Scheduler, SchedulerConfig, SeqId, StepPlan};
 pub use sequence::{generate, Generated, Sequence};
 
 use crate::kv::KvDtype;
-pub use crate::sampling::TokenConstraint;
 use crate::sampling::SamplingParams;
+pub use crate::sampling::TokenConstraint;
 use crate::Error;
 
 /// Settings of one model actor's engine.
@@ -135,7 +135,9 @@ impl Generate {
 
     /// Tokens of context the request starts from (its cache's, or the park's).
     pub fn cached_len(&self) -> usize {
-        self.resume.as_ref().map_or(self.cache.len(), |r| r.parked.len())
+        self.resume
+            .as_ref()
+            .map_or(self.cache.len(), |r| r.parked.len())
     }
 }
 

@@ -14,8 +14,8 @@ use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
 use toktrie::{InferenceCapabilities, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 
-use crate::sampling::TokenConstraint;
 use crate::model::Tokenizer;
+use crate::sampling::TokenConstraint;
 use crate::{Error, Result};
 
 /// What an output must look like.

@@ -438,13 +438,9 @@ mod tests {
     fn nan_logits_fail_the_step() {
         let mut s = sampler(SamplingParams::greedy());
         let mut out = Vec::new();
-        let e = sample_step::<dyn TokenConstraint>(
-            &mut [0.5, f32::NAN, 1.0],
-            &mut s,
-            None,
-            &mut out,
-        )
-        .unwrap_err();
+        let e =
+            sample_step::<dyn TokenConstraint>(&mut [0.5, f32::NAN, 1.0], &mut s, None, &mut out)
+                .unwrap_err();
         assert!(matches!(e, Error::NanLogits { index: 1 }), "{e}");
         assert!(out.is_empty());
     }

@@ -69,7 +69,11 @@ mod tests {
     use super::*;
 
     fn check(samples: &[f64], p: f64, expected: f64) {
-        assert_eq!(percentiles(samples, &[p])[0], expected, "p{p} of {samples:?}");
+        assert_eq!(
+            percentiles(samples, &[p])[0],
+            expected,
+            "p{p} of {samples:?}"
+        );
     }
 
     #[test]

@@ -12,11 +12,10 @@ use std::sync::{Arc, OnceLock};
 use common::*;
 use kameo::actor::{ActorRef, Spawn};
 use proptest::prelude::*;
-use troupe::engine::Engine;
 use troupe::agent::{
-    tool_fn, AgentActor, AgentConfig, Ask, ContextPolicy, History, TokenLog, Tool,
-    ToolChoice,
+    tool_fn, AgentActor, AgentConfig, Ask, ContextPolicy, History, TokenLog, Tool, ToolChoice,
 };
+use troupe::engine::Engine;
 use troupe::engine::ModelActor;
 use troupe::model::tiny::{write_tiny_model, TinyConfig};
 use troupe::model::{LoadOptions, Model, Role, WeightsMode};
@@ -298,12 +297,7 @@ struct Long {
     text: String,
 }
 
-async fn run_steps(
-    model: Arc<Model>,
-    e: Engine,
-    policy: ContextPolicy,
-    steps: Vec<Step>,
-) {
+async fn run_steps(model: Arc<Model>, e: Engine, policy: ContextPolicy, steps: Vec<Step>) {
     let tools: Vec<Arc<dyn Tool>> = vec![
         tool_fn("long", "Takes a long text.", |_: Long| async {
             Ok(String::new())
@@ -338,23 +332,23 @@ async fn run_steps(
             }
             Step::Medium => {
                 a.ask(Ask::new("ab ".repeat(context / 6)).tool_choice(ToolChoice::None))
-                .await
+                    .await
             }
             Step::TooLong => {
                 a.ask(Ask::new("ab ".repeat(context)).tool_choice(ToolChoice::Auto))
-                .await
+                    .await
             }
             Step::Cut => {
                 a.ask(Ask::new("long").tool_choice(ToolChoice::Tool("long".into())))
-                .await
+                    .await
             }
             Step::ToolError => {
                 a.ask(Ask::new("fail").tool_choice(ToolChoice::Tool("fail".into())))
-                .await
+                    .await
             }
             Step::ToolTimeout => {
                 a.ask(Ask::new("hang").tool_choice(ToolChoice::Tool("hang".into())))
-                .await
+                    .await
             }
         };
         let now = state(&a).await;

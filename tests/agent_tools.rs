@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use kameo::actor::{ActorRef, Spawn};
-use troupe::engine::Engine;
 use troupe::agent::{tool_fn, AgentActor, AgentConfig, Ask, History, Tool, ToolChoice};
+use troupe::engine::Engine;
 use troupe::engine::ModelActor;
 use troupe::model::{Model, Role, WeightsMode};
 
@@ -73,7 +73,8 @@ async fn a_required_tool_call_runs_and_its_result_reaches_the_model() {
             ..config()
         },
         engine.clone(),
-        tools(calls.clone()),)
+        tools(calls.clone()),
+    )
     .unwrap()
     .spawn_agent();
     let r = agent.ask(Ask::new("What is 17 + 25?")).await.unwrap();
@@ -114,12 +115,16 @@ async fn failing_slow_and_panicking_tools_leave_the_agent_healthy() {
                 ..config()
             },
             engine.clone(),
-            tools(Arc::new(Mutex::new(Vec::new()))),)
+            tools(Arc::new(Mutex::new(Vec::new()))),
+        )
         .unwrap()
         .spawn_agent();
         for (tool, expect) in cases {
             let r = agent
-                .ask(Ask::new(format!("Use the {tool} tool.")).tool_choice(ToolChoice::Tool(tool.to_string())))
+                .ask(
+                    Ask::new(format!("Use the {tool} tool."))
+                        .tool_choice(ToolChoice::Tool(tool.to_string())),
+                )
                 .await
                 .unwrap();
             assert_eq!(r.tool_runs.len(), 1);
@@ -149,7 +154,8 @@ async fn unknown_tools_are_refused_at_configuration() {
             ..config()
         },
         engine.clone(),
-        tools(Arc::new(Mutex::new(Vec::new()))),)
+        tools(Arc::new(Mutex::new(Vec::new()))),
+    )
     .unwrap_err();
     assert!(e.to_string().contains("unknown tool `nope`"), "{e}");
     let e = AgentActor::new(
@@ -158,7 +164,8 @@ async fn unknown_tools_are_refused_at_configuration() {
             ..config()
         },
         engine,
-        tools(Arc::new(Mutex::new(Vec::new()))),)
+        tools(Arc::new(Mutex::new(Vec::new()))),
+    )
     .unwrap_err();
     assert!(e.to_string().contains("unknown tool `nope`"), "{e}");
 }

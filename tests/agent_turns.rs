@@ -22,11 +22,7 @@ fn setup(budget: usize, max_running: usize) -> (Arc<Model>, Engine) {
     (model, actor)
 }
 
-fn agent(
-    model: &Arc<Model>,
-    engine: &Engine,
-    cfg: AgentConfig,
-) -> ActorRef<AgentActor> {
+fn agent(model: &Arc<Model>, engine: &Engine, cfg: AgentConfig) -> ActorRef<AgentActor> {
     AgentActor::new(cfg, engine.clone(), vec![])
         .unwrap()
         .spawn_agent()
@@ -182,7 +178,9 @@ async fn twenty_agents_under_a_small_budget_all_finish_identically() {
             for (i, a) in agents.iter().enumerate() {
                 let a = a.clone();
                 pending.push(tokio::spawn(async move {
-                    a.ask(Ask::new(format!("agent {i} turn {turn}"))).await.unwrap()
+                    a.ask(Ask::new(format!("agent {i} turn {turn}")))
+                        .await
+                        .unwrap()
                 }));
             }
             for (i, p) in pending.into_iter().enumerate() {
@@ -261,9 +259,7 @@ async fn streaming_yields_the_reply_token_by_token() {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let turn = {
         let a = a.clone();
-        tokio::spawn(async move {
-            a.ask(Ask::new("stream this").events(tx)).await
-        })
+        tokio::spawn(async move { a.ask(Ask::new("stream this").events(tx)).await })
     };
     let mut streamed = String::new();
     let mut pieces = 0;

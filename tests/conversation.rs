@@ -40,7 +40,11 @@ fn drive(turns: usize) -> (Conversation, Vec<(SyncWork, f64)>) {
     // The rendering closes the last reply with a newline the log does not hold yet
     // (it comes with the next prompt).
     let log = conv.log().to_vec();
-    assert_eq!(&expected[..log.len()], &log[..], "log differs from the full rendering");
+    assert_eq!(
+        &expected[..log.len()],
+        &log[..],
+        "log differs from the full rendering"
+    );
     expected.truncate(log.len());
     (conv, work)
 }
@@ -56,7 +60,11 @@ fn turn_forty_costs_what_turn_two_costs() {
         assert!(!w.mismatch);
         assert_eq!(
             (w.rendered_bytes, w.tokenized_bytes, w.appended_tokens),
-            (work[1].0.rendered_bytes, work[1].0.tokenized_bytes, work[1].0.appended_tokens),
+            (
+                work[1].0.rendered_bytes,
+                work[1].0.tokenized_bytes,
+                work[1].0.appended_tokens
+            ),
             "turn {} did more work than turn 2",
             i + 1
         );

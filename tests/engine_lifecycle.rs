@@ -23,7 +23,7 @@ async fn in_flight_request_fails_with_its_cache(stop: bool) {
     let prompt = tokens(24, 7, 3, model.config().vocab_size as u32);
     let mut pre = cache(&model);
     feed(&model, &mut pre, &prompt[..10]);
-    let before = pre.clone();
+    let before = pre.fork();
     let gate = StepGate::held();
     let mut config = engine_config(256, 8, usize::MAX);
     config.test_hooks = TestHooks {
@@ -31,7 +31,6 @@ async fn in_flight_request_fails_with_its_cache(stop: bool) {
         ..Default::default()
     };
     let engine = engine(model, config);
-    assert_eq!(engine_threads(), 1);
     let mut g = Generate::new(pre, prompt[10..].to_vec(), 200);
     g.ignore_eos = true;
     let mut stream = engine.generate(g).await.unwrap();
@@ -42,6 +41,8 @@ async fn in_flight_request_fails_with_its_cache(stop: bool) {
         move || gate.wait_blocked(std::time::Duration::from_secs(30))
     });
     assert!(blocked.await.unwrap());
+    // Waiting at the gate: the thread is running (and has named itself).
+    assert_eq!(engine_threads(), 1);
     if stop {
         let stopping = tokio::spawn({
             let engine = engine.clone();
@@ -52,7 +53,12 @@ async fn in_flight_request_fails_with_its_cache(stop: bool) {
         gate.open();
         stopping.await.unwrap();
         // `stop` returns once the thread is joined.
-        assert_eq!(engine_threads(), 0);
+        assert_eq!(
+            engine_threads(),
+            0,
+            "engine threads after stop (gate passed {})",
+            gate.passed()
+        );
     } else {
         drop(engine);
         gate.open();

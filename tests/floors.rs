@@ -36,7 +36,12 @@ fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
 /// The top-level module a file of `src/` belongs to.
 fn module_of(src: &Path, file: &Path) -> String {
     let rel = file.strip_prefix(src).unwrap();
-    let first = rel.components().next().unwrap().as_os_str().to_string_lossy();
+    let first = rel
+        .components()
+        .next()
+        .unwrap()
+        .as_os_str()
+        .to_string_lossy();
     first.trim_end_matches(".rs").to_string()
 }
 
@@ -104,7 +109,11 @@ fn no_module_imports_a_higher_floor_and_none_import_each_other() {
     for (from, tos) in &edges {
         for to in tos {
             if floors[to.as_str()] > floors[from.as_str()] {
-                wrong.push(format!("{from} (floor {}) imports {to} (floor {})", floors[from.as_str()], floors[to.as_str()]));
+                wrong.push(format!(
+                    "{from} (floor {}) imports {to} (floor {})",
+                    floors[from.as_str()],
+                    floors[to.as_str()]
+                ));
             }
             if edges.get(to).is_some_and(|back| back.contains(from)) && from < to {
                 wrong.push(format!("{from} and {to} import each other"));

@@ -15,8 +15,8 @@ use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
-use troupe::engine::Engine;
 use troupe::agent::{tool_fn, AgentActor, AgentConfig, Ask, ToolChoice};
+use troupe::engine::Engine;
 use troupe::engine::ModelActor;
 use troupe::model::WeightsMode;
 
@@ -112,11 +112,14 @@ async fn a_conversation_traces_as_turns_model_calls_admissions_and_steps() {
             ..AgentConfig::new("calc", "You are a calculator. Use the tools.")
         },
         engine,
-        vec![add],)
+        vec![add],
+    )
     .unwrap()
     .spawn_agent();
     let first = agent
-        .ask(troupe::agent::Ask::new("What is 17 + 25?").tool_choice(ToolChoice::Tool("add".into())))
+        .ask(
+            troupe::agent::Ask::new("What is 17 + 25?").tool_choice(ToolChoice::Tool("add".into())),
+        )
         .await
         .unwrap();
     assert_eq!(first.tool_runs.len(), 1, "{first:?}");

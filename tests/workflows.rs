@@ -201,8 +201,7 @@ async fn group_chats_stop_on_their_conditions() {
 async fn an_agent_can_be_another_agents_tool() {
     // The default model: the tool prompt and a call fit its context comfortably.
     let m = Arc::new(real(WeightsMode::Native));
-    let e =
-        Engine::serve(m.clone(), engine_config(256, 16, usize::MAX)).unwrap();
+    let e = Engine::serve(m.clone(), engine_config(256, 16, usize::MAX)).unwrap();
     let helper = named(&m, &e, "helper");
     let cfg = AgentConfig {
         max_tokens: 120,
@@ -217,7 +216,8 @@ async fn an_agent_can_be_another_agents_tool() {
             "helper",
             "Asks the helper.",
             helper.agent.clone(),
-        )],)
+        )],
+    )
     .unwrap()
     .spawn_agent();
     let r = boss.ask(troupe::agent::Ask::new("do it")).await.unwrap();

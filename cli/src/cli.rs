@@ -34,7 +34,9 @@ pub(crate) const KV_DTYPES: &[&str] = &["f16", "f32"];
 
 /// A clap value parser for a library enum, by its serde name: the library knows
 /// nothing of clap, and `--help` still lists the choices.
-pub(crate) fn named<T>(names: &'static [&'static str]) -> impl clap::builder::TypedValueParser<Value = T>
+pub(crate) fn named<T>(
+    names: &'static [&'static str],
+) -> impl clap::builder::TypedValueParser<Value = T>
 where
     T: serde::de::DeserializeOwned + Clone + Send + Sync + 'static,
 {

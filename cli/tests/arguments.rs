@@ -19,7 +19,9 @@ fn help_lists_every_command() {
     let out = troupe(&["--help"]);
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["model", "tokenize", "generate", "chat", "run", "workflow", "loadtest", "bench"] {
+    for cmd in [
+        "model", "tokenize", "generate", "chat", "run", "workflow", "loadtest", "bench",
+    ] {
         assert!(help.contains(cmd), "`{cmd}` missing from:\n{help}");
     }
 }
@@ -28,7 +30,11 @@ fn help_lists_every_command() {
 fn enum_options_take_the_library_names_and_refuse_others() {
     for w in ["auto", "native", "f32", "q8_0", "bf16", "exact"] {
         let out = troupe(&["--weights", w, "model", "path"]);
-        assert!(out.status.success(), "--weights {w}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "--weights {w}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     for k in ["f16", "f32"] {
         let out = troupe(&["--kv-dtype", k, "model", "path"]);

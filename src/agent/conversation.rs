@@ -227,7 +227,11 @@ impl Conversation {
     /// The windowed sync; `None` when the window cannot be trusted.
     fn sync_window(&mut self, model: &Model) -> Result<Option<SyncWork>> {
         let template = model.chat_template();
-        let head = usize::from(self.messages.first().is_some_and(|m| m.role == Role::System));
+        let head = usize::from(
+            self.messages
+                .first()
+                .is_some_and(|m| m.role == Role::System),
+        );
         let start = (self.synced - 1).max(head);
         if start >= self.synced {
             return Ok(None);

@@ -115,8 +115,7 @@ pub(super) fn save(
                 .map_err(|e| write_err(path, format!("tensor {n}: {e}")))
         })
         .collect::<Result<Vec<_>>>()?;
-    let bytes = safetensors::serialize(views, Some(meta))
-        .map_err(|e| write_err(path, e))?;
+    let bytes = safetensors::serialize(views, Some(meta)).map_err(|e| write_err(path, e))?;
     write_durably(path, &bytes)
 }
 
@@ -165,7 +164,7 @@ pub(super) fn load(path: &Path, model: &Model) -> Result<(Snapshot, Option<KvCac
         return Err(Error::Snapshot {
             path: path.to_path_buf(),
             what: format!(
-            "made with another model ({:?}), not the loaded one ({:?})",
+                "made with another model ({:?}), not the loaded one ({:?})",
                 header.model, here
             ),
         });

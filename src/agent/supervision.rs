@@ -49,11 +49,8 @@ impl AgentActor {
             log: self.conv.log().to_vec(),
         }));
         self.checkpoint = Some(checkpoint.clone());
-        let (config, engine, tools) = (
-            self.config.clone(),
-            self.engine.clone(),
-            self.tools.clone(),
-        );
+        let (config, engine, tools) =
+            (self.config.clone(), self.engine.clone(), self.tools.clone());
         // The first incarnation is this agent (with its cache); later ones are rebuilt
         // from the checkpoint.
         let first = Mutex::new(Some(self));

@@ -260,8 +260,10 @@ pub fn reply_grammar(
         ToolChoice::None => Vec::new(),
         ToolChoice::Auto | ToolChoice::Required => tools.iter().collect(),
         ToolChoice::Tool(name) => {
-            let t = tools.iter().find(|t| t.name() == name).ok_or_else(|| {
-                Error::UnknownTool {
+            let t = tools
+                .iter()
+                .find(|t| t.name() == name)
+                .ok_or_else(|| Error::UnknownTool {
                     owner: "tool_choice".into(),
                     tool: name.clone(),
                     known: tools
@@ -269,8 +271,7 @@ pub fn reply_grammar(
                         .map(|t| t.name())
                         .collect::<Vec<_>>()
                         .join(", "),
-                }
-            })?;
+                })?;
             vec![t]
         }
     };

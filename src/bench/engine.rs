@@ -134,11 +134,7 @@ impl EngineBench {
         })
     }
 
-    fn spawn(
-        &self,
-        model: &Arc<Model>,
-        max_running: usize,
-    ) -> Result<Engine> {
+    fn spawn(&self, model: &Arc<Model>, max_running: usize) -> Result<Engine> {
         let cfg = EngineConfig {
             scheduler: SchedulerConfig {
                 max_step_tokens: 512,
@@ -215,12 +211,9 @@ impl EngineBench {
         }
         let mut traces = Vec::new();
         for t in tasks {
-            traces.push(
-                t.await
-                    .map_err(|e| Error::Report {
-                        what: format!("bench task: {e}"),
-                    })??,
-            );
+            traces.push(t.await.map_err(|e| Error::Report {
+                what: format!("bench task: {e}"),
+            })??);
         }
         let wall = start.elapsed().as_secs_f64();
         let ttft: Vec<f64> = traces.iter().map(|t| t.ttft * 1e3).collect();

@@ -5,11 +5,11 @@
 
 use std::time::Instant;
 
-use crate::sampling::TokenConstraint;
 use crate::grammar::Grammar;
 use crate::kv::{KvCache, KvDtype};
 use crate::model::profile::{self, PhaseTimes};
 use crate::model::{Model, SeqInput};
+use crate::sampling::TokenConstraint;
 use crate::sampling::{argmax, Sampler, SamplingParams};
 use crate::Result;
 

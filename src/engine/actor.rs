@@ -179,7 +179,10 @@ impl ModelActor {
                 })
             }
         };
-        let dtype = g.resume.as_ref().map_or(g.cache.dtype(), |r| r.parked.dtype);
+        let dtype = g
+            .resume
+            .as_ref()
+            .map_or(g.cache.dtype(), |r| r.parked.dtype);
         let per_token = KvCache::bytes_per_token(cfg.kv_layout(), dtype);
         let bytes = g.cache.bytes().max(per_token.saturating_mul(tokens));
         if !self.config.scheduler.admits(bytes) {
@@ -421,7 +424,11 @@ pub struct Park(pub LeasedCache);
 impl Message<Park> for ModelActor {
     type Reply = std::result::Result<ParkedCache, LeasedCache>;
 
-    async fn handle(&mut self, Park(cache): Park, _: &mut Context<Self, Self::Reply>) -> Self::Reply {
+    async fn handle(
+        &mut self,
+        Park(cache): Park,
+        _: &mut Context<Self, Self::Reply>,
+    ) -> Self::Reply {
         let Some(tx) = self.engine_tx() else {
             return Err(cache);
         };

@@ -7,9 +7,7 @@ use std::sync::Arc;
 
 use kameo::actor::{ActorRef, Spawn};
 
-use super::{
-    EngineConfig, GenerationStream, Generate, GetStats, ModelActor, Rejected, Stats,
-};
+use super::{EngineConfig, Generate, GenerationStream, GetStats, ModelActor, Rejected, Stats};
 use crate::grammar::GrammarCompiler;
 use crate::kv::{KvCache, KvDtype};
 use crate::model::{LoadOptions, Model};
@@ -115,6 +113,7 @@ impl Engine {
     /// the engine thread is joined before this returns.
     pub async fn stop(&self) {
         let _ = self.actor.stop_gracefully().await;
-        self.actor.wait_for_shutdown().await;
+        // After `on_stop` (which joins the thread), not just the mailbox closing.
+        let _ = self.actor.wait_for_shutdown_result().await;
     }
 }

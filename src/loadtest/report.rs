@@ -9,9 +9,8 @@ use hdrhistogram::Histogram;
 
 use super::workload::{GrammarKind, LoadtestOptions};
 use crate::agent::AgentReply;
-use crate::stats::Quantiles;
 use crate::engine::Stats;
-
+use crate::stats::Quantiles;
 
 /// The report of one run.
 #[derive(Clone, Debug, Default, serde::Serialize)]

@@ -10,9 +10,7 @@ use rand::{Rng, SeedableRng};
 use serde_json::json;
 
 use super::report::{Recorder, RunReport};
-use crate::agent::{
-    ask_streaming, tool_fn, AgentConfig, AgentEvent, Ask, Evict, Tool, ToolChoice,
-};
+use crate::agent::{ask_streaming, tool_fn, AgentConfig, AgentEvent, Ask, Evict, Tool, ToolChoice};
 use crate::engine::{Engine, EngineConfig, SchedulerConfig};
 use crate::grammar::Grammar;
 use crate::model::Model;

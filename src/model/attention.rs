@@ -29,9 +29,11 @@ impl Rope {
             .map(|i| 1f32 / freq_base.powf(i as f32 / head_dim as f32))
             .collect();
         // Fallible: a context length from a file must not abort the process.
-        let n = max_pos.checked_mul(half).ok_or_else(|| {
-            crate::Error::BadRequest { what: format!("rotary tables of {max_pos} x {half} overflow") }
-        })?;
+        let n = max_pos
+            .checked_mul(half)
+            .ok_or_else(|| crate::Error::BadRequest {
+                what: format!("rotary tables of {max_pos} x {half} overflow"),
+            })?;
         let oom = |_| crate::Error::OutOfMemory {
             what: "rotary tables",
             bytes: n.saturating_mul(8),

@@ -19,16 +19,7 @@ use super::qgemv::QuantRows;
 use crate::Result;
 
 /// How the forward stores and multiplies weight matrices.
-#[derive(
-    Clone,
-    Copy,
-    Debug,
-    Default,
-    PartialEq,
-    Eq,
-    serde::Serialize,
-    serde::Deserialize,
-)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WeightsMode {
     /// The fastest path of this CPU that memory allows. Where the CPU has

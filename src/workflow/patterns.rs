@@ -6,8 +6,7 @@ use kameo::actor::ActorRef;
 
 use super::{emit, Events, WorkflowEvent};
 use crate::agent::{
-    ask_error, tool_fn, unreachable, AgentActor, AgentReply, Ask, AskNested, Fork,
-    Tool,
+    ask_error, tool_fn, unreachable, AgentActor, AgentReply, Ask, AskNested, Fork, Tool,
 };
 use crate::grammar::Grammar;
 use crate::{Error, Result};
@@ -63,12 +62,10 @@ async fn pick<'a>(
     let chosen = agents
         .iter()
         .find(|a| a.name == answer.text)
-        .ok_or_else(|| {
-            Error::Pick {
-                picker: picker.name.clone(),
-                picked: answer.text.clone(),
-                choices: format!("{names:?}"),
-            }
+        .ok_or_else(|| Error::Pick {
+            picker: picker.name.clone(),
+            picked: answer.text.clone(),
+            choices: format!("{names:?}"),
         })?;
     tracing::debug!(picker = %picker.name, picked = %chosen.name, "workflow step: picked");
     emit(events, || WorkflowEvent::Picked {

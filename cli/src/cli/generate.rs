@@ -28,7 +28,8 @@ pub(crate) struct GenerateOptions<'a> {
 }
 
 fn grammar(o: &GenerateOptions) -> anyhow::Result<Option<Grammar>> {
-    let read = |f: &Path| std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()));
+    let read =
+        |f: &Path| std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()));
     Ok(if let Some(f) = o.json_schema {
         let schema = serde_json::from_str(&read(f)?)
             .with_context(|| format!("{} is not JSON", f.display()))?;
