@@ -10,13 +10,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use common::*;
-use kameo::actor::{ActorRef, Spawn};
+use kameo::actor::ActorRef;
 use proptest::prelude::*;
 use troupe::agent::{
     tool_fn, AgentActor, AgentConfig, Ask, ContextPolicy, History, TokenLog, Tool, ToolChoice,
 };
 use troupe::engine::Engine;
-use troupe::engine::ModelActor;
 use troupe::model::tiny::{write_tiny_model, TinyConfig};
 use troupe::model::{LoadOptions, Model, Role, WeightsMode};
 use troupe::workflow::agent_tool;
@@ -57,12 +56,7 @@ fn engine(model: &Arc<Model>) -> Engine {
 #[derive(serde::Deserialize, schemars::JsonSchema, Debug)]
 struct Nothing {}
 
-fn spawn(
-    model: &Arc<Model>,
-    e: &Engine,
-    config: AgentConfig,
-    tools: Vec<Arc<dyn Tool>>,
-) -> ActorRef<AgentActor> {
+fn spawn(e: &Engine, config: AgentConfig, tools: Vec<Arc<dyn Tool>>) -> ActorRef<AgentActor> {
     AgentActor::new(config, e.clone(), tools)
         .unwrap()
         .spawn_agent()
@@ -89,7 +83,7 @@ async fn a_huge_tool_result_is_capped_with_a_marker() {
         max_tool_result_bytes: 1024,
         ..forced("big")
     };
-    let a = spawn(&model, &e, config, vec![big]);
+    let a = spawn(&e, config, vec![big]);
     let r = a.ask(Ask::new("go")).await.unwrap();
     let result = &r.tool_runs[0].result;
     assert!(result.len() <= 1024, "{}", result.len());
@@ -123,7 +117,6 @@ async fn a_timed_out_tool_is_stopped() {
         }
     });
     let a = spawn(
-        &model,
         &e,
         AgentConfig {
             tool_timeout_secs: 0.2,
@@ -166,7 +159,6 @@ async fn an_agent_tool_cycle_is_refused() {
         }
     });
     let b = spawn(
-        &model,
         &e,
         AgentConfig {
             max_tokens: 200,
@@ -175,7 +167,6 @@ async fn an_agent_tool_cycle_is_refused() {
         vec![ask_a],
     );
     let a = spawn(
-        &model,
         &e,
         AgentConfig {
             max_tokens: 300,
@@ -211,7 +202,6 @@ async fn an_agent_tool_cycle_is_refused() {
         }
     });
     let me = spawn(
-        &model,
         &e,
         AgentConfig {
             max_tokens: 200,
@@ -241,7 +231,6 @@ async fn a_reply_cut_inside_a_tool_call_fails_the_turn_and_changes_nothing() {
     let e = engine(&model);
     let echo = tool_fn("echo", "Echoes.", |_: Nothing| async { Ok("echo".into()) });
     let a = spawn(
-        &model,
         &e,
         AgentConfig {
             max_tokens: 3,
@@ -311,7 +300,6 @@ async fn run_steps(model: Arc<Model>, e: Engine, policy: ContextPolicy, steps: V
         }),
     ];
     let a = spawn(
-        &model,
         &e,
         AgentConfig {
             max_tokens: 40,
@@ -401,8 +389,8 @@ async fn two_concurrent_saves_of_one_snapshot_leave_one_whole_file() {
         max_tokens: 8,
         ..AgentConfig::new(name, "")
     };
-    let a = spawn(&model, &e, config("a"), vec![]);
-    let b = spawn(&model, &e, config("b"), vec![]);
+    let a = spawn(&e, config("a"), vec![]);
+    let b = spawn(&e, config("b"), vec![]);
     a.ask(Ask::new("first agent")).await.unwrap();
     b.ask(Ask::new("the second one, longer")).await.unwrap();
     let (ha, hb) = (a.ask(History).await.unwrap(), b.ask(History).await.unwrap());
@@ -431,9 +419,8 @@ async fn a_timed_out_agent_tool_leaves_no_phantom_turn() {
         tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
         Ok("done".into())
     });
-    let b = spawn(&model, &e, forced("slow"), vec![slow]);
+    let b = spawn(&e, forced("slow"), vec![slow]);
     let a = spawn(
-        &model,
         &e,
         AgentConfig {
             max_tokens: 300,

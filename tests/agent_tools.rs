@@ -7,10 +7,8 @@ mod common;
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use kameo::actor::{ActorRef, Spawn};
 use troupe::agent::{tool_fn, AgentActor, AgentConfig, Ask, History, Tool, ToolChoice};
 use troupe::engine::Engine;
-use troupe::engine::ModelActor;
 use troupe::model::{Model, Role, WeightsMode};
 
 #[derive(serde::Deserialize, schemars::JsonSchema, Debug, Clone, PartialEq)]
@@ -65,7 +63,7 @@ fn config() -> AgentConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_required_tool_call_runs_and_its_result_reaches_the_model() {
-    let (model, engine) = setup();
+    let (_, engine) = setup();
     let calls = Arc::new(Mutex::new(Vec::new()));
     let agent = AgentActor::new(
         AgentConfig {
@@ -101,7 +99,7 @@ async fn a_required_tool_call_runs_and_its_result_reaches_the_model() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_slow_and_panicking_tools_leave_the_agent_healthy() {
-    let (model, engine) = setup();
+    let (_, engine) = setup();
     // The slow tool meets a short timeout; the others a long one, because a panicking
     // tool's hook may print a symbolized backtrace (RUST_BACKTRACE in CI) that takes
     // longer than the short timeout in a debug build.
@@ -147,7 +145,7 @@ async fn failing_slow_and_panicking_tools_leave_the_agent_healthy() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_tools_are_refused_at_configuration() {
-    let (model, engine) = setup();
+    let (_, engine) = setup();
     let e = AgentActor::new(
         AgentConfig {
             tools: vec!["nope".into()],

@@ -11,18 +11,17 @@ use kameo::actor::ActorRef;
 use troupe::agent::{
     AgentActor, AgentConfig, Ask, ContextPolicy, Evict, Fork, GetAgentStats, History, Save,
 };
-use troupe::engine::{Engine, EngineConfig, GetStats, ModelActor};
+use troupe::engine::{Engine, EngineConfig};
 use troupe::model::{Message, Model, Role, WeightsMode};
 
 fn setup(budget: usize, max_running: usize) -> (Arc<Model>, Engine) {
-    use kameo::actor::Spawn;
     let model = Arc::new(tiny(WeightsMode::Native));
     let cfg: EngineConfig = engine_config(256, max_running, budget);
     let actor = Engine::serve(model.clone(), cfg).unwrap();
     (model, actor)
 }
 
-fn agent(model: &Arc<Model>, engine: &Engine, cfg: AgentConfig) -> ActorRef<AgentActor> {
+fn agent(engine: &Engine, cfg: AgentConfig) -> ActorRef<AgentActor> {
     AgentActor::new(cfg, engine.clone(), vec![])
         .unwrap()
         .spawn_agent()
@@ -40,8 +39,8 @@ const QUESTIONS: [&str; 6] = ["hi", "the cat", "is on", "the mat", "what now", "
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn turns_compute_only_new_tokens_and_equal_recomputing() {
     let (model, engine) = setup(usize::MAX, 8);
-    let cached = agent(&model, &engine, config());
-    let recompute = agent(&model, &engine, config());
+    let cached = agent(&engine, config());
+    let recompute = agent(&engine, config());
     let mut prev_log_len = 0usize;
     for (k, q) in QUESTIONS.iter().enumerate() {
         let r = cached.ask(Ask::new(*q)).await.unwrap();
@@ -85,9 +84,9 @@ async fn turns_compute_only_new_tokens_and_equal_recomputing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fork_shares_the_state_without_recomputation_and_diverges() {
-    let (model, engine) = setup(usize::MAX, 8);
-    let parent = agent(&model, &engine, config());
-    let twin = agent(&model, &engine, config());
+    let (_, engine) = setup(usize::MAX, 8);
+    let parent = agent(&engine, config());
+    let twin = agent(&engine, config());
     for q in &QUESTIONS[..2] {
         parent.ask(Ask::new(*q)).await.unwrap();
         twin.ask(Ask::new(*q)).await.unwrap();
@@ -119,8 +118,8 @@ async fn fork_shares_the_state_without_recomputation_and_diverges() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn save_and_load_continue_identically_and_corruption_is_named() {
-    let (model, engine) = setup(usize::MAX, 8);
-    let a = agent(&model, &engine, config());
+    let (_, engine) = setup(usize::MAX, 8);
+    let a = agent(&engine, config());
     for q in &QUESTIONS[..3] {
         a.ask(Ask::new(*q)).await.unwrap();
     }
@@ -170,8 +169,8 @@ async fn twenty_agents_under_a_small_budget_all_finish_identically() {
     // Room for about five conversations' caches.
     let budget = 5 * 140 * per_token;
     let run = |budget: usize| async move {
-        let (model, engine) = setup(budget, 4);
-        let agents: Vec<_> = (0..20).map(|_| agent(&model, &engine, config())).collect();
+        let (_, engine) = setup(budget, 4);
+        let agents: Vec<_> = (0..20).map(|_| agent(&engine, config())).collect();
         let mut replies = vec![Vec::new(); 20];
         for turn in 0..3 {
             let mut pending = Vec::new();
@@ -219,7 +218,7 @@ async fn context_policies() {
     // About a third of the context per message on the tiny vocabulary.
     let long = "ab ".repeat(context / 6);
     // Error: a clear error naming the lengths, conversation untouched.
-    let strict = agent(&model, &engine, config());
+    let strict = agent(&engine, config());
     strict.ask(Ask::new("hi")).await.unwrap();
     let before = strict.ask(History).await.unwrap();
     let e = strict
@@ -232,7 +231,6 @@ async fn context_policies() {
     strict.ask(Ask::new("still here")).await.unwrap();
     // DropOldest: old turns go, the system prompt stays, the agent keeps working.
     let rolling = agent(
-        &model,
         &engine,
         AgentConfig {
             context_policy: ContextPolicy::DropOldest,
@@ -254,8 +252,8 @@ async fn context_policies() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streaming_yields_the_reply_token_by_token() {
-    let (model, engine) = setup(usize::MAX, 8);
-    let a = agent(&model, &engine, config());
+    let (_, engine) = setup(usize::MAX, 8);
+    let a = agent(&engine, config());
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let turn = {
         let a = a.clone();
@@ -276,8 +274,8 @@ async fn streaming_yields_the_reply_token_by_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_model_actor_fails_asks_clearly() {
-    let (model, engine) = setup(usize::MAX, 8);
-    let a = agent(&model, &engine, config());
+    let (_, engine) = setup(usize::MAX, 8);
+    let a = agent(&engine, config());
     a.ask(Ask::new("hi")).await.unwrap();
     engine.actor().kill();
     engine.actor().wait_for_shutdown().await;
@@ -296,13 +294,13 @@ async fn a_stopped_model_actor_fails_asks_clearly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_supervised_agent_restarts_from_its_last_completed_turn() {
     use kameo::actor::Spawn;
-    let (model, engine) = setup(usize::MAX, 8);
+    let (_, engine) = setup(usize::MAX, 8);
     let supervisor = troupe::agent::AgentSupervisor::spawn(());
     let a = AgentActor::new(config(), engine.clone(), vec![])
         .unwrap()
         .spawn_supervised(&supervisor)
         .await;
-    let twin = agent(&model, &engine, config());
+    let twin = agent(&engine, config());
     for q in &QUESTIONS[..2] {
         a.ask(Ask::new(*q)).await.unwrap();
         twin.ask(Ask::new(*q)).await.unwrap();

@@ -9,7 +9,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use common::*;
-use kameo::actor::Spawn;
 use tracing::field::{Field, Visit};
 use tracing::span::{Attributes, Id, Record};
 use tracing_subscriber::layer::{Context, SubscriberExt};
@@ -17,7 +16,6 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
 use troupe::agent::{tool_fn, AgentActor, AgentConfig, Ask, ToolChoice};
 use troupe::engine::Engine;
-use troupe::engine::ModelActor;
 use troupe::model::WeightsMode;
 
 /// A captured span: its name, parent, fields, and when it opened and closed (a

@@ -7,9 +7,8 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use kameo::actor::{ActorRef, Spawn};
 use troupe::agent::{AgentActor, AgentConfig, History, ToolChoice};
-use troupe::engine::{Engine, GetStats, ModelActor};
+use troupe::engine::Engine;
 use troupe::model::{Model, Role, WeightsMode};
 use troupe::workflow::*;
 
@@ -19,7 +18,7 @@ fn setup() -> (Arc<Model>, Engine) {
     (model, engine)
 }
 
-fn named(model: &Arc<Model>, engine: &Engine, name: &str) -> Named {
+fn named(engine: &Engine, name: &str) -> Named {
     let cfg = AgentConfig {
         max_tokens: 5,
         ..AgentConfig::new(name, format!("You are {name}."))
@@ -53,8 +52,8 @@ async fn user_messages(a: &Named) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipeline_passes_each_answer_on_in_order() {
-    let (m, e) = setup();
-    let agents: Vec<Named> = ["a", "b", "c"].iter().map(|n| named(&m, &e, n)).collect();
+    let (_, e) = setup();
+    let agents: Vec<Named> = ["a", "b", "c"].iter().map(|n| named(&e, n)).collect();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let out = pipeline(&agents, "start", &Some(tx)).await.unwrap();
     let evs = collect(&mut rx);
@@ -77,8 +76,8 @@ async fn pipeline_passes_each_answer_on_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fan_out_batches_and_gather_sees_every_answer() {
-    let (m, e) = setup();
-    let agents: Vec<Named> = (0..6).map(|i| named(&m, &e, &format!("w{i}"))).collect();
+    let (_, e) = setup();
+    let agents: Vec<Named> = (0..6).map(|i| named(&e, &format!("w{i}"))).collect();
     let answers = fan_out(&agents, "the task", &None).await.unwrap();
     assert_eq!(
         answers.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
@@ -89,7 +88,7 @@ async fn fan_out_batches_and_gather_sees_every_answer() {
         stats.max_batch() >= 6,
         "the six requests shared steps: {stats:?}"
     );
-    let reducer = named(&m, &e, "reducer");
+    let reducer = named(&e, "reducer");
     gather(&reducer, "the task", &answers, &None).await.unwrap();
     let seen = user_messages(&reducer).await;
     for (name, r) in &answers {
@@ -103,12 +102,12 @@ async fn fan_out_batches_and_gather_sees_every_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_hands_the_input_to_the_agent_it_picks() {
-    let (m, e) = setup();
+    let (_, e) = setup();
     let agents: Vec<Named> = ["billing", "support", "sales"]
         .iter()
-        .map(|n| named(&m, &e, n))
+        .map(|n| named(&e, n))
         .collect();
-    let router = named(&m, &e, "router");
+    let router = named(&e, "router");
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let (chosen, _) = route(&router, &agents, "my invoice is wrong", &Some(tx))
         .await
@@ -130,8 +129,8 @@ async fn router_hands_the_input_to_the_agent_it_picks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn group_chats_stop_on_their_conditions() {
-    let (m, e) = setup();
-    let agents: Vec<Named> = ["x", "y"].iter().map(|n| named(&m, &e, n)).collect();
+    let (_, e) = setup();
+    let agents: Vec<Named> = ["x", "y"].iter().map(|n| named(&e, n)).collect();
     let chat = GroupChat {
         agents: agents.clone(),
         speaker: Speaker::RoundRobin,
@@ -149,7 +148,7 @@ async fn group_chats_stop_on_their_conditions() {
     // Each speaker received the previous message.
     assert_eq!(user_messages(&agents[1]).await[0], t[0].1);
     // A predicate that fires at once; a phrase from the first reply.
-    let fresh: Vec<Named> = ["p", "q"].iter().map(|n| named(&m, &e, n)).collect();
+    let fresh: Vec<Named> = ["p", "q"].iter().map(|n| named(&e, n)).collect();
     let chat = GroupChat {
         agents: fresh.clone(),
         speaker: Speaker::RoundRobin,
@@ -165,7 +164,7 @@ async fn group_chats_stop_on_their_conditions() {
     // from it ends a chat after one round.
     let phrase: String = t[0].1.chars().take(3).collect();
     assert!(!phrase.is_empty(), "{t:?}");
-    let again: Vec<Named> = ["p", "q"].iter().map(|n| named(&m, &e, n)).collect();
+    let again: Vec<Named> = ["p", "q"].iter().map(|n| named(&e, n)).collect();
     let chat = GroupChat {
         agents: again,
         speaker: Speaker::RoundRobin,
@@ -178,10 +177,10 @@ async fn group_chats_stop_on_their_conditions() {
     let (t, why) = group_chat(&chat, "hello", &None).await.unwrap();
     assert_eq!((t.len(), why), (1, format!("phrase {phrase:?}")));
     // A moderator picks every speaker.
-    let others: Vec<Named> = ["r", "s"].iter().map(|n| named(&m, &e, n)).collect();
+    let others: Vec<Named> = ["r", "s"].iter().map(|n| named(&e, n)).collect();
     let chat = GroupChat {
         agents: others,
-        speaker: Speaker::Moderator(named(&m, &e, "mod")),
+        speaker: Speaker::Moderator(named(&e, "mod")),
         until: Termination {
             max_rounds: 3,
             ..Default::default()
@@ -202,7 +201,7 @@ async fn an_agent_can_be_another_agents_tool() {
     // The default model: the tool prompt and a call fit its context comfortably.
     let m = Arc::new(real(WeightsMode::Native));
     let e = Engine::serve(m.clone(), engine_config(256, 16, usize::MAX)).unwrap();
-    let helper = named(&m, &e, "helper");
+    let helper = named(&e, "helper");
     let cfg = AgentConfig {
         max_tokens: 120,
         max_tool_steps: 1,
@@ -234,7 +233,7 @@ async fn an_agent_can_be_another_agents_tool() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fork_explore_keeps_the_best_and_reuses_the_prefix() {
-    let (m, e) = setup();
+    let (_, e) = setup();
     // Sampling at a temperature (high: the tiny random model is very peaked), each fork
     // gets its own seed and writes its own answer.
     let cfg = AgentConfig {
