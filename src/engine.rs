@@ -1,7 +1,7 @@
 //! The model actor and its engine: continuous batching of many sequences' generation
 //! requests over one loaded model.
 //!
-//! A requester moves its [`KvCache`] into a [`Generate`] message with the new tokens
+//! A requester moves its [`KvCache`](crate::KvCache) into a [`Generate`] message with the new tokens
 //! to append; the [`ModelActor`] checks the request and hands it to the engine
 //! thread, which alone runs the forward (never on a tokio worker). Each step mixes
 //! one decode token of every running sequence with chunks of pending prefills

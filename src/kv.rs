@@ -197,7 +197,6 @@ pub(crate) struct LayerKv {
 #[derive(Debug)]
 pub struct KvCache {
     layout: KvLayout,
-    dtype: KvDtype,
     /// Tokens whose keys and values are stored.
     len: usize,
     /// Rows allocated per head.
@@ -210,11 +209,21 @@ impl KvCache {
     pub fn new(layout: KvLayout, dtype: KvDtype) -> Self {
         Self {
             layout,
-            dtype,
             len: 0,
             capacity: 0,
-            layers: Vec::new(),
+            layers: Self::empty_layers(layout, dtype),
         }
+    }
+
+    /// One empty (unallocated) buffer pair per layer: the buffers' variant is the
+    /// cache's element type.
+    fn empty_layers(layout: KvLayout, dtype: KvDtype) -> Vec<LayerKv> {
+        (0..layout.n_layers)
+            .map(|_| LayerKv {
+                k: KvBuf::zeros(dtype, 0),
+                v: KvBuf::zeros(dtype, 0),
+            })
+            .collect()
     }
 
     /// Number of tokens held.
@@ -239,14 +248,18 @@ impl KvCache {
 
     /// Element type of the stored keys and values.
     pub fn dtype(&self) -> KvDtype {
-        self.dtype
+        match self.layers.first().map(|l| &l.k) {
+            Some(KvBuf::F16(_)) => KvDtype::F16,
+            // A layout of no layers holds nothing, in any type.
+            Some(KvBuf::F32(_)) | None => KvDtype::F32,
+        }
     }
 
     /// Bytes the cache really holds: its allocated buffers, not just the used rows.
     pub fn bytes(&self) -> usize {
         self.layers
             .iter()
-            .map(|l| (l.k.len() + l.v.len()) * self.dtype.size())
+            .map(|l| (l.k.len() + l.v.len()) * self.dtype().size())
             .sum()
     }
 
@@ -264,7 +277,7 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.len = 0;
         self.capacity = 0;
-        self.layers.clear();
+        self.layers = Self::empty_layers(self.layout, self.dtype());
     }
 
     /// An independent copy holding the same tokens, allocated to fit them exactly:
@@ -274,7 +287,7 @@ impl KvCache {
         let d = self.layout.head_dim;
         let cap = self.len;
         let layers = if cap == 0 {
-            Vec::new()
+            Self::empty_layers(self.layout, self.dtype())
         } else {
             self.layers
                 .iter()
@@ -286,7 +299,6 @@ impl KvCache {
         };
         Self {
             layout: self.layout,
-            dtype: self.dtype,
             len: self.len,
             capacity: cap,
             layers,
@@ -312,13 +324,12 @@ impl KvCache {
     fn grow_to(&mut self, new_cap: usize) {
         let heads = self.layout.n_kv_heads;
         let d = self.layout.head_dim;
-        if self.layers.is_empty() {
-            self.layers = (0..self.layout.n_layers)
-                .map(|_| LayerKv {
-                    k: KvBuf::zeros(self.dtype, heads * new_cap * d),
-                    v: KvBuf::zeros(self.dtype, heads * new_cap * d),
-                })
-                .collect();
+        if self.capacity == 0 {
+            let dtype = self.dtype();
+            for l in &mut self.layers {
+                l.k = KvBuf::zeros(dtype, heads * new_cap * d);
+                l.v = KvBuf::zeros(dtype, heads * new_cap * d);
+            }
         } else {
             for l in &mut self.layers {
                 l.k = l.k.regrow(heads, self.capacity, new_cap, self.len, d);
@@ -387,7 +398,6 @@ impl KvCache {
         // With capacity == len the given buffers have exactly the cache's layout.
         Ok(Self {
             layout,
-            dtype,
             len,
             capacity: len,
             layers: layers

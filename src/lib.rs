@@ -4,28 +4,30 @@
 //! model batches the agents' generation requests into a ragged batched forward.
 //!
 //! # Layout
-//! - [`model`]: GGUF loading, the llama-family ragged batched forward, tokenizer,
-//!   chat template, default-model fetch.
-//! - [`kv`]: the per-sequence [`KvCache`].
-//! - [`sampling`]: sampling parameters and the per-sequence sampler.
-//! - [`engine`]: the [`ModelActor`](engine::ModelActor): continuous batching, sampling,
-//!   streaming, cancellation and the KV budget, on a dedicated engine thread.
-//! - [`agent`]: the [`AgentActor`](agent::AgentActor): conversation, token log and KV
-//!   cache owned per agent, tools, fork, snapshots, eviction.
-//! - [`grammar`]: output grammars (regex, JSON Schema, Lark, choice) compiled by
-//!   llguidance, applied per sequence while decoding.
-//! - [`workflow`]: pipelines, fan-out/gather, routing, group chats, agents as tools,
-//!   forked exploration.
-//! - [`loadtest`]: `troupe loadtest`, agents in closed loops and the report.
-//! - [`bench`]: the `troupe bench` measurements.
-//! - [`error`]: the library's [`Error`].
-//! - [`math`]: vectorised `exp` and the MLP activation.
+//! Modules stand on floors; each imports only from its own floor or below
+//! (`ARCHITECTURE.md` has the code map and the sequence of one turn;
+//! `tests/floors.rs` enforces the floors).
+//! - floor 0: [`kv`] (the per-sequence [`KvCache`]), [`sampling`] (sampling and
+//!   [`TokenConstraint`](sampling::TokenConstraint)), [`error`], [`stats`] (one
+//!   [`Quantiles`](stats::Quantiles) type), [`math`] (vectorised `exp`, the MLP
+//!   activation).
+//! - floor 1: [`model`] (GGUF loading, the ragged batched forward, kernels, tokenizer,
+//!   chat template, fetch) and [`grammar`] (regex, JSON Schema, Lark, choice, compiled
+//!   by llguidance).
+//! - floor 2: [`engine`]: the [`Engine`] handle, the
+//!   [`ModelActor`], the scheduler, the engine thread, the cache
+//!   lease and the one per-sequence decode state.
+//! - floor 3: [`agent`]: the [`AgentActor`](agent::AgentActor) around a plain
+//!   [`Conversation`](agent::Conversation).
+//! - floor 4: [`workflow`], [`loadtest`], [`bench`].
 //!
 //! # Invariants
 //! - A [`KvCache`] is owned by exactly one agent or one in-flight request; the
 //!   forward borrows it mutably and appends the keys and values of the new tokens.
 //! - Under a model actor, only its engine thread runs the forward, never a tokio
 //!   worker.
+//! - The engine owns the accounting of KV bytes, the agent owns the bytes; a
+//!   [`LeasedCache`](engine::LeasedCache) ties the two.
 //! - A sequence's logits do not depend on which other sequences share its batch
 //!   (bitwise with a fixed [`WeightsMode`]).
 #![warn(missing_docs)]
@@ -45,8 +47,8 @@ pub mod stats;
 pub mod workflow;
 
 pub use engine::{
-    Done, EngineConfig, Event, FinishReason, Generate, GenerationStream, GetStats, ModelActor,
-    Stats, Usage,
+    Done, Engine, EngineConfig, Event, FinishReason, Generate, GenerationStream, GetStats,
+    ModelActor, Stats, Usage,
 };
 pub use error::{Error, Result};
 pub use kv::{KvCache, KvDtype, KvLayout};

@@ -216,9 +216,9 @@ fn raise_exception(message: String) -> std::result::Result<Value, minijinja::Err
     ))
 }
 
-/// `strftime_now(format)`: the current UTC time formatted with the common strftime
-/// codes (`%Y %y %m %d %e %j %H %I %M %S %p %a %A %b %B %%`); Llama 3 style templates
-/// use it to put today's date into the system prompt.
+/// `strftime_now(format)`: the current UTC time formatted with strftime codes (as
+/// chrono knows them); Llama 3 style templates use it to put today's date into the
+/// system prompt.
 fn strftime_now(format: &str) -> std::result::Result<String, minijinja::Error> {
     let secs = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -227,112 +227,22 @@ fn strftime_now(format: &str) -> std::result::Result<String, minijinja::Error> {
     strftime(format, secs)
 }
 
-/// Format `secs` since the Unix epoch (UTC) with the strftime codes [`strftime_now`] knows.
+/// Format `secs` since the Unix epoch (UTC) with chrono's strftime; a format chrono
+/// does not know is an error for the template, never a panic.
 fn strftime(format: &str, secs: u64) -> std::result::Result<String, minijinja::Error> {
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
-    const WEEKDAYS: [&str; 7] = [
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-        "Sunday",
-    ];
-    let days = (secs / 86_400) as i64;
-    let second_of_day = secs % 86_400;
-    let (hour, minute, second) = (
-        second_of_day / 3600,
-        second_of_day / 60 % 60,
-        second_of_day % 60,
-    );
-    let (year, month, day) = civil_from_days(days);
-    // 1970-01-01 was a Thursday (index 3 from Monday).
-    let weekday = (days + 3).rem_euclid(7) as usize;
-    let day_of_year = days - days_from_civil(year, 1, 1) + 1;
-    let month_name = MONTHS[(month - 1) as usize];
-    let weekday_name = WEEKDAYS[weekday];
-
+    use std::fmt::Write;
+    let bad = |what: String| minijinja::Error::new(ErrorKind::InvalidOperation, what);
+    let items = chrono::format::StrftimeItems::new(format)
+        .parse()
+        .map_err(|e| bad(format!("strftime_now: bad format {format:?}: {e}")))?;
+    let time = i64::try_from(secs)
+        .ok()
+        .and_then(|s| chrono::DateTime::from_timestamp(s, 0))
+        .ok_or_else(|| bad(format!("strftime_now: time {secs} out of range")))?;
     let mut out = String::with_capacity(format.len() + 16);
-    let mut chars = format.chars();
-    while let Some(c) = chars.next() {
-        if c != '%' {
-            out.push(c);
-            continue;
-        }
-        let code = chars.next().ok_or_else(|| {
-            minijinja::Error::new(
-                ErrorKind::InvalidOperation,
-                "strftime_now: format ends with a lone %",
-            )
-        })?;
-        let piece = match code {
-            'Y' => year.to_string(),
-            'y' => format!("{:02}", year.rem_euclid(100)),
-            'm' => format!("{month:02}"),
-            'd' => format!("{day:02}"),
-            'e' => format!("{day:>2}"),
-            'j' => format!("{day_of_year:03}"),
-            'H' => format!("{hour:02}"),
-            'I' => format!("{:02}", (hour + 11) % 12 + 1),
-            'M' => format!("{minute:02}"),
-            'S' => format!("{second:02}"),
-            'p' => (if hour < 12 { "AM" } else { "PM" }).to_owned(),
-            'a' => weekday_name[..3].to_owned(),
-            'A' => weekday_name.to_owned(),
-            'b' | 'h' => month_name[..3].to_owned(),
-            'B' => month_name.to_owned(),
-            '%' => "%".to_owned(),
-            other => {
-                return Err(minijinja::Error::new(
-                    ErrorKind::InvalidOperation,
-                    format!("strftime_now: unsupported format code %{other}"),
-                ))
-            }
-        };
-        out.push_str(&piece);
-    }
+    write!(out, "{}", time.format_with_items(items.iter()))
+        .map_err(|e| bad(format!("strftime_now: {e}")))?;
     Ok(out)
-}
-
-/// (year, month 1..=12, day 1..=31) of a day count since 1970-01-01 (proleptic Gregorian).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let day_of_era = z.rem_euclid(146_097);
-    let year_of_era =
-        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
-    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
-    let mp = (5 * day_of_year + 2) / 153;
-    let day = (day_of_year - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = year_of_era + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
-/// Days since 1970-01-01 of a (year, month, day) date; the inverse of [`civil_from_days`].
-fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let year_of_era = year.rem_euclid(400);
-    let month = i64::from(month);
-    let day_of_year =
-        (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + i64::from(day) - 1;
-    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
-    era * 146_097 + day_of_era - 719_468
 }
 
 #[cfg(test)]
@@ -537,14 +447,5 @@ You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
         let year = render_source("{{ strftime_now('%Y') }}").unwrap();
         assert_eq!(year.len(), 4);
         assert!(year.starts_with("20"), "{year}");
-    }
-
-    #[test]
-    fn civil_dates_round_trip() {
-        for days in [-719_468, -1, 0, 59, 365, 11_016, 19_782, 100_000] {
-            let (y, m, d) = civil_from_days(days);
-            assert_eq!(days_from_civil(y, m, d), days, "{y}-{m}-{d}");
-        }
-        assert_eq!(civil_from_days(19_782), (2024, 2, 29));
     }
 }
