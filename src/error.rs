@@ -152,9 +152,9 @@ pub enum Error {
         /// The agents of the cycle, in order.
         chain: String,
     },
-    /// The turn was stopped because the agent that asked it as a tool gave up on it
-    /// (its tool call timed out).
-    #[error("the turn was cancelled: the agent that asked it gave up")]
+    /// The turn was stopped because whoever asked it gave up on it: the agent that
+    /// asked it as a tool (its tool call timed out), or a streamed turn's reader.
+    #[error("the turn was cancelled: whoever asked it gave up")]
     Cancelled,
     /// A generation request or forward call that makes no sense (an empty prompt,
     /// `max_tokens` of 0, a forward with no sequences).

@@ -18,7 +18,8 @@ pub struct TurnOptions {
     /// Answer grammar for this turn (the agent's own when `None`).
     pub grammar: Option<Grammar>,
     /// Where tokens and tool events go as they happen (a streamed turn). Dropping the
-    /// receiver does not stop the turn; dropping the [`Ask`]'s reply does.
+    /// receiver cancels the turn (its model call is cancelled in the engine, and the
+    /// conversation is left as before the turn).
     pub events: Option<tokio::sync::mpsc::UnboundedSender<AgentEvent>>,
 }
 

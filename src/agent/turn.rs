@@ -169,14 +169,14 @@ impl AgentActor {
         max_tokens: usize,
         undo: &mut Undo,
     ) -> Result<(Done, usize)> {
+        // What earlier calls fed (all but the log's last, sampled token): a cache that
+        // had them all would be reused in full; any of them fed again is recomputed.
+        let fed_before = self.conv.log().len().saturating_sub(1);
         self.sync_log(undo).await?;
         self.fit_context(max_tokens, undo).await?;
+        let expected_cached = self.conv.cache.len();
         let answer = opts.grammar.as_ref().or(self.config.grammar.as_ref());
         let grammar = reply_grammar(&self.tools, choice, answer)?;
-        // The context the cache should hold: all of it after an eviction (a
-        // re-prefill), the park's when it was parked (recomputed if dropped).
-        let expected_cached = self.conv.cache.len();
-        let evicted = expected_cached == 0 && self.stats.turns > 0;
         let feed = self.conv.to_feed().to_vec();
         let mut g = match std::mem::take(&mut self.conv.cache) {
             CacheSlot::Empty => {
@@ -211,16 +211,18 @@ impl AgentActor {
             match stream.next().await {
                 Some(Event::Token { text, .. }) | Some(Event::Text { text }) => {
                     if let (Some(tx), false) = (&opts.events, text.is_empty()) {
-                        let _ = tx.send(AgentEvent::Token(text));
+                        if tx.send(AgentEvent::Token(text)).is_err() {
+                            // Nobody reads the turn any more: dropping the stream
+                            // cancels the request at the engine's next step.
+                            return Err(Error::Cancelled);
+                        }
                     }
                 }
                 Some(Event::Done(done)) => {
-                    let recomputed = if evicted {
-                        self.conv.log().len().saturating_sub(1)
-                    } else {
-                        expected_cached.saturating_sub(done.usage.cached_tokens)
-                    };
-                    if recomputed > 0 && !evicted {
+                    // Counted for an eviction, a park the engine dropped, a loaded or
+                    // restarted agent (whose log comes without its cache) alike.
+                    let recomputed = fed_before.saturating_sub(done.usage.cached_tokens);
+                    if expected_cached > done.usage.cached_tokens {
                         // The engine dropped the park under pressure.
                         self.stats.evictions += 1;
                     }

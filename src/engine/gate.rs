@@ -5,7 +5,9 @@
 //! Open, it lets every step through. Held, the engine waits before its next step
 //! until the test [`allow`](StepGate::allow)s more steps or [`open`](StepGate::open)s
 //! it; [`wait_blocked`](StepGate::wait_blocked) tells the test the engine is waiting
-//! there, with everything it was sent so far taken in.
+//! there. While it waits, the engine still takes commands every millisecond (a test
+//! can read the stats, drop a stream and see it cancelled, or submit a request), so
+//! a held gate pauses the forward, not the engine.
 
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
@@ -74,13 +76,15 @@ impl StepGate {
         guard.blocked && guard.permits == 0
     }
 
-    /// Called by the engine before each step: returns once the step may run.
-    pub(crate) fn pass(&self) {
+    /// Called by the engine before each step: whether the step may run now (taking a
+    /// permit when held). When it may not, the engine is marked as waiting here, and
+    /// goes on taking commands (stats, cancellations, new requests) until it may.
+    pub(crate) fn try_pass(&self) -> bool {
         let mut s = self.lock();
-        while s.held && s.permits == 0 {
+        if s.held && s.permits == 0 {
             s.blocked = true;
             self.inner.1.notify_all();
-            s = self.inner.1.wait(s).unwrap_or_else(|p| p.into_inner());
+            return false;
         }
         s.blocked = false;
         if s.held {
@@ -88,5 +92,16 @@ impl StepGate {
         }
         s.passed += 1;
         self.inner.1.notify_all();
+        true
+    }
+
+    /// Waits until a step may pass or `timeout` ends (the engine then looks at its
+    /// commands again).
+    pub(crate) fn wait_open(&self, timeout: Duration) {
+        let guard = self.lock();
+        let _ = self
+            .inner
+            .1
+            .wait_timeout_while(guard, timeout, |s| s.held && s.permits == 0);
     }
 }

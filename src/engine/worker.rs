@@ -200,13 +200,34 @@ impl Worker {
                 }
             }
             self.drop_cancelled();
-            if let Some(gate) = &self.hooks.step_gate {
-                if !self.sched.is_idle() {
-                    gate.pass();
-                }
+            if !self.gate_passed(rx) {
+                return;
             }
             blocked = !self.step();
         }
+    }
+
+    /// With the tests' step gate: waits until the next step may run, taking commands
+    /// meanwhile. Returns false when the thread should end.
+    fn gate_passed(&mut self, rx: &Receiver<Command>) -> bool {
+        let Some(gate) = self.hooks.step_gate.clone() else {
+            return true;
+        };
+        while !self.sched.is_idle() && !gate.try_pass() {
+            gate.wait_open(std::time::Duration::from_millis(1));
+            loop {
+                match rx.try_recv() {
+                    Ok(c) => self.command(c),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return false,
+                }
+                if self.exit {
+                    return false;
+                }
+            }
+            self.drop_cancelled();
+        }
+        true
     }
 
     fn command(&mut self, c: Command) {
@@ -232,7 +253,8 @@ impl Worker {
                 self.hold(lease, bytes, Holder::Parked(cache));
             }
             Command::Release(lease) => self.release(lease),
-            Command::Wake => {}
+            // A stream was dropped: counted at once (a step gate may hold the steps).
+            Command::Wake => self.drop_cancelled(),
             Command::Runtime(rt) => self.runtime = Some(rt),
             Command::Shutdown => {
                 let stats = self.fail_all(|| Error::EngineStopped);
