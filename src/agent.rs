@@ -33,8 +33,8 @@ pub use messages::{
 pub use tool_run::cap_text;
 pub(crate) use tool_run::tool_callers;
 pub use tools::{
-    example_exchange, format_call, parse_call, tool_fn, tools_prompt, Tool, ToolCall, ToolRun,
-    CALL_CLOSE, CALL_OPEN,
+    example_exchange, format_call, parse_call, reply_grammar, tool_fn, tools_prompt, Tool,
+    ToolCall, ToolRun, CALL_CLOSE, CALL_OPEN,
 };
 
 use crate::engine::{HoldCache, ModelActor, ReleaseCache, Usage};

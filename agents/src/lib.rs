@@ -23,6 +23,8 @@ pub mod clock;
 pub mod files;
 pub mod notes;
 pub mod researcher;
+#[cfg(test)]
+mod testing;
 
 use std::path::PathBuf;
 use std::sync::Arc;
