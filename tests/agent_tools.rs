@@ -8,7 +8,10 @@ use std::sync::{Arc, Mutex};
 
 use common::*;
 use kameo::actor::{ActorRef, Spawn};
-use troupe::agent::{tool_fn, AgentActor, AgentConfig, Ask, AskWith, History, Tool, ToolChoice};
+use troupe::agent::{
+    tool_fn, AgentActor, AgentConfig, Ask, AskWith, History, TokenLog, Tool, ToolChoice,
+    CALL_CLOSE, CALL_OPEN,
+};
 use troupe::engine::ModelActor;
 use troupe::model::{Model, Role, WeightsMode};
 
@@ -84,20 +87,67 @@ async fn a_required_tool_call_runs_and_its_result_reaches_the_model() {
     let run = &r.tool_runs[0];
     assert_eq!(run.call.name, "add");
     assert!(!run.failed);
-    let args = calls.lock().unwrap().clone();
+
+    // The token log is exactly what the model was fed and wrote, in order (its cache
+    // holds all of it but the last token written). Read the call out of the model's own
+    // words, independently of the tool plumbing: its sum is what the tool must answer.
+    let (log, cached) = agent.ask(TokenLog).await.unwrap();
     assert_eq!(
-        args.len(),
-        1,
+        cached + 1,
+        log.len(),
+        "the cache holds the log but its last token"
+    );
+    let seen = model.tokenizer().decode(&log).unwrap();
+    let asked = seen
+        .rfind("What is 17 + 25?")
+        .expect("the question is in the log");
+    let call_at = asked
+        + seen[asked..]
+            .find(CALL_OPEN)
+            .expect("the model wrote a call");
+    let call_end = call_at + seen[call_at..].find(CALL_CLOSE).unwrap();
+    let call: serde_json::Value =
+        serde_json::from_str(&seen[call_at + CALL_OPEN.len()..call_end]).unwrap();
+    assert_eq!(call["name"], "add", "{call}");
+    let (a, b) = (
+        call["arguments"]["a"].as_i64().unwrap(),
+        call["arguments"]["b"].as_i64().unwrap(),
+    );
+    assert_eq!(
+        run.result,
+        (a + b).to_string(),
+        "the tool answered {a} + {b}"
+    );
+    assert_eq!(
+        calls.lock().unwrap().clone(),
+        vec![AddArgs { a, b }],
         "the typed arguments deserialized: schema-valid"
     );
-    assert_eq!(run.result, format!("{}", args[0].a + args[0].b));
-    // The result is in the conversation the model saw, and the turn ended with an
-    // answer that is not a tool call.
+
+    // The next model call saw the tool message: after the call, the log holds the
+    // result as a tool turn, then the assistant's turn whose tokens are the answer,
+    // at the very end of the log.
+    let tool_turn = format!("<|im_start|>tool\n{}<|im_end|>", a + b);
+    let tool_at = call_end
+        + seen[call_end..]
+            .find(&tool_turn)
+            .expect("the tool turn was fed");
+    let answer_open = tool_at + seen[tool_at..].find("<|im_start|>assistant\n").unwrap();
+    let answer = &seen[answer_open + "<|im_start|>assistant\n".len()..];
+    assert!(
+        !r.text.is_empty() && !r.text.starts_with(CALL_OPEN),
+        "{:?}",
+        r.text
+    );
+    assert_eq!(
+        answer.trim_end_matches("<|im_end|>").trim_end(),
+        r.text.trim_end(),
+        "the answer's tokens come right after the prompt that held the tool result"
+    );
     let h = agent.ask(History).await.unwrap();
     let tool_msg = h.iter().position(|m| m.role == Role::Tool).unwrap();
     assert_eq!(h[tool_msg].content, run.result);
     assert_eq!(h.last().unwrap().role, Role::Assistant);
-    assert!(!r.text.starts_with("<tool_call>"), "{:?}", r.text);
     assert_eq!(h.last().unwrap().content, r.text);
 }
 
