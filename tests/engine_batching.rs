@@ -132,10 +132,17 @@ async fn default_model_batched_equals_alone() {
     .await;
 }
 
+/// A stop string chosen from the free run's token pieces, so that it starts inside
+/// token `k` (its last character) and ends inside token `k + 1` (its first): the
+/// reply is cut before it, after exactly `k + 2` generated tokens, and the stream
+/// carries exactly the cut text (nothing of the held-back piece leaks).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_strings_cut_the_text_across_tokens() {
-    let model = tiny(WeightsMode::Native);
-    let prompt = model.tokenizer().encode("the cat sat on the mat").unwrap();
+    let model = real(WeightsMode::Native);
+    let prompt = model
+        .tokenizer()
+        .encode("Once upon a time, in a quiet village by the sea,")
+        .unwrap();
     let make = |stop: Vec<String>, model: &troupe::model::Model| {
         let mut g = Generate::new(cache(model), prompt.clone(), 40);
         g.ignore_eos = true;
@@ -143,15 +150,40 @@ async fn stop_strings_cut_the_text_across_tokens() {
         g
     };
     let free_req = make(vec![], &model);
+    let pieces: Vec<Option<String>> = (0..model.config().vocab_size as u32)
+        .map(|id| {
+            let bytes = model.tokenizer().token_bytes(id).unwrap();
+            (!model.tokenizer().is_special(id))
+                .then(|| String::from_utf8(bytes.to_vec()).ok())
+                .flatten()
+        })
+        .collect();
     let a = actor(model, engine_config(256, 8, usize::MAX));
     let free = a.ask(free_req).await.unwrap().finish().await.unwrap();
-    assert!(free.text.chars().count() > 10, "{:?}", free.text);
-    // A stop string taken from the middle of the free text, three characters long.
-    let chars: Vec<char> = free.text.chars().collect();
-    let start = chars.len() / 2;
-    let stop: String = chars[start..start + 3].iter().collect();
-    let cut = free.text.find(&stop).unwrap();
-    let model2 = tiny(WeightsMode::Native);
+    assert_eq!(free.tokens.len(), 40);
+    // The first k whose piece and the next have two characters or more (the stop then
+    // starts strictly inside k and ends strictly inside k + 1), and whose stop string
+    // first occurs there.
+    let (k, stop, cut) = (0..free.tokens.len() - 1)
+        .find_map(|k| {
+            let text: Option<Vec<&str>> = free.tokens[..=k + 1]
+                .iter()
+                .map(|&t| pieces[t as usize].as_deref())
+                .collect();
+            let text = text?;
+            let (this, next) = (text[k], text[k + 1]);
+            if this.chars().count() < 2 || next.chars().count() < 2 {
+                return None;
+            }
+            let last = this.chars().last()?;
+            let stop = format!("{last}{}", next.chars().next()?);
+            let cut = text[..k].concat().len() + this.len() - last.len_utf8();
+            let prefix = text.concat();
+            (free.text.starts_with(&prefix) && free.text.find(&stop) == Some(cut))
+                .then_some((k, stop, cut))
+        })
+        .unwrap_or_else(|| panic!("no stop string across two tokens in {:?}", free.text));
+    let model2 = real(WeightsMode::Native);
     let mut stream = a.ask(make(vec![stop.clone()], &model2)).await.unwrap();
     let mut streamed = String::new();
     let done = loop {
@@ -162,7 +194,18 @@ async fn stop_strings_cut_the_text_across_tokens() {
         }
     };
     assert_eq!(done.finish, FinishReason::Stop);
-    assert_eq!(done.text, free.text[..cut], "stop {stop:?}");
+    assert_eq!(
+        done.text,
+        free.text[..cut],
+        "stop {stop:?} across tokens {k} and {}",
+        k + 1
+    );
+    assert_eq!(
+        done.tokens,
+        free.tokens[..k + 2],
+        "generation ends at the token that completes the stop"
+    );
+    assert_eq!(done.usage.generated_tokens, k + 2);
     assert_eq!(streamed, done.text);
 }
 
