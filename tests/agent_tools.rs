@@ -224,3 +224,97 @@ async fn unknown_tools_are_refused_at_configuration() {
     .unwrap_err();
     assert!(e.to_string().contains("unknown tool `nope`"), "{e}");
 }
+
+/// With `max_tool_steps: 2` a turn runs two calls, the second after seeing the first's
+/// result, then must answer. The tool's first result asks for a second call, and a
+/// few-shot example shows the default model that pattern (greedy: the same replies
+/// every run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_tool_steps_then_an_answer_in_one_turn() {
+    use troupe::agent::{example_exchange, format_call};
+    use troupe::model::Message;
+    let (model, engine) = setup();
+    let ran = Arc::new(Mutex::new(0usize));
+    let step = {
+        let ran = ran.clone();
+        tool_fn(
+            "step",
+            "Does the next step of the job.",
+            move |_: Nothing| {
+                let ran = ran.clone();
+                async move {
+                    let mut n = ran.lock().unwrap();
+                    *n += 1;
+                    Ok(if *n == 1 {
+                        "not done: call step again".to_string()
+                    } else {
+                        format!("done: the code is {}", 4000 + *n)
+                    })
+                }
+            },
+        )
+    };
+    // Two demonstrations of the pattern: call, "not done", call again, answer.
+    let mut examples = Vec::new();
+    for (job, code) in [("Do the job.", "1234"), ("Finish the task.", "5678")] {
+        let mut e = example_exchange(
+            job,
+            "step",
+            serde_json::json!({}),
+            "not done: call step again",
+            "",
+        );
+        e.pop();
+        e.extend([
+            Message::assistant(format_call("step", &serde_json::json!({}))),
+            Message::tool(format!("done: the code is {code}")),
+            Message::assistant(format!("The code is {code}.")),
+        ]);
+        examples.extend(e);
+    }
+    let agent = AgentActor::new(
+        AgentConfig {
+            tool_choice: ToolChoice::Required,
+            max_tool_steps: 2,
+            examples,
+            // An answer names a code: while the tool says "not done" there is none.
+            grammar: Some(troupe::grammar::Grammar::Regex(
+                "The code is [0-9]{4}\\.".into(),
+            )),
+            ..AgentConfig::new(
+                "job",
+                "You do jobs with the step tool. Call step until it says done, then give the code.",
+            )
+        },
+        model,
+        engine,
+        vec![step],
+    )
+    .unwrap()
+    .spawn_agent();
+    let r = agent.ask(Ask("Do the work.".into())).await.unwrap();
+    assert_eq!(r.tool_runs.len(), 2, "{r:?}");
+    assert_eq!(*ran.lock().unwrap(), 2, "both calls ran");
+    assert!(r
+        .tool_runs
+        .iter()
+        .all(|t| t.call.name == "step" && !t.failed));
+    assert_eq!(r.tool_runs[1].result, "done: the code is 4002");
+    // The turn ended with an answer after the step limit, taken from the second result.
+    assert_eq!(r.text, "The code is 4002.");
+    let h = agent.ask(History).await.unwrap();
+    let turn: Vec<Role> = h[h.len() - 6..].iter().map(|m| m.role).collect();
+    assert_eq!(
+        turn,
+        [
+            Role::User,
+            Role::Assistant,
+            Role::Tool,
+            Role::Assistant,
+            Role::Tool,
+            Role::Assistant
+        ]
+    );
+    assert_eq!(h[h.len() - 2].content, r.tool_runs[1].result);
+    assert_eq!(h.last().unwrap().content, r.text);
+}
