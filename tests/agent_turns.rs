@@ -416,3 +416,58 @@ async fn a_crashed_supervised_agent_restarts_from_its_last_completed_turn() {
     );
     assert_eq!(x.usage.prompt_tokens, y.usage.prompt_tokens);
 }
+
+/// `Reset` takes an agent back to its system prompt and few-shot examples with no
+/// cache (nothing accounted with the engine); its next turn computes everything and
+/// equals a fresh agent's first turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_forgets_the_conversation_and_the_cache() {
+    use troupe::agent::{Reset, TokenLog};
+    let cfg = || AgentConfig {
+        examples: vec![Message::user("ping"), Message::assistant("pong")],
+        ..config()
+    };
+    // Its own engine, so that the engine's live bytes are this agent's alone.
+    let (model, engine) = setup(usize::MAX, 8);
+    let a = agent(&model, &engine, cfg());
+    let initial = a.ask(History).await.unwrap();
+    assert_eq!(
+        initial.len(),
+        3,
+        "system prompt and the example: {initial:?}"
+    );
+    for q in &QUESTIONS[..3] {
+        a.ask(Ask(q.to_string())).await.unwrap();
+    }
+    assert!(a.ask(TokenLog).await.unwrap().1 > 0);
+    assert!(engine.ask(GetStats).await.unwrap().kv_live_bytes > 0);
+
+    a.ask(Reset).await.unwrap();
+    assert_eq!(a.ask(History).await.unwrap(), initial);
+    assert_eq!(
+        a.ask(TokenLog).await.unwrap(),
+        (vec![], 0),
+        "no log, no cache"
+    );
+    assert_eq!(
+        engine.ask(GetStats).await.unwrap().kv_live_bytes,
+        0,
+        "the cache is no longer accounted"
+    );
+
+    let (fresh_model, fresh_engine) = setup(usize::MAX, 8);
+    let fresh = agent(&fresh_model, &fresh_engine, cfg());
+    let x = a.ask(Ask("hello again".into())).await.unwrap();
+    let y = fresh.ask(Ask("hello again".into())).await.unwrap();
+    assert_eq!(x.text, y.text);
+    assert_eq!(x.usage, y.usage);
+    assert_eq!(x.usage.cached_tokens, 0, "computed from scratch");
+    assert_eq!(
+        x.usage.computed_tokens,
+        x.usage.prompt_tokens + x.usage.generated_tokens - 1
+    );
+    assert_eq!(
+        a.ask(History).await.unwrap(),
+        fresh.ask(History).await.unwrap()
+    );
+}
