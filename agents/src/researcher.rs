@@ -81,7 +81,7 @@ fn escape(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::accepts;
+    use super::super::testing::accepts;
     use troupe::agent::reply_grammar;
 
     /// The grammar of the researcher's final answer as its turn compiles it: after its
