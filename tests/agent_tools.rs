@@ -1,6 +1,7 @@
 //! The tool loop: a tool is called with schema-valid arguments, its result reaches the
 //! model, the turn ends with a final answer within the step limit; failing, slow and
-//! panicking tools each leave the agent healthy; tool_choice narrows the grammar.
+//! panicking tools each leave the agent healthy; tool_choice narrows the grammar; with
+//! two tool steps a turn calls twice, then answers.
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Agents own their cache across turns: each turn computes only its new tokens, and
 //! replies equal those of an agent that recomputes its history; fork, save/load,
-//! eviction under the KV budget and context policies behave.
+//! eviction under the KV budget, context policies, `Reset` and restarts after a
+//! crash behave.
 
 mod common;
 

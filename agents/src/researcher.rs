@@ -80,8 +80,8 @@ fn escape(name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use super::super::testing::accepts;
+    use super::*;
     use troupe::agent::reply_grammar;
 
     /// The grammar of the researcher's final answer as its turn compiles it: after its
