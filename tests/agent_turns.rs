@@ -1,6 +1,7 @@
 //! Agents own their cache across turns: each turn computes only its new tokens, and
 //! replies equal those of an agent that recomputes its history; fork, save/load,
-//! eviction under the KV budget and context policies behave.
+//! eviction under the KV budget, context policies, `Reset` and restarts after a
+//! crash behave.
 
 mod common;
 
@@ -291,52 +292,165 @@ async fn a_stopped_model_actor_fails_asks_clearly() {
     assert_eq!(a.ask(History).await.unwrap().len(), 3);
 }
 
+/// Asks `$agent` with `$message`, sending it again each time the supervised agent's
+/// teardown bounces it back (`ActorRestarting`: the restart's own signal that the next
+/// incarnation will take it). Any other outcome is returned; bounded, and never sleeps.
+macro_rules! ask_across_restart {
+    ($agent:expr, $message:expr) => {{
+        let mut message = $message;
+        let mut bounced = 0;
+        loop {
+            match $agent.ask(message).await {
+                Err(kameo::error::SendError::ActorRestarting(back)) if bounced < 10_000 => {
+                    bounced += 1;
+                    message = back;
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+
+#[derive(serde::Deserialize, schemars::JsonSchema)]
+struct NoArgs {}
+
+/// A tool that says when it starts, then never returns (the turn hangs inside it).
+fn hanging_tool(
+    started: tokio::sync::mpsc::UnboundedSender<()>,
+) -> Vec<Arc<dyn troupe::agent::Tool>> {
+    vec![troupe::agent::tool_fn(
+        "wait",
+        "Waits.",
+        move |_: NoArgs| {
+            let started = started.clone();
+            async move {
+                let _ = started.send(());
+                std::future::pending::<()>().await;
+                Ok("never".to_string())
+            }
+        },
+    )]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashed_supervised_agent_restarts_from_its_last_completed_turn() {
     use kameo::actor::Spawn;
+    use troupe::agent::{TokenLog, ToolChoice};
     let (_, engine) = setup(usize::MAX, 8);
+    let cfg = || AgentConfig {
+        max_tokens: 40,
+        tool_timeout_secs: 600.0,
+        ..config()
+    };
     let supervisor = troupe::agent::AgentSupervisor::spawn(());
-    let a = AgentActor::new(config(), engine.clone(), vec![])
+    let (started, mut tool_started) = tokio::sync::mpsc::unbounded_channel();
+    let a = AgentActor::new(cfg(), engine.clone(), hanging_tool(started.clone()))
         .unwrap()
         .spawn_supervised(&supervisor)
         .await;
-    let twin = agent(&engine, config());
+    // Same tools (the same system prompt), never called.
+    let twin = AgentActor::new(cfg(), engine.clone(), hanging_tool(started))
+        .unwrap()
+        .spawn_agent();
     for q in &QUESTIONS[..2] {
-        a.ask(Ask::new(*q)).await.unwrap();
-        twin.ask(Ask::new(*q)).await.unwrap();
+        let plain = || Ask::new(*q).tool_choice(ToolChoice::None);
+        a.ask(plain()).await.unwrap();
+        twin.ask(plain()).await.unwrap();
     }
-    let before = a.ask(History).await.unwrap();
+    let before = (
+        a.ask(History).await.unwrap(),
+        a.ask(TokenLog).await.unwrap().0,
+    );
+
+    // A third turn that calls the hanging tool; kill the agent while it waits in it.
+    let crashed = tokio::spawn({
+        let a = a.clone();
+        async move {
+            a.ask(Ask::new("call it").tool_choice(ToolChoice::Tool("wait".into())))
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("{e:?}"))
+        }
+    });
+    tool_started.recv().await.expect("the tool started");
     a.kill();
-    // Asks during the restart are bounced; retry until the new incarnation answers.
-    let mut history = None;
-    for _ in 0..200 {
-        match a.ask(History).await {
-            Ok(h) => {
-                history = Some(h);
-                break;
-            }
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-        }
-    }
-    assert_eq!(history.expect("the agent came back"), before);
-    // The History above may have been answered by the old incarnation before the
-    // kill landed: an ask bounced by the restart is retried the same way.
-    let mut x = None;
-    for _ in 0..200 {
-        match a.ask(Ask::new("after the crash")).await {
-            Ok(r) => {
-                x = Some(r);
-                break;
-            }
-            Err(kameo::error::SendError::HandlerError(e)) => panic!("turn failed: {e}"),
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-        }
-    }
-    let x = x.expect("the restarted agent answers");
-    let y = twin.ask(Ask::new("after the crash")).await.unwrap();
+    let crashed = crashed.await.unwrap();
+    assert!(
+        crashed.is_err(),
+        "the killed turn cannot complete: {crashed:?}"
+    );
+
+    // The restarted agent holds the last completed turn: the half-finished turn's user
+    // message, tool call and tokens are gone. (The old incarnation could not have
+    // answered: it was stuck in the tool.)
+    let history = ask_across_restart!(a, History).expect("the agent came back");
+    let (log, cached) = ask_across_restart!(a, TokenLog).unwrap();
+    assert_eq!((history, log), before, "back to the last completed turn");
+    assert_eq!(cached, 0, "the cache was lost with the crash");
+    assert!(tool_started.try_recv().is_err(), "the tool ran once");
+
+    let plain = || Ask::new("after the crash").tool_choice(ToolChoice::None);
+    let x = ask_across_restart!(a, plain()).expect("the restarted agent answers");
+    let y = twin.ask(plain()).await.unwrap();
     assert_eq!(x.text, y.text, "same state, same reply");
     assert_eq!(
         x.usage.cached_tokens, 0,
         "the cache was lost with the crash: re-prefilled"
+    );
+    assert_eq!(x.usage.prompt_tokens, y.usage.prompt_tokens);
+}
+
+/// `Reset` takes an agent back to its system prompt and few-shot examples with no
+/// cache (nothing accounted with the engine); its next turn computes everything and
+/// equals a fresh agent's first turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reset_forgets_the_conversation_and_the_cache() {
+    use troupe::agent::{Reset, TokenLog};
+    let cfg = || AgentConfig {
+        examples: vec![Message::user("ping"), Message::assistant("pong")],
+        ..config()
+    };
+    // Its own engine, so that the engine's live bytes are this agent's alone.
+    let (_, engine) = setup(usize::MAX, 8);
+    let a = agent(&engine, cfg());
+    let initial = a.ask(History).await.unwrap();
+    assert_eq!(
+        initial.len(),
+        3,
+        "system prompt and the example: {initial:?}"
+    );
+    for q in &QUESTIONS[..3] {
+        a.ask(Ask::new(*q)).await.unwrap();
+    }
+    assert!(a.ask(TokenLog).await.unwrap().1 > 0);
+    assert!(engine.stats().await.unwrap().kv_live_bytes > 0);
+
+    a.ask(Reset).await.unwrap();
+    assert_eq!(a.ask(History).await.unwrap(), initial);
+    assert_eq!(
+        a.ask(TokenLog).await.unwrap(),
+        (vec![], 0),
+        "no log, no cache"
+    );
+    assert_eq!(
+        engine.stats().await.unwrap().kv_live_bytes,
+        0,
+        "the cache is no longer accounted"
+    );
+
+    let (_, fresh_engine) = setup(usize::MAX, 8);
+    let fresh = agent(&fresh_engine, cfg());
+    let x = a.ask(Ask::new("hello again")).await.unwrap();
+    let y = fresh.ask(Ask::new("hello again")).await.unwrap();
+    assert_eq!(x.text, y.text);
+    assert_eq!(x.usage, y.usage);
+    assert_eq!(x.usage.cached_tokens, 0, "computed from scratch");
+    assert_eq!(
+        x.usage.computed_tokens,
+        x.usage.prompt_tokens + x.usage.generated_tokens - 1
+    );
+    assert_eq!(
+        a.ask(History).await.unwrap(),
+        fresh.ask(History).await.unwrap()
     );
 }

@@ -30,7 +30,10 @@ async fn steps(gate: &StepGate, n: u64) {
     gate.allow(n);
     let g = gate.clone();
     let held = tokio::task::spawn_blocking(move || g.wait_blocked(Duration::from_secs(60)));
-    assert!(held.await.unwrap(), "the engine did not come back to the gate");
+    assert!(
+        held.await.unwrap(),
+        "the engine did not come back to the gate"
+    );
 }
 
 async fn request(e: &Engine, prompt_len: usize, seed: usize) -> GenerationStream {
@@ -70,13 +73,20 @@ async fn cancellation_frees_everything() {
     let c = request(&e, 100, 3).await;
     steps(&gate, 1).await;
     let s = stats(&e).await;
-    assert_eq!((s.running, s.steps), (1, before + 1), "admitted at the first step");
+    assert_eq!(
+        (s.running, s.steps),
+        (1, before + 1),
+        "admitted at the first step"
+    );
     steps(&gate, 1).await; // two prefill chunks of seven
 
     // Dropped mid prefill.
     drop(c);
     let s = stats(&e).await;
-    assert_eq!((s.running, s.waiting, s.cancelled, s.kv_live_bytes), (0, 0, 3, 0));
+    assert_eq!(
+        (s.running, s.waiting, s.cancelled, s.kv_live_bytes),
+        (0, 0, 3, 0)
+    );
 
     let before = s.steps;
     let d = request(&e, 8, 4).await;
@@ -125,7 +135,11 @@ async fn a_tool_past_its_timeout_is_aborted() {
     let agent = e.agent(config, vec![slow]).unwrap();
     let reply = agent.ask(Ask::new("Wait for it.")).await.unwrap();
     assert_eq!(reply.tool_runs.len(), 1);
-    assert!(reply.tool_runs[0].result.contains("timed out"), "{:?}", reply.tool_runs);
+    assert!(
+        reply.tool_runs[0].result.contains("timed out"),
+        "{:?}",
+        reply.tool_runs
+    );
     // Aborted, not left sleeping: its future is dropped right after the timeout.
     tokio::time::timeout(Duration::from_secs(5), dropped)
         .await
@@ -164,7 +178,10 @@ async fn a_streamed_turn_whose_reader_goes_away_is_cancelled() {
     gate.allow(1);
     let result = turn.await.unwrap();
     assert!(
-        matches!(result, Err(kameo::error::SendError::HandlerError(Error::Cancelled))),
+        matches!(
+            result,
+            Err(kameo::error::SendError::HandlerError(Error::Cancelled))
+        ),
         "{result:?}"
     );
     let s = e.stats().await.unwrap();

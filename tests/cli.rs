@@ -72,8 +72,10 @@ fn tokenize_round_trips_through_the_cli() {
 fn generate_runs_and_is_deterministic() {
     let tiny = tiny_model_path();
     let tiny = tiny.to_str().unwrap();
+    // Raw prompts: the tiny model's greedy chat reply is an immediate end of turn.
     let args = [
         "generate",
+        "--raw",
         "--prompt",
         "hello",
         "--max-tokens",
@@ -84,6 +86,7 @@ fn generate_runs_and_is_deterministic() {
     let a = stdout(&troupe(&args, &[]));
     let b = stdout(&troupe(&args, &[]));
     assert_eq!(a, b);
+    assert!(!a.trim().is_empty(), "empty greedy reply");
     let sampled = [
         "generate",
         "--raw",
@@ -100,9 +103,89 @@ fn generate_runs_and_is_deterministic() {
     ];
     let first = stdout(&troupe(&sampled, &[]));
     assert_eq!(first, stdout(&troupe(&sampled, &[])));
-    // Something was generated (two empty outputs would be equal too; the tiny
-    // model's greedy chat reply may be empty, its sampled raw one is not).
+    // Something was generated (two empty outputs would be equal too).
     assert!(!first.trim().is_empty(), "empty sampled reply");
+}
+
+/// `troupe generate` with each grammar flag (on the default model, so that the
+/// replies end by completing their grammar): each output is checked by an oracle
+/// independent of llguidance (the regex crate, a JSON Schema validator, a list).
+#[test]
+fn generate_grammar_flags_constrain_the_output() {
+    let model = real_model_path();
+    let model = model.to_str().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let gen = |prompt: &str, flags: &[&str]| -> String {
+        let mut args = vec![
+            "generate",
+            "--prompt",
+            prompt,
+            "--max-tokens",
+            "48",
+            "--model",
+            model,
+        ];
+        args.extend_from_slice(flags);
+        let out = stdout(&troupe(&args, &[]));
+        out.strip_suffix('\n').unwrap_or(&out).to_string()
+    };
+
+    let date = gen(
+        "When was the Eiffel Tower built?",
+        &["--regex", "[0-9]{4}-[0-9]{2}"],
+    );
+    assert!(
+        regex::Regex::new("^[0-9]{4}-[0-9]{2}$")
+            .unwrap()
+            .is_match(&date),
+        "{date:?}"
+    );
+
+    let color = gen("Pick a color.", &["--choice", "red,green,blue"]);
+    assert!(
+        ["red", "green", "blue"].contains(&color.as_str()),
+        "{color:?}"
+    );
+
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "year": {"type": "integer", "minimum": 1000, "maximum": 2100}
+        },
+        "required": ["city", "year"],
+        "additionalProperties": false
+    });
+    let schema_file = dir.path().join("schema.json");
+    std::fs::write(&schema_file, schema.to_string()).unwrap();
+    let json = gen(
+        "Name a city and the year it was founded, as JSON.",
+        &["--json-schema", schema_file.to_str().unwrap()],
+    );
+    let value: serde_json::Value =
+        serde_json::from_str(&json).unwrap_or_else(|e| panic!("{json:?} is not JSON: {e}"));
+    let validator = jsonschema::validator_for(&schema).unwrap();
+    assert!(
+        validator.is_valid(&value),
+        "{json:?} does not match the schema"
+    );
+
+    let lark_file = dir.path().join("g.lark");
+    std::fs::write(
+        &lark_file,
+        "start: \"answer: \" WORD (\" \" WORD){0,2}\nWORD: /[a-z]{1,10}/\n",
+    )
+    .unwrap();
+    let words = gen(
+        "Describe the sea in three words.",
+        &["--lark", lark_file.to_str().unwrap()],
+    );
+    assert!(
+        regex::Regex::new("^answer: [a-z]{1,10}( [a-z]{1,10}){0,2}$")
+            .unwrap()
+            .is_match(&words),
+        "{words:?}"
+    );
 }
 
 #[test]

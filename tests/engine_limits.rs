@@ -48,6 +48,14 @@ async fn bad_requests_fail_at_once_and_the_actor_keeps_serving() {
     let vocab = model.config().vocab_size as u32;
     let context = model.config().context_length;
     let fresh = || cache(&tiny(WeightsMode::Native));
+    // A cache that already holds 12 tokens of an earlier turn: a rejection must hand
+    // back exactly these keys and values.
+    let feeder = tiny(WeightsMode::Native);
+    let fed = || {
+        let mut c = cache(&feeder);
+        feed(&feeder, &mut c, &tokens(12, 9, 3, 270));
+        c
+    };
     let a = actor(model, engine_config(64, 8, 1 << 30));
     // A good request in flight while the bad ones arrive.
     let running = a
@@ -58,7 +66,7 @@ async fn bad_requests_fail_at_once_and_the_actor_keeps_serving() {
     let check = |g: Generate, expect: &'static str| {
         let a = a.clone();
         async move {
-            let len = g.cache.len();
+            let (len, capacity, kv) = (g.cache.len(), g.cache.capacity(), g.cache.to_f32_layers());
             let rejected = match a.ask(g).await {
                 Err(kameo::error::SendError::HandlerError(r)) => r,
                 other => panic!(
@@ -68,19 +76,35 @@ async fn bad_requests_fail_at_once_and_the_actor_keeps_serving() {
             };
             let msg = rejected.error.to_string();
             assert!(msg.contains(expect), "{msg:?} should name {expect:?}");
-            assert_eq!(rejected.cache.len(), len, "the cache comes back untouched");
+            assert_eq!(
+                (rejected.cache.len(), rejected.cache.capacity()),
+                (len, capacity),
+                "{expect}: the cache comes back with its length and room"
+            );
+            assert!(
+                rejected.cache.to_f32_layers() == kv,
+                "{expect}: the cache comes back with the same keys and values"
+            );
         }
     };
+    assert_eq!(fed().len(), 12);
     check(greedy(fresh(), vec![], 5), "empty prompt").await;
+    check(greedy(fed(), vec![], 5), "no new tokens").await;
     check(
-        greedy(fresh(), vec![5, vocab + 7], 5),
+        greedy(fed(), vec![5, vocab + 7], 5),
         "outside the vocabulary",
     )
     .await;
-    check(greedy(fresh(), vec![5, 6], 0), "max_tokens").await;
-    let mut g = greedy(fresh(), vec![5, 6], 5);
+    check(greedy(fed(), vec![5, 6], 0), "max_tokens").await;
+    let mut g = greedy(fed(), vec![5, 6], 5);
     g.sampling = SamplingParams::with_temperature(-0.5, 1);
     check(g, "temperature").await;
+    // 12 cached + 20 new + `context - 31` to generate: one token past the context.
+    check(
+        greedy(fed(), tokens(20, 3, 3, 270), context - 31),
+        "context",
+    )
+    .await;
     check(greedy(fresh(), tokens(20, 3, 3, 270), context), "context").await;
 
     let done = running.finish().await.unwrap();

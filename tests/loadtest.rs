@@ -1,7 +1,7 @@
 //! The loadtest report is consistent: no request is lost, the same conversations give
 //! the same prompt tokens with and without cache reuse, the no-cache-reuse ablation
-//! reuses nothing, and `--duration` stops the run on time. (The report defines
-//! computed tokens as prompt minus reused, so that sum is not tested.)
+//! reuses nothing, each turn reuses exactly the tokens its agent's previous turn left
+//! in the cache, and `--duration` stops the run on time.
 
 mod common;
 
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use troupe::loadtest::{run, LoadtestOptions};
+use troupe::loadtest::{run, LoadtestOptions, RunReport, TurnRecord};
 use troupe::model::WeightsMode;
 
 fn opts() -> LoadtestOptions {
@@ -50,6 +50,57 @@ async fn counters_add_up_and_reuse_computes_only_new_tokens() {
     // the reuse run computed strictly less.
     assert_eq!(r.prompt_tokens, ablation.prompt_tokens);
     assert!(r.computed_tokens < ablation.computed_tokens);
+
+    // Only new tokens are computed: each turn after the first reuses exactly what the
+    // agent's previous turn left in its cache, that turn's prompt and all its generated
+    // tokens but the last (sampled, never fed back). The ablation reuses none of it.
+    check_reuse(&r, 6, 3, |prev| {
+        prev.prompt_tokens + prev.generated_tokens - 1
+    });
+    check_reuse(&ablation, 6, 3, |_| 0);
+}
+
+/// Every agent completed every turn, its first reused nothing, and each later one
+/// reused `expected(previous turn)` tokens.
+fn check_reuse(
+    r: &RunReport,
+    agents: usize,
+    turns: usize,
+    expected: impl Fn(&TurnRecord) -> usize,
+) {
+    assert_eq!(r.turn_records.len(), agents * turns);
+    for agent in 0..agents {
+        let mut mine: Vec<&TurnRecord> =
+            r.turn_records.iter().filter(|t| t.agent == agent).collect();
+        mine.sort_by_key(|t| t.turn);
+        assert_eq!(
+            mine.iter().map(|t| t.turn).collect::<Vec<_>>(),
+            (0..turns).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            mine[0].reused_tokens, 0,
+            "agent {agent}: a first turn has nothing to reuse"
+        );
+        for w in mine.windows(2) {
+            assert!(w[0].generated_tokens > 0, "agent {agent}: {:?}", w[0]);
+            assert_eq!(
+                w[1].reused_tokens,
+                expected(w[0]),
+                "agent {agent}: {:?} after {:?}",
+                w[1],
+                w[0]
+            );
+            assert!(
+                w[1].prompt_tokens > w[0].prompt_tokens + w[0].generated_tokens,
+                "the history grows by the new message"
+            );
+        }
+    }
+    // The totals are these rows' sums.
+    let sum = |f: fn(&TurnRecord) -> usize| r.turn_records.iter().map(f).sum::<usize>() as u64;
+    assert_eq!(sum(|t| t.prompt_tokens), r.prompt_tokens);
+    assert_eq!(sum(|t| t.reused_tokens), r.reused_tokens);
+    assert_eq!(sum(|t| t.generated_tokens), r.generated_tokens);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

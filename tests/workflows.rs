@@ -251,26 +251,24 @@ async fn fork_explore_keeps_the_best_and_reuses_the_prefix() {
         .ask(troupe::agent::Ask::new("some shared context"))
         .await
         .unwrap();
-    let scored = std::sync::Mutex::new(Vec::new());
+    // Distinct scores, the best in the middle (neither the first nor the last fork), so
+    // neither a tie nor a wrong pick by position can pass.
     let texts = std::sync::Mutex::new(Vec::new());
     let (best, reply) = fork_explore(
         &base.agent,
         3,
         "try",
         |r| {
-            scored.lock().unwrap().push(r.text.len());
-            texts.lock().unwrap().push(r.text.clone());
-            r.text.len() as f64
+            let mut texts = texts.lock().unwrap();
+            texts.push(r.text.clone());
+            [1.0, 3.0, 2.0][texts.len() - 1]
         },
         &None,
     )
     .await
     .unwrap();
-    assert!(best < 3);
-    assert_eq!(
-        reply.text.len(),
-        *scored.lock().unwrap().iter().max().unwrap()
-    );
+    assert_eq!(best, 1, "the fork with the highest score");
+    assert_eq!(reply.text, texts.lock().unwrap()[1], "and its reply");
     let texts = texts.lock().unwrap().clone();
     assert_eq!(texts.len(), 3);
     assert!(

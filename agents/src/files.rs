@@ -434,6 +434,17 @@ mod tests {
             r.search("beta or alpha").unwrap(),
             "a.txt:1: alpha\nsub/b.md:1: beta"
         );
+        // The best match is not first in walk order: a later file's line (three words)
+        // before an earlier file's (one word), and in one file a later line (two
+        // words) before an earlier one; equal scores keep the walk order.
+        assert_eq!(
+            r.search("yes here launch").unwrap(),
+            "sub/b.md:2: no launch here? yes launch\na.txt:2: Launch on Monday"
+        );
+        assert_eq!(
+            r.search("alpha monday launch").unwrap(),
+            "a.txt:2: Launch on Monday\na.txt:1: alpha\nsub/b.md:2: no launch here? yes launch"
+        );
     }
 
     #[test]

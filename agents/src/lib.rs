@@ -23,6 +23,8 @@ pub mod clock;
 pub mod files;
 pub mod notes;
 pub mod researcher;
+#[cfg(test)]
+mod testing;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -172,15 +174,28 @@ mod tests {
 
     /// Every agent's grammars (tool calls, the calculator's answers, the researcher's
     /// citations over escaped file names) compile: `AgentActor::new` compiles them all.
+    /// And each accepts the agent's own demonstrated exchange: every few-shot reply,
+    /// under the tool choice the turn has at that step (the configured one first, `auto`
+    /// after a forced call, `none` once the step limit is reached), is a complete output
+    /// of that step's grammar, and the first step's grammar refuses the final answer
+    /// when a call is required.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn every_agent_spawns_with_its_grammars_compiled() {
+        use troupe::agent::{reply_grammar, ToolChoice};
+        use troupe::Role;
         let dir = tempfile::tempdir().unwrap();
-        let gguf = dir.path().join("tiny.gguf");
-        troupe::model::tiny::write_tiny_model(&gguf, &Default::default()).unwrap();
-        let engine = Engine::start(&gguf, Default::default(), Default::default()).unwrap();
+        let model = testing::tiny_model();
+        let engine = Engine::serve(model.clone(), Default::default()).unwrap();
         let docs = dir.path().join("docs");
-        std::fs::create_dir(&docs).unwrap();
-        for name in ["a+b (1).md", "c[2].txt", "plain.txt"] {
+        std::fs::create_dir_all(docs.join("house")).unwrap();
+        // Names that need escaping, and the files the researcher's examples cite.
+        for name in [
+            "a+b (1).md",
+            "c[2].txt",
+            "plain.txt",
+            "pets.md",
+            "house/bills.txt",
+        ] {
             std::fs::write(docs.join(name), "text").unwrap();
         }
         let opts = Options {
@@ -189,6 +204,54 @@ mod tests {
         };
         for info in CATALOG {
             let made = ReadyMade::build(info.name, &opts).unwrap();
+            let cfg = made.config.clone();
+            let grammar = |choice: &ToolChoice| {
+                reply_grammar(&made.tools, choice, cfg.grammar.as_ref())
+                    .unwrap()
+                    .unwrap_or_else(|| {
+                        panic!("{}: a tool agent's replies are constrained", info.name)
+                    })
+            };
+            let mut replies = 0;
+            let (mut choice, mut steps) = (cfg.tool_choice.clone(), 0);
+            for m in &cfg.examples {
+                match m.role {
+                    Role::User => (choice, steps) = (cfg.tool_choice.clone(), 0),
+                    Role::Tool => {
+                        steps += 1;
+                        choice = if steps >= cfg.max_tool_steps {
+                            ToolChoice::None
+                        } else {
+                            ToolChoice::Auto
+                        };
+                    }
+                    Role::Assistant => {
+                        replies += 1;
+                        assert!(
+                            testing::accepts(&grammar(&choice), &m.content),
+                            "{}: under {choice:?} the grammar refuses its example {:?}",
+                            info.name,
+                            m.content
+                        );
+                        let forced =
+                            matches!(cfg.tool_choice, ToolChoice::Required | ToolChoice::Tool(_));
+                        if forced && troupe::agent::parse_call(&m.content).is_none() {
+                            assert!(
+                                !testing::accepts(&grammar(&cfg.tool_choice), &m.content),
+                                "{}: the first step must call a tool, not answer {:?}",
+                                info.name,
+                                m.content
+                            );
+                        }
+                    }
+                    Role::System => {}
+                }
+            }
+            assert!(
+                replies >= 2,
+                "{}: demonstrates a call and an answer",
+                info.name
+            );
             if let Err(e) = made.spawn(&engine) {
                 panic!("{}: {e}", info.name);
             }

@@ -80,7 +80,20 @@ fn escape(name: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::accepts;
     use super::*;
+    use troupe::agent::reply_grammar;
+
+    /// The grammar of the researcher's final answer as its turn compiles it: after its
+    /// one tool step the choice is `none`, and the citation regex sits inside a Lark
+    /// rule (with `/` escaped), compiled by llguidance.
+    fn answer_grammar(root: &Root) -> Grammar {
+        let cfg = config(root);
+        let tools = super::super::files::tools(root);
+        reply_grammar(&tools, &ToolChoice::None, cfg.grammar.as_ref())
+            .unwrap()
+            .unwrap()
+    }
 
     #[test]
     fn citations_name_only_files_under_the_root() {
@@ -89,26 +102,56 @@ mod tests {
         std::fs::write(dir.path().join("a+b.md"), "x").unwrap();
         std::fs::write(dir.path().join("d/c.txt"), "y").unwrap();
         let root = Root::new(dir.path()).unwrap();
-        let re = regex::Regex::new(&format!("^(?:{})$", citation_regex(&root))).unwrap();
-        assert!(re.is_match("Sources: a+b.md\nThe answer."));
-        assert!(re.is_match("Sources: d/c.txt, a+b.md\nIt is so."));
-        assert!(!re.is_match("Sources: other.md\nNo."));
-        assert!(!re.is_match("The answer without sources."));
-        assert!(re.is_match("Sources: none\nThe files do not say."));
-        assert!(!re.is_match("Sources: ab.md\nNo."), "`+` is literal");
+        let g = answer_grammar(&root);
+        assert!(
+            matches!(&g, Grammar::Lark(l) if l.contains("d\\/c\\.txt")),
+            "{g:?}"
+        );
+        assert!(accepts(&g, "Sources: a+b.md\nThe answer."));
+        assert!(
+            accepts(&g, "Sources: d/c.txt, a+b.md\nIt is so."),
+            "a `/` in a name"
+        );
+        assert!(!accepts(&g, "Sources: other.md\nNo."));
+        assert!(!accepts(&g, "Sources: d/c.txt, other.md\nNo."));
+        assert!(!accepts(&g, "The answer without sources."));
+        assert!(accepts(&g, "Sources: none\nThe files do not say."));
+        assert!(!accepts(&g, "Sources: ab.md\nNo."), "`+` is literal");
+        assert!(!accepts(&g, "Sources: a+b.md\n"), "an answer follows");
+        assert!(
+            !accepts(&g, "Sources: a+b.md, a+b.md, a+b.md, a+b.md\nNo."),
+            "at most three"
+        );
         // Every file is citable, past the listing tool's 50 lines.
         for i in 0..60 {
             std::fs::write(dir.path().join(format!("f{i:02}.txt")), "z").unwrap();
         }
-        let re = regex::Regex::new(&format!("^(?:{})$", citation_regex(&root))).unwrap();
-        assert!(re.is_match("Sources: f59.txt\nYes."));
-        assert!(!re.is_match("Sources: f60.txt\nNo."));
+        let g = answer_grammar(&root);
+        assert!(accepts(&g, "Sources: f59.txt\nYes."));
+        assert!(!accepts(&g, "Sources: f60.txt\nNo."));
+        // The first step must search: a citation there is refused.
         let cfg = config(&root);
-        let names: Vec<String> = super::super::files::tools(&root)
-            .iter()
-            .map(|t| t.name().to_string())
-            .collect();
+        let tools = super::super::files::tools(&root);
+        let first = reply_grammar(&tools, &cfg.tool_choice, cfg.grammar.as_ref())
+            .unwrap()
+            .unwrap();
+        assert!(!accepts(&first, "Sources: f59.txt\nYes."));
+        assert!(accepts(
+            &first,
+            &troupe::agent::format_call("search_files", &serde_json::json!({"query": "launch"}))
+        ));
+        let names: Vec<String> = tools.iter().map(|t| t.name().to_string()).collect();
         assert_eq!(cfg.tools, names);
-        assert!(matches!(cfg.grammar, Some(Grammar::Regex(_))));
+    }
+
+    #[test]
+    fn past_the_limit_any_name_is_citable() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..=MAX_CITABLE {
+            std::fs::write(dir.path().join(format!("f{i:03}.txt")), "z").unwrap();
+        }
+        let g = answer_grammar(&Root::new(dir.path()).unwrap());
+        assert!(accepts(&g, "Sources: anything.md\nYes."));
+        assert!(!accepts(&g, "No sources line."));
     }
 }

@@ -169,9 +169,13 @@ impl AgentActor {
         max_tokens: usize,
         undo: &mut Undo,
     ) -> Result<(Done, usize)> {
-        // What earlier calls fed (all but the log's last, sampled token): a cache that
-        // had them all would be reused in full; any of them fed again is recomputed.
-        let fed_before = self.conv.log().len().saturating_sub(1);
+        // What was computed before and should be reused: the cache's tokens (here or
+        // parked), or, with no cache (evicted, loaded, restarted), what the log's earlier
+        // calls fed (all but its last, sampled token). Any of it fed again is recomputed.
+        let computed_before = match self.conv.cache.len() {
+            0 => self.conv.log().len().saturating_sub(1),
+            held => held,
+        };
         self.sync_log(undo).await?;
         self.fit_context(max_tokens, undo).await?;
         let expected_cached = self.conv.cache.len();
@@ -221,7 +225,7 @@ impl AgentActor {
                 Some(Event::Done(done)) => {
                     // Counted for an eviction, a park the engine dropped, a loaded or
                     // restarted agent (whose log comes without its cache) alike.
-                    let recomputed = fed_before.saturating_sub(done.usage.cached_tokens);
+                    let recomputed = computed_before.saturating_sub(done.usage.cached_tokens);
                     if expected_cached > done.usage.cached_tokens {
                         // The engine dropped the park under pressure.
                         self.stats.evictions += 1;

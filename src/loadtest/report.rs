@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 
-use super::workload::{GrammarKind, LoadtestOptions};
+use super::options::{GrammarKind, LoadtestOptions};
 use crate::agent::AgentReply;
 use crate::engine::Stats;
 use crate::stats::Quantiles;
@@ -75,6 +75,25 @@ pub struct RunReport {
     pub mask_us: Quantiles,
     /// Peak resident memory of the process.
     pub rss_peak_bytes: u64,
+    /// Each completed turn's token counts, in completion order (kept out of the JSON
+    /// report: one row per turn would dwarf it).
+    #[serde(skip)]
+    pub turn_records: Vec<TurnRecord>,
+}
+
+/// The token counts of one completed turn of one agent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TurnRecord {
+    /// Index of the agent.
+    pub agent: usize,
+    /// Index of the turn in the agent's conversation.
+    pub turn: usize,
+    /// Tokens of context before generation (cached plus new).
+    pub prompt_tokens: usize,
+    /// Of those, tokens already in the agent's cache.
+    pub reused_tokens: usize,
+    /// Tokens generated.
+    pub generated_tokens: usize,
 }
 
 struct Samples {
@@ -156,7 +175,13 @@ impl Recorder {
         self.samples.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(super) fn turn(&self, turn: usize, r: &AgentReply, sent: Instant, token_times: &[Instant]) {
+    pub(super) fn turn(
+        &self,
+        (agent, turn): (usize, usize),
+        r: &AgentReply,
+        sent: Instant,
+        token_times: &[Instant],
+    ) {
         let mut s = self.lock();
         let ttft = token_times.first().map_or(r.ttft, |t| *t - sent);
         let _ = s.ttft.record(us(ttft));
@@ -177,6 +202,13 @@ impl Recorder {
         rep.reused_tokens += r.usage.cached_tokens as u64;
         rep.generated_tokens += r.usage.generated_tokens as u64;
         rep.recomputed_tokens += r.recomputed_tokens as u64;
+        rep.turn_records.push(TurnRecord {
+            agent,
+            turn,
+            prompt_tokens: r.usage.prompt_tokens,
+            reused_tokens: r.usage.cached_tokens,
+            generated_tokens: r.usage.generated_tokens,
+        });
         let (done, errors, generated) = (rep.requests, rep.errors, rep.generated_tokens);
         drop(s);
         self.bar.inc(1);
