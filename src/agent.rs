@@ -31,7 +31,8 @@ pub use config::{
 pub use conversation::{CacheSlot, Conversation, SyncWork, Undo};
 pub(crate) use messages::{ask_error, unreachable, AskNested};
 pub use messages::{
-    ask_streaming, Ask, Fork, GetAgentStats, History, Reset, Save, TokenLog, TurnOptions,
+    ask_streaming, Ask, CacheBytes, Fork, GetAgentStats, History, Reset, Save, TokenLog,
+    TurnOptions,
 };
 pub use supervision::AgentSupervisor;
 pub use tool_run::cap_text;
@@ -148,11 +149,7 @@ impl AgentActor {
                 return Err(Error::UnknownTool {
                     owner: format!("agent `{}`", config.name),
                     tool: name.clone(),
-                    known: tools
-                        .iter()
-                        .map(|t| t.name())
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    known: tools::names(&tools),
                 });
             }
         }

@@ -187,7 +187,19 @@ async fn twenty_agents_under_a_small_budget_all_finish_identically() {
                 replies[i].push(p.await.unwrap());
             }
         }
+        // At rest, the engine accounts for exactly the bytes the agents' caches hold
+        // (each agent answers after any eviction already in its mailbox; its lease's
+        // release reaches the engine before the stats request does).
+        let mut held = 0;
+        for a in &agents {
+            held += a.ask(troupe::agent::CacheBytes).await.unwrap();
+        }
         let stats = engine.stats().await.unwrap();
+        assert_eq!(
+            held, stats.kv_live_bytes,
+            "real bytes vs the engine's accounting"
+        );
+        assert!(held > 0);
         let mut evictions = 0;
         for a in &agents {
             evictions += a.ask(GetAgentStats).await.unwrap().evictions;

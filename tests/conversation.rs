@@ -77,3 +77,51 @@ fn turn_forty_costs_what_turn_two_costs() {
         work[1].0.rendered_bytes
     );
 }
+
+/// A template that re-renders the history differently from what the model wrote
+/// (it trims replies): the next prompt disagrees with the log, so the log is cut to
+/// the longest common prefix and the rest re-tokenized, and the mismatch is counted.
+#[test]
+fn a_history_rendered_differently_is_cut_to_the_common_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("trimming.gguf");
+    let template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+    troupe::model::tiny::write_tiny_model(
+        &path,
+        &troupe::model::tiny::TinyConfig {
+            chat_template: Some(template.into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let model = troupe::Model::load(&path, Default::default()).unwrap();
+    let tok = model.tokenizer();
+    let end = tok.token_id("<|im_end|>").unwrap();
+    let mut conv = Conversation::new(vec![Message::system("Be brief.")]);
+    conv.push(Message::user("Hello?"));
+    let mut undo = conv.undo_point();
+    let first = conv.sync(&model, &mut undo).unwrap();
+    assert!(!first.mismatch);
+    let prompt_len = conv.log().len();
+    // The model wrote a reply with a leading space, which the template trims away.
+    let text = "  Hi there.";
+    let mut reply = tok.encode(text).unwrap();
+    reply.push(end);
+    conv.record_reply(&model, &reply, text.into()).unwrap();
+    conv.push(Message::user("And then?"));
+    let mut undo = conv.undo_point();
+    let second = conv.sync(&model, &mut undo).unwrap();
+    assert!(second.mismatch && !second.windowed, "{second:?}");
+    let full = model.chat_template().render(conv.messages(), true).unwrap();
+    assert_eq!(conv.log(), &tok.encode_prompt(&full).unwrap()[..]);
+    // The prompt of the first turn is still a common prefix; the reply's tokens past
+    // the point of disagreement were replaced.
+    assert!(conv.log().len() > prompt_len);
+    assert_ne!(
+        &conv.log()[prompt_len..prompt_len + reply.len()],
+        &reply[..]
+    );
+    // A rollback puts the reply's own tokens back.
+    conv.rollback(undo);
+    assert_eq!(&conv.log()[prompt_len..], &reply[..]);
+}

@@ -166,7 +166,7 @@ fn run_budget_workload(lens: Vec<(usize, usize)>, budget_tokens: usize, max_runn
             {
                 Ok(s) => {
                     expected += 1;
-                    streams.push(s);
+                    streams.push((s, prompt + max_tokens));
                 }
                 Err(kameo::error::SendError::HandlerError(r)) => {
                     // Only requests that can never fit are refused.
@@ -181,8 +181,16 @@ fn run_budget_workload(lens: Vec<(usize, usize)>, budget_tokens: usize, max_runn
             }
         }
         let mut finished = 0;
-        for s in streams {
-            s.finish().await.unwrap();
+        for (s, reserved_tokens) in streams {
+            let done = s.finish().await.unwrap();
+            // The bytes the cache really holds never exceed what admission reserved
+            // (context + new + max_tokens rows), which is what the budget counts.
+            let reserved = reserved_tokens * per_token;
+            assert!(
+                done.cache.bytes() <= reserved,
+                "a cache of {} bytes under a reservation of {reserved}",
+                done.cache.bytes()
+            );
             finished += 1;
         }
         assert_eq!(finished, expected);

@@ -150,6 +150,22 @@ impl KameoMessage<TokenLog> for AgentActor {
     }
 }
 
+/// Bytes of the cache the agent holds now (0 when it has none, or it is parked with
+/// the engine), for tests that hold the engine's accounting against real bytes.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub struct CacheBytes;
+
+impl KameoMessage<CacheBytes> for AgentActor {
+    type Reply = usize;
+    async fn handle(&mut self, _: CacheBytes, _: &mut Context<Self, Self::Reply>) -> usize {
+        match &self.conv.cache {
+            CacheSlot::Here(c) => c.bytes(),
+            _ => 0,
+        }
+    }
+}
+
 /// The agent's counters.
 #[derive(Debug, Clone, Copy)]
 pub struct GetAgentStats;

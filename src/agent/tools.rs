@@ -249,6 +249,15 @@ fn type_name(p: &serde_json::Value) -> String {
     }
 }
 
+/// The tools' names, comma-separated (for errors naming what an agent has).
+pub(crate) fn names(tools: &[Arc<dyn Tool>]) -> String {
+    tools
+        .iter()
+        .map(|t| t.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// The grammar of a reply under `choice`, or `None` for an unconstrained reply.
 /// `answer` is the agent's own output grammar for final answers, if any.
 pub fn reply_grammar(
@@ -266,11 +275,7 @@ pub fn reply_grammar(
                 .ok_or_else(|| Error::UnknownTool {
                     owner: "tool_choice".into(),
                     tool: name.clone(),
-                    known: tools
-                        .iter()
-                        .map(|t| t.name())
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    known: names(tools),
                 })?;
             vec![t]
         }

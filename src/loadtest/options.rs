@@ -57,6 +57,9 @@ pub struct LoadtestOptions {
     /// Most prefill tokens in a step while sequences decode (see
     /// [`SchedulerConfig::max_prefill_while_decoding`]).
     pub max_prefill_while_decoding: usize,
+    /// The engine's test hooks (its step gate), for the tests only.
+    #[doc(hidden)]
+    pub engine_hooks: crate::engine::TestHooks,
 }
 
 impl Default for LoadtestOptions {
@@ -78,6 +81,7 @@ impl Default for LoadtestOptions {
             progress: false,
             kv_dtype: crate::kv::KvDtype::default(),
             max_prefill_while_decoding: SchedulerConfig::default().max_prefill_while_decoding,
+            engine_hooks: Default::default(),
         }
     }
 }

@@ -66,7 +66,7 @@ pub async fn run(model: Arc<Model>, o: &LoadtestOptions) -> Result<RunReport> {
                 max_prefill_while_decoding: o.max_prefill_while_decoding,
             },
             kv_dtype: o.kv_dtype,
-            ..EngineConfig::default()
+            test_hooks: o.engine_hooks.clone(),
         },
     )?;
     let mut rng = StdRng::seed_from_u64(o.seed);
