@@ -46,6 +46,11 @@ fn drive(turns: usize) -> (Conversation, Vec<(SyncWork, f64)>) {
         "log differs from the full rendering"
     );
     expected.truncate(log.len());
+    eprintln!(
+        "after {turns} turns the whole conversation renders to {} bytes, {} tokens",
+        full.len(),
+        log.len()
+    );
     (conv, work)
 }
 
