@@ -5,6 +5,7 @@
 //! run, and resolves the [`WeightsMode`]. [`Model::info`] describes it for
 //! `troupe model info`.
 
+pub mod arch;
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod attention_simd;
@@ -183,7 +184,7 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads a llama-family GGUF.
+    /// Loads a GGUF of one of the [`arch::Arch`]s (llama, qwen2, qwen3).
     pub fn load(path: &Path, opts: LoadOptions) -> Result<Self> {
         let mut file = GgufFile::open(path)?;
         let architecture = file
@@ -193,9 +194,7 @@ impl Model {
                 reason: "missing".into(),
             })?
             .to_string();
-        if architecture != "llama" {
-            return Err(Error::UnsupportedArchitecture { arch: architecture });
-        }
+        arch::Arch::from_name(&architecture)?;
         let config = LlamaConfig::from_gguf(&file.content)?;
         gguf_check::check_special_tokens(&file.content, config.vocab_size)?;
         let tokenizer = Tokenizer::from_gguf(&file.content)?;
