@@ -10,6 +10,7 @@ pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod attention_simd;
 mod bf16;
+pub mod catalogue;
 pub mod chat;
 pub mod fetch;
 pub mod gguf_check;
