@@ -14,6 +14,7 @@ pub mod catalogue;
 pub mod chat;
 pub mod fetch;
 pub mod gguf_check;
+mod kquants;
 pub mod linear;
 pub mod llama;
 pub mod profile;
