@@ -81,10 +81,7 @@ pub(crate) fn matmul(
                 acc.iter_mut().for_each(|a| *a = [[0.0; 16]; 2]);
                 for (b, blk) in w.chunks_exact(bb).enumerate() {
                     let wv = &mut buf[..bw];
-                    decode(dtype, blk, wv);
-                    if round_bf16 {
-                        wv.iter_mut().for_each(|v| *v = round(*v));
-                    }
+                    decode_rounding(dtype, blk, wv, round_bf16);
                     for (r, a) in acc.iter_mut().enumerate() {
                         dot_into(a, wv, &x[r * k + b * bw..r * k + (b + 1) * bw]);
                     }
@@ -154,8 +151,37 @@ fn round(x: f32) -> f32 {
     f32::from_bits(b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000)
 }
 
+/// [`decode`], then each weight rounded to bf16 if `round_bf16`: with AVX-512 where
+/// the build targets it (the same values, 16 weights per instruction).
+#[inline(always)]
+fn decode_rounding(dtype: GgmlDType, blk: &[u8], out: &mut [f32], round_bf16: bool) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    {
+        // SAFETY: the build targets AVX-512F; `blk` is one whole block of `dtype`
+        // and `out` its width.
+        unsafe {
+            if round_bf16 {
+                simd::decode::<true>(dtype, blk, out)
+            } else {
+                simd::decode::<false>(dtype, blk, out)
+            }
+        }
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+    {
+        decode(dtype, blk, out);
+        if round_bf16 {
+            out.iter_mut().for_each(|v| *v = round(*v));
+        }
+    }
+}
+
 /// Decodes one block of `dtype` into `out` (its width), with the arithmetic of
-/// candle's dequantization.
+/// candle's dequantization (the portable path; with AVX-512 only the tests use it).
+#[cfg_attr(
+    all(target_arch = "x86_64", target_feature = "avx512f"),
+    allow(dead_code)
+)]
 #[inline(always)]
 fn decode(dtype: GgmlDType, blk: &[u8], out: &mut [f32]) {
     match dtype {
@@ -174,14 +200,18 @@ fn decode_q5_0(blk: &[u8], out: &mut [f32]) {
     let d = f16_at(blk, 0);
     let qh = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
     let qs = &blk[6..22];
-    let (lo, hi) = out.split_at_mut(16);
+    // Weight j's low nibble, then its fifth bit (bit j of qh): integer steps over
+    // fixed arrays, which vectorise, giving the same integers as ggml's loop.
+    let mut q = [0u32; 32];
     for j in 0..16 {
-        let h0 = ((qh >> j) << 4) & 0x10;
-        let h1 = (qh >> (j + 12)) & 0x10;
-        let x0 = ((qs[j] as u32 & 0x0F) | h0) as i32 - 16;
-        let x1 = ((qs[j] as u32 >> 4) | h1) as i32 - 16;
-        lo[j] = x0 as f32 * d;
-        hi[j] = x1 as f32 * d;
+        q[j] = qs[j] as u32 & 0x0F;
+        q[j + 16] = qs[j] as u32 >> 4;
+    }
+    for (j, v) in q.iter_mut().enumerate() {
+        *v |= ((qh >> j) & 1) << 4;
+    }
+    for (o, v) in out.iter_mut().zip(q) {
+        *o = (v as i32 - 16) as f32 * d;
     }
 }
 
@@ -243,6 +273,132 @@ fn decode_q6k(blk: &[u8], out: &mut [f32]) {
     }
 }
 
+/// The decoders with AVX-512: each step is the portable decoder's on 16 lanes (the
+/// integers are exact, then the same f32 multiplications in the same order), so the
+/// values are bitwise the same.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+mod simd {
+    use std::arch::x86_64::*;
+
+    use candle_core::quantized::GgmlDType;
+
+    use super::{f16_at, scale_min_k4};
+
+    /// 16 bytes at `p` as 16 lanes of u32.
+    #[inline(always)]
+    unsafe fn bytes16(p: *const u8) -> __m512i {
+        _mm512_cvtepu8_epi32(_mm_loadu_si128(p as *const __m128i))
+    }
+
+    /// Stores 16 floats at `out`, rounded to bf16 (as f32) if `ROUND`.
+    #[inline(always)]
+    unsafe fn put<const ROUND: bool>(out: *mut f32, v: __m512) {
+        let v = if ROUND {
+            let b = _mm512_castps_si512(v);
+            let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+            let r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), odd);
+            _mm512_castsi512_ps(_mm512_and_si512(
+                r,
+                _mm512_set1_epi32(0xFFFF_0000u32 as i32),
+            ))
+        } else {
+            v
+        };
+        _mm512_storeu_ps(out, v);
+    }
+
+    /// # Safety
+    /// Needs AVX-512F; `blk` is one whole block of `dtype` (Q5_0, Q4_K or Q6_K) and
+    /// `out` holds its width.
+    #[inline(always)]
+    pub(super) unsafe fn decode<const ROUND: bool>(dtype: GgmlDType, blk: &[u8], out: &mut [f32]) {
+        let o = out.as_mut_ptr();
+        let b = blk.as_ptr();
+        let nib = _mm512_set1_epi32(0x0F);
+        match dtype {
+            GgmlDType::Q5_0 => {
+                let d = _mm512_set1_ps(f16_at(blk, 0));
+                let qh = _mm512_set1_epi32(i32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]));
+                let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+                let q = bytes16(b.add(6));
+                let one = _mm512_set1_epi32(1);
+                let sixteen = _mm512_set1_epi32(16);
+                for (h, (nibs, shift)) in [
+                    (_mm512_and_si512(q, nib), lanes),
+                    (_mm512_srli_epi32::<4>(q), _mm512_add_epi32(lanes, sixteen)),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let bit = _mm512_and_si512(_mm512_srlv_epi32(qh, shift), one);
+                    let v = _mm512_sub_epi32(
+                        _mm512_or_si512(nibs, _mm512_slli_epi32::<4>(bit)),
+                        sixteen,
+                    );
+                    put::<ROUND>(o.add(16 * h), _mm512_mul_ps(_mm512_cvtepi32_ps(v), d));
+                }
+            }
+            GgmlDType::Q4K => {
+                let d = f16_at(blk, 0);
+                let dmin = f16_at(blk, 2);
+                let scales = &blk[4..16];
+                for c in 0..4 {
+                    let (sc, m) = scale_min_k4(2 * c, scales);
+                    let (d1, m1) = (
+                        _mm512_set1_ps(d * sc as f32),
+                        _mm512_set1_ps(dmin * m as f32),
+                    );
+                    let (sc, m) = scale_min_k4(2 * c + 1, scales);
+                    let (d2, m2) = (
+                        _mm512_set1_ps(d * sc as f32),
+                        _mm512_set1_ps(dmin * m as f32),
+                    );
+                    for half in 0..2 {
+                        let q = bytes16(b.add(16 + 32 * c + 16 * half));
+                        let lo = _mm512_cvtepi32_ps(_mm512_and_si512(q, nib));
+                        let hi = _mm512_cvtepi32_ps(_mm512_srli_epi32::<4>(q));
+                        let y = o.add(64 * c + 16 * half);
+                        put::<ROUND>(y, _mm512_sub_ps(_mm512_mul_ps(d1, lo), m1));
+                        put::<ROUND>(y.add(32), _mm512_sub_ps(_mm512_mul_ps(d2, hi), m2));
+                    }
+                }
+            }
+            _ => {
+                let d = f16_at(blk, 208);
+                let three = _mm512_set1_epi32(3);
+                let bias = _mm512_set1_epi32(32);
+                for half in 0..2 {
+                    let ql = b.add(64 * half);
+                    let qh = b.add(128 + 32 * half);
+                    let sc = &blk[192 + 8 * half..200 + 8 * half];
+                    for g in 0..2 {
+                        let a = bytes16(ql.add(16 * g));
+                        let c = bytes16(ql.add(32 + 16 * g));
+                        let h = bytes16(qh.add(16 * g));
+                        let hb = |s: u32| {
+                            _mm512_slli_epi32::<4>(_mm512_and_si512(
+                                _mm512_srlv_epi32(h, _mm512_set1_epi32(s as i32)),
+                                three,
+                            ))
+                        };
+                        let qs = [
+                            _mm512_or_si512(_mm512_and_si512(a, nib), hb(0)),
+                            _mm512_or_si512(_mm512_and_si512(c, nib), hb(2)),
+                            _mm512_or_si512(_mm512_srli_epi32::<4>(a), hb(4)),
+                            _mm512_or_si512(_mm512_srli_epi32::<4>(c), hb(6)),
+                        ];
+                        for (i, q) in qs.into_iter().enumerate() {
+                            let ds = _mm512_set1_ps(d * sc[g + 2 * i] as i8 as f32);
+                            let q = _mm512_cvtepi32_ps(_mm512_sub_epi32(q, bias));
+                            put::<ROUND>(o.add(128 * half + 32 * i + 16 * g), _mm512_mul_ps(ds, q));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,11 +423,20 @@ mod tests {
             let q = QTensor::quantize(&w, dtype).unwrap();
             let data = q.data().unwrap();
             let (bw, bb) = layout(dtype);
-            let mut got = vec![0f32; n * k];
-            for (blk, out) in data.chunks_exact(bb).zip(got.chunks_exact_mut(bw)) {
-                decode(dtype, blk, out);
+            let want = dequantized(&q);
+            let mut portable = vec![0f32; n * k];
+            let mut fast = vec![0f32; n * k];
+            let mut rounded = vec![0f32; n * k];
+            for (i, blk) in data.chunks_exact(bb).enumerate() {
+                let at = i * bw..(i + 1) * bw;
+                decode(dtype, blk, &mut portable[at.clone()]);
+                decode_rounding(dtype, blk, &mut fast[at.clone()], false);
+                decode_rounding(dtype, blk, &mut rounded[at], true);
             }
-            assert_eq!(got, dequantized(&q), "{dtype:?}");
+            assert_eq!(portable, want, "{dtype:?} portable");
+            assert_eq!(fast, want, "{dtype:?}");
+            let want_rounded: Vec<f32> = want.iter().map(|&v| round(v)).collect();
+            assert_eq!(rounded, want_rounded, "{dtype:?} rounded");
         }
     }
 
