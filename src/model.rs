@@ -350,6 +350,14 @@ fn resolve_mode(
         .cloned()
         .collect::<Vec<_>>()
         .join("+");
+    // The formats whose blocks `auto` reads for small steps (the others decode
+    // slower than the bf16 copy reads: see `QuantRows::reads_faster_than_bf16`).
+    let quick = types
+        .keys()
+        .filter(|t| matches!(t.as_str(), "Q4_0" | "Q4_1" | "Q8_0"))
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("+");
     match mode {
         WeightsMode::Native => (
             ResolvedMode::Native,
@@ -384,8 +392,14 @@ fn resolve_mode(
                         large: Large::Bf16,
                     },
                     format!(
-                        "auto: bf16 products with f32 sums: from the stored {stored} blocks for steps of at most {AUTO_BF16_SMALL_ROWS} rows, from a bf16 copy ({} MiB) with avx512_bf16 for larger steps ({} MiB available)",
+                        "auto: bf16 products with f32 sums: {}from a bf16 copy ({} MiB) with avx512_bf16 for {} steps ({} MiB available)",
+                        if quick.is_empty() {
+                            String::new()
+                        } else {
+                            format!("from the stored {quick} blocks for steps of at most {AUTO_BF16_SMALL_ROWS} rows, ")
+                        },
                         mib(bytes),
+                        if quick.is_empty() { "all" } else { "larger" },
                         mib(avail)
                     ),
                 ),

@@ -57,6 +57,10 @@ pub(crate) fn matmul(
     x: &[f32],
     m: usize,
 ) -> Vec<f32> {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+    if round_bf16 && super::bf16::has_native_bf16() {
+        return matmul_dp(dtype, data, n, k, x, m);
+    }
     let rounded: Vec<f32>;
     let x = if round_bf16 {
         rounded = x.iter().map(|&v| round(v)).collect();
@@ -90,6 +94,37 @@ pub(crate) fn matmul(
                     *o = lanes_sum(a);
                 }
             }
+        });
+    let mut out = vec![0f32; m * n];
+    for (col, vals) in out_t.chunks_exact(m).enumerate() {
+        for (r, v) in vals.iter().enumerate() {
+            out[r * n + col] = *v;
+        }
+    }
+    out
+}
+
+/// [`matmul`] with bf16 operands by `vdpbf16ps`: each block is decoded to f32 (the
+/// dequantized values), rounded to bf16 32 weights at a time by `vcvtne2ps2bf16`
+/// and multiplied with every row's bf16 activations: the bf16 kernel's products,
+/// summed in another order.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+fn matmul_dp(dtype: GgmlDType, data: &[u8], n: usize, k: usize, x: &[f32], m: usize) -> Vec<f32> {
+    let xb = super::bf16::pack_rows(x, m, k);
+    let (bw, bb) = layout(dtype);
+    let row_bytes = k / bw * bb;
+    let mut out_t = vec![0f32; n * m];
+    let cols_per_job = (n / (4 * rayon::current_num_threads().max(1))).clamp(16, 256);
+    out_t
+        .par_chunks_mut(cols_per_job * m)
+        .enumerate()
+        .for_each(|(job, chunk)| {
+            let col0 = job * cols_per_job;
+            let cols = chunk.len() / m;
+            let w = &data[col0 * row_bytes..(col0 + cols) * row_bytes];
+            // SAFETY: avx512_bf16 was detected; `w` holds `cols` weight rows of this
+            // matrix, `xb` `m` rows of k / 2 pairs, `chunk` `cols * m` floats.
+            unsafe { simd::columns_dp(dtype, w, row_bytes, &xb, m, k, chunk) };
         });
     let mut out = vec![0f32; m * n];
     for (col, vals) in out_t.chunks_exact(m).enumerate() {
@@ -305,6 +340,50 @@ mod simd {
             v
         };
         _mm512_storeu_ps(out, v);
+    }
+
+    /// The weight rows `w` (`row_bytes` each) times the `m` bf16 activation rows
+    /// `xb` (`k / 2` pairs each) into `out` (column-major, `m` per column).
+    ///
+    /// # Safety
+    /// Needs AVX-512F and AVX512_BF16; the slices hold what the shapes say.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn columns_dp(
+        dtype: GgmlDType,
+        w: &[u8],
+        row_bytes: usize,
+        xb: &[u32],
+        m: usize,
+        k: usize,
+        out: &mut [f32],
+    ) {
+        let (bw, bb) = super::layout(dtype);
+        let kp = k / 2;
+        let mut buf = [0f32; super::QK_K];
+        // Two accumulators per row (even and odd runs of 32) so that one row's
+        // dot products do not wait on each other.
+        let mut acc = vec![[_mm512_setzero_ps(); 2]; m];
+        for (c, out) in out.chunks_exact_mut(m).enumerate() {
+            let wrow = &w[c * row_bytes..(c + 1) * row_bytes];
+            acc.iter_mut().for_each(|a| *a = [_mm512_setzero_ps(); 2]);
+            for (b, blk) in wrow.chunks_exact(bb).enumerate() {
+                decode::<false>(dtype, blk, &mut buf[..bw]);
+                for run in 0..bw / 32 {
+                    let p = buf.as_ptr().add(32 * run);
+                    let wb = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p.add(16)), _mm512_loadu_ps(p));
+                    let at = (b * bw + 32 * run) / 2;
+                    for (r, a) in acc.iter_mut().enumerate() {
+                        let xv: __m512bh = std::mem::transmute(_mm512_loadu_si512(
+                            xb.as_ptr().add(r * kp + at) as *const _,
+                        ));
+                        a[run % 2] = _mm512_dpbf16_ps(a[run % 2], wb, xv);
+                    }
+                }
+            }
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+            }
+        }
     }
 
     /// # Safety
