@@ -198,8 +198,7 @@ impl ForwardBench {
         let (content, mut reader) = GgufFile::open(path)?.into_parts();
         let arch = LlamaConfig::from_gguf(&content)?.arch;
         // candle-transformers' model of the file's architecture.
-        let mut forward: Box<dyn FnMut(&Tensor, usize) -> candle_core::Result<Tensor>> = match arch
-        {
+        let mut forward: Box<ReferenceForward> = match arch {
             Arch::Llama => {
                 let mut m =
                     quantized_llama::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu)?;
@@ -228,6 +227,9 @@ impl ForwardBench {
         Ok(self.decode_tokens as f64 / t.elapsed().as_secs_f64())
     }
 }
+
+/// A reference model's `forward(input, position)`.
+type ReferenceForward = dyn FnMut(&Tensor, usize) -> candle_core::Result<Tensor>;
 
 /// GFLOP/s of a plain f32 product `[256, k] x [k, n]`: the best of 20 runs, since
 /// a ceiling is what the machine can do, and a shared machine only ever slows a run.
