@@ -11,6 +11,7 @@
 mod config;
 mod messages;
 mod snapshot;
+mod tool_format;
 mod tool_run;
 mod tools;
 mod turn;
@@ -30,6 +31,7 @@ pub use messages::{
     ask_streaming, Ask, AskStream, AskWith, Evict, Fork, ForkVaried, GetAgentStats, History, Reset,
     Save, TokenLog,
 };
+pub use tool_format::CallFormat;
 pub use tool_run::cap_text;
 pub(crate) use tool_run::tool_callers;
 pub use tools::{
@@ -171,7 +173,7 @@ impl AgentActor {
                 .collect()
         };
         let agent = Self {
-            messages: Self::initial_messages(&config, &tools),
+            messages: Self::initial_messages(&config, &tools, CallFormat::of(&model)),
             config,
             model,
             engine,
@@ -189,9 +191,12 @@ impl AgentActor {
             if agent.tools.is_empty() && choice != ToolChoice::None {
                 continue;
             }
-            if let Some(g) =
-                tools::reply_grammar(&agent.tools, &choice, agent.config.grammar.as_ref())?
-            {
+            if let Some(g) = tools::reply_grammar(
+                &agent.tools,
+                &choice,
+                agent.config.grammar.as_ref(),
+                CallFormat::of(&agent.model),
+            )? {
                 agent.check_grammar(&g)?;
             }
         }
@@ -200,6 +205,7 @@ impl AgentActor {
                 &agent.tools,
                 &agent.config.tool_choice,
                 agent.config.grammar.as_ref(),
+                CallFormat::of(&agent.model),
             )?;
         }
         Ok(agent)
@@ -213,9 +219,13 @@ impl AgentActor {
         Ok(())
     }
 
-    fn initial_messages(config: &AgentConfig, tools: &[Arc<dyn Tool>]) -> Vec<Message> {
+    fn initial_messages(
+        config: &AgentConfig,
+        tools: &[Arc<dyn Tool>],
+        format: CallFormat,
+    ) -> Vec<Message> {
         let mut system = config.system_prompt.clone();
-        if !tools.is_empty() {
+        if !tools.is_empty() && format.needs_tools_prompt() {
             if !system.is_empty() {
                 system.push_str("\n\n");
             }
@@ -225,7 +235,9 @@ impl AgentActor {
         if !system.is_empty() {
             messages.push(Message::system(system));
         }
+        let first_example = messages.len();
         messages.extend(config.examples.iter().cloned());
+        format.respell(&mut messages[first_example..]);
         messages
     }
 

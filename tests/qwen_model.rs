@@ -2,7 +2,8 @@
 //! fetches): its tokenization equals an independent tokenizer's on the GGUF's own
 //! vocabulary (the fixture `tests/data/qwen_tokenizer.json`, written by
 //! `tests/data/qwen_tokenizer_fixture.py` with Hugging Face transformers), and the
-//! calculator agent answers 391 on it.
+//! calculator agent, in the model's own tool-call format, answers 391 and converts
+//! 26.2 miles to kilometres the right way.
 //!
 //! Without the model these tests print why and pass when `CI` is unset (a developer
 //! who has not fetched it); under CI a missing model fails them.
@@ -95,33 +96,48 @@ fn tokenization_equals_the_gguf_vocabulary_fixture() {
     assert!(tok.is_special(tok.token_id("<|im_end|>").unwrap()));
 }
 
-#[test]
-fn calculator_answers_391_on_qwen() {
-    let Some(_) = qwen_path() else { return };
+/// `troupe --model qwen2.5-coder-0.5b run calculator TASK`: its output and answer line.
+fn run_calculator(task: &str) -> (String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_troupe"))
-        .args([
-            "--model",
-            "qwen2.5-coder-0.5b",
-            "run",
-            "calculator",
-            "What is 17 * 23?",
-        ])
+        .args(["--model", "qwen2.5-coder-0.5b", "run", "calculator", task])
         .env_remove("TROUPE_MODEL")
         .output()
         .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{text}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let answer = text
+        .lines()
+        .find(|l| l.starts_with("answer:"))
+        .unwrap_or("")
+        .to_string();
+    (text, answer)
+}
+
+#[test]
+fn calculator_answers_391_on_qwen() {
+    let Some(_) = qwen_path() else { return };
+    let (text, answer) = run_calculator("What is 17 * 23?");
     assert!(
         text.contains("tool result") && text.contains(" 391"),
         "{text}"
     );
-    let answer = text
-        .lines()
-        .find(|l| l.starts_with("answer:"))
-        .unwrap_or("");
     assert!(answer.contains("391"), "{text}");
+}
+
+/// The paraphrase SmolLM2 gets wrong (it answers 26.2): Qwen, with its own tool
+/// format, converts miles to kilometres (26.2 mi = 42.16 km).
+#[test]
+fn calculator_converts_miles_to_kilometres_on_qwen() {
+    let Some(_) = qwen_path() else { return };
+    let (text, answer) = run_calculator("How many kilometres is 26.2 miles?");
+    let value: f64 = answer
+        .trim_start_matches("answer: The answer is ")
+        .trim_end_matches('.')
+        .parse()
+        .unwrap_or_else(|_| panic!("no number in the answer:\n{text}"));
+    assert!((42.0..42.4).contains(&value), "{text}");
 }

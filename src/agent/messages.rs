@@ -258,7 +258,11 @@ pub struct Reset;
 impl KameoMessage<Reset> for AgentActor {
     type Reply = ();
     async fn handle(&mut self, _: Reset, _: &mut Context<Self, Self::Reply>) {
-        self.messages = Self::initial_messages(&self.config, &self.tools);
+        self.messages = Self::initial_messages(
+            &self.config,
+            &self.tools,
+            super::CallFormat::of(&self.model),
+        );
         self.log.clear();
         self.cache = None;
         self.save_checkpoint();

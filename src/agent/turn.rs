@@ -46,18 +46,28 @@ fn record_usage(span: &tracing::Span, u: &Usage) {
     span.record("generated", u.generated_tokens);
 }
 
-async fn render(model: &Arc<Model>, messages: Vec<Message>) -> Result<String> {
+async fn render(
+    model: &Arc<Model>,
+    tools: &[Arc<dyn super::Tool>],
+    messages: Vec<Message>,
+) -> Result<String> {
     let model = model.clone();
-    tokio::task::spawn_blocking(move || model.chat_template().render(&messages, true))
-        .await
-        .map_err(|e| Error::ChatTemplate(format!("rendering stopped: {e}")))?
+    // The agent's tools, for a template that renders them.
+    let tools = super::CallFormat::of(&model).template_tools(tools);
+    tokio::task::spawn_blocking(move || {
+        model
+            .chat_template()
+            .render_with_tools(&messages, tools.as_ref(), true)
+    })
+    .await
+    .map_err(|e| Error::ChatTemplate(format!("rendering stopped: {e}")))?
 }
 
 impl AgentActor {
     /// Appends to the log what the rendered conversation adds past it; on
     /// disagreement, truncates log and cache to the longest common prefix.
     async fn sync_log(&mut self) -> Result<()> {
-        let full = render(&self.model, self.messages.clone()).await?;
+        let full = render(&self.model, &self.tools, self.messages.clone()).await?;
         let tok = self.model.tokenizer();
         let said = tok.decode(&self.log)?;
         if let Some(delta) = full.strip_prefix(said.as_str()) {
@@ -120,7 +130,7 @@ impl AgentActor {
                 .position(|m| m.role == Role::User)
                 .map_or(messages.len() - 1, |p| p + keep + 1);
             messages.drain(keep..end.max(keep + 1));
-            let full = render(&self.model, messages.clone()).await?;
+            let full = render(&self.model, &self.tools, messages.clone()).await?;
             let log = self.model.tokenizer().encode_prompt(&full)?;
             if fits(&log) {
                 self.messages = messages;
@@ -188,7 +198,8 @@ impl AgentActor {
         g.engine_kv_dtype = self.config.kv_dtype.is_none();
         g.label = Some(self.config.name.clone());
         let answer = answer.or(self.config.grammar.as_ref());
-        g.grammar = match super::tools::reply_grammar(&self.tools, choice, answer) {
+        let format = super::CallFormat::of(&self.model);
+        g.grammar = match super::tools::reply_grammar(&self.tools, choice, answer, format) {
             Ok(g) => g,
             Err(e) => {
                 self.cache = Some(g.cache);
