@@ -12,6 +12,7 @@ mod attention_simd;
 mod bf16;
 pub mod catalogue;
 pub mod chat;
+mod embedding;
 pub mod fetch;
 pub mod gguf_check;
 mod kquants;

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use super::arch::{Arch, BlockExtras};
 use super::attention::{attend_group, AttnShape, Rope, Scratch};
+use super::embedding::TokenEmbedding;
 use super::linear::{Linear, ResolvedMode};
 use super::profile::{Lap, Phase};
 use super::GgufFile;
@@ -264,7 +265,8 @@ struct Block {
 #[derive(Debug, Clone)]
 pub struct Llama {
     config: LlamaConfig,
-    embedding: Tensor,
+    /// The token embedding as stored (rows dequantized on lookup).
+    embedding: TokenEmbedding,
     blocks: Vec<Block>,
     norm: Tensor,
     head: Linear,
@@ -280,7 +282,7 @@ impl Llama {
     ) -> Result<Self> {
         let dev = Device::Cpu;
         let embd_q = file.tensor("token_embd.weight", &[config.vocab_size, config.hidden])?;
-        let embedding = embd_q.dequantize(&dev)?;
+        let embedding = TokenEmbedding::new(&embd_q)?;
         let head_q = if file.has_tensor("output.weight") {
             file.tensor("output.weight", &[config.vocab_size, config.hidden])?
         } else {
@@ -372,8 +374,7 @@ impl Llama {
             s.cache.reserve(need);
         }
         let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-        let ids = Tensor::from_vec(ids, total, &Device::Cpu)?;
-        let mut x = self.embedding.index_select(&ids, 0)?;
+        let mut x = self.embedding.rows(&ids)?;
 
         let shape = AttnShape {
             n_head: cfg.n_head,
