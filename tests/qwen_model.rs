@@ -141,3 +141,32 @@ fn calculator_converts_miles_to_kilometres_on_qwen() {
         .unwrap_or_else(|_| panic!("no number in the answer:\n{text}"));
     assert!((42.0..42.4).contains(&value), "{text}");
 }
+
+/// `troupe model list` shows each catalogue model, whether it is present, and its
+/// path under the troupe home.
+#[test]
+fn model_list_shows_the_catalogue() {
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_troupe"))
+        .args(["model", "list"])
+        .env("TROUPE_HOME", home.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for entry in catalogue::CATALOGUE {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(entry.name))
+            .unwrap_or_else(|| panic!("{} missing:\n{text}", entry.name));
+        assert!(line.contains("absent"), "{line}");
+        assert!(text.contains(
+            &home
+                .path()
+                .join("models")
+                .join(entry.file)
+                .display()
+                .to_string()
+        ));
+    }
+}
