@@ -15,6 +15,7 @@ mod conversation;
 mod messages;
 mod snapshot;
 mod supervision;
+mod tool_format;
 mod tool_run;
 mod tools;
 mod turn;
@@ -35,6 +36,7 @@ pub use messages::{
     TurnOptions,
 };
 pub use supervision::AgentSupervisor;
+pub use tool_format::CallFormat;
 pub use tool_run::cap_text;
 pub(crate) use tool_run::tool_callers;
 pub use tools::{
@@ -161,8 +163,11 @@ impl AgentActor {
                 .filter(|t| config.tools.iter().any(|n| n == t.name()))
                 .collect()
         };
+        let format = CallFormat::of(engine.model());
+        let mut conv = Conversation::new(Self::initial_messages(&config, &tools, format));
+        conv.set_tools(format.template_tools(&tools));
         let agent = Self {
-            conv: Conversation::new(Self::initial_messages(&config, &tools)),
+            conv,
             config,
             engine,
             tools,
@@ -176,7 +181,9 @@ impl AgentActor {
             if agent.tools.is_empty() && choice != ToolChoice::None {
                 continue;
             }
-            if let Some(g) = reply_grammar(&agent.tools, &choice, agent.config.grammar.as_ref())? {
+            if let Some(g) =
+                reply_grammar(&agent.tools, &choice, agent.config.grammar.as_ref(), format)?
+            {
                 agent.check_grammar(&g)?;
             }
         }
@@ -185,6 +192,7 @@ impl AgentActor {
                 &agent.tools,
                 &agent.config.tool_choice,
                 agent.config.grammar.as_ref(),
+                format,
             )?;
         }
         Ok(agent)
@@ -197,9 +205,15 @@ impl AgentActor {
         Ok(())
     }
 
-    fn initial_messages(config: &AgentConfig, tools: &[Arc<dyn Tool>]) -> Vec<Message> {
+    /// The system prompt (with troupe's tools paragraph when the calls are spelled in
+    /// troupe's format) and the few-shot examples, their calls spelled in `format`.
+    fn initial_messages(
+        config: &AgentConfig,
+        tools: &[Arc<dyn Tool>],
+        format: CallFormat,
+    ) -> Vec<Message> {
         let mut system = config.system_prompt.clone();
-        if !tools.is_empty() {
+        if !tools.is_empty() && format.needs_tools_prompt() {
             if !system.is_empty() {
                 system.push_str("\n\n");
             }
@@ -209,7 +223,9 @@ impl AgentActor {
         if !system.is_empty() {
             messages.push(Message::system(system));
         }
+        let first_example = messages.len();
         messages.extend(config.examples.iter().cloned());
+        format.respell(&mut messages[first_example..]);
         messages
     }
 

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// No model file where one was expected.
-    #[error("model file not found at {path}: run `troupe model fetch` for the default model, or pass --model PATH / set TROUPE_MODEL")]
+    #[error("model file not found at {path}: run `troupe model fetch` for the default model or `troupe model fetch NAME` for a catalogue model (`troupe model list`), or pass --model PATH / set TROUPE_MODEL")]
     ModelNotFound {
         /// Where we looked.
         path: PathBuf,
@@ -235,6 +235,14 @@ pub enum Error {
         expected: String,
         /// The cache's layout.
         found: String,
+    },
+    /// A model name that is not in the built-in catalogue.
+    #[error("no model named `{name}` in the catalogue (known: {known}); pass a path to a GGUF file instead")]
+    UnknownModel {
+        /// The name asked for.
+        name: String,
+        /// The catalogue's names, comma-separated.
+        known: String,
     },
     /// Fetching the default model failed.
     #[error("model fetch: {0}")]

@@ -5,13 +5,17 @@
 //! run, and resolves the [`WeightsMode`]. [`Model::info`] describes it for
 //! `troupe model info`.
 
+pub mod arch;
 pub mod attention;
 #[cfg(target_arch = "x86_64")]
 mod attention_simd;
 mod bf16;
+pub mod catalogue;
 pub mod chat;
+mod embedding;
 pub mod fetch;
 pub mod gguf_check;
+mod kquants;
 pub mod linear;
 pub mod llama;
 pub mod profile;
@@ -182,7 +186,7 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads a llama-family GGUF.
+    /// Loads a GGUF of one of the [`arch::Arch`]s (llama, qwen2, qwen3).
     pub fn load(path: &Path, opts: LoadOptions) -> Result<Self> {
         let mut file = GgufFile::open(path)?;
         let architecture = file
@@ -192,9 +196,7 @@ impl Model {
                 reason: "missing".into(),
             })?
             .to_string();
-        if architecture != "llama" {
-            return Err(Error::UnsupportedArchitecture { arch: architecture });
-        }
+        arch::Arch::from_name(&architecture)?;
         let config = LlamaConfig::from_gguf(&file.content)?;
         gguf_check::check_special_tokens(&file.content, config.vocab_size)?;
         let tokenizer = Tokenizer::from_gguf(&file.content)?;
@@ -338,6 +340,14 @@ fn resolve_mode(
         .cloned()
         .collect::<Vec<_>>()
         .join("+");
+    // The formats whose blocks `auto` reads for small steps (the others decode
+    // slower than the bf16 copy reads: see `QuantRows::reads_faster_than_bf16`).
+    let quick = types
+        .keys()
+        .filter(|t| matches!(t.as_str(), "Q4_0" | "Q4_1" | "Q8_0"))
+        .cloned()
+        .collect::<Vec<_>>()
+        .join("+");
     match mode {
         WeightsMode::Native => (
             ResolvedMode::Native,
@@ -372,8 +382,14 @@ fn resolve_mode(
                         large: Large::Bf16,
                     },
                     format!(
-                        "auto: bf16 products with f32 sums: from the stored {stored} blocks for steps of at most {AUTO_BF16_SMALL_ROWS} rows, from a bf16 copy ({} MiB) with avx512_bf16 for larger steps ({} MiB available)",
+                        "auto: bf16 products with f32 sums: {}from a bf16 copy ({} MiB) with avx512_bf16 for {} steps ({} MiB available)",
+                        if quick.is_empty() {
+                            String::new()
+                        } else {
+                            format!("from the stored {quick} blocks for steps of at most {AUTO_BF16_SMALL_ROWS} rows, ")
+                        },
                         mib(bytes),
+                        if quick.is_empty() { "all" } else { "larger" },
                         mib(avail)
                     ),
                 ),

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use common::*;
 use serde_json::json;
-use troupe::agent::{format_call, reply_grammar, tool_fn, Tool, ToolChoice};
+use troupe::agent::{format_call, reply_grammar, tool_fn, CallFormat, Tool, ToolChoice};
 use troupe::grammar::Grammar;
 use troupe::model::{Model, WeightsMode};
 
@@ -37,7 +37,7 @@ fn tools() -> Vec<Arc<dyn Tool>> {
 
 /// Whether the grammar of a reply under `choice` accepts `reply` whole.
 fn accepts(model: &Model, choice: &ToolChoice, answer: Option<&Grammar>, reply: &str) -> bool {
-    let g = reply_grammar(&tools(), choice, answer)
+    let g = reply_grammar(&tools(), choice, answer, CallFormat::Troupe)
         .unwrap()
         .expect("tools make a grammar");
     let compiled = troupe::grammar::GrammarCompiler::new(model.tokenizer())
@@ -144,19 +144,26 @@ fn calls_follow_the_tools_schema_and_answers_the_answer_grammar() {
 
 #[test]
 fn a_named_tool_must_exist_and_a_lark_answer_grammar_cannot_join_tools() {
-    let e = reply_grammar(&tools(), &ToolChoice::Tool("mul".into()), None).unwrap_err();
+    let e = reply_grammar(
+        &tools(),
+        &ToolChoice::Tool("mul".into()),
+        None,
+        CallFormat::Troupe,
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("unknown tool `mul`"), "{e}");
     let e = reply_grammar(
         &tools(),
         &ToolChoice::Auto,
         Some(&Grammar::Lark("start: \"x\"".into())),
+        CallFormat::Troupe,
     )
     .unwrap_err();
     assert!(e.to_string().contains("Lark"), "{e}");
     // Without tools the answer grammar is the whole grammar.
     let g = Grammar::Regex("[a-z]+".into());
     assert_eq!(
-        reply_grammar(&[], &ToolChoice::Auto, Some(&g)).unwrap(),
+        reply_grammar(&[], &ToolChoice::Auto, Some(&g), CallFormat::Troupe).unwrap(),
         Some(g)
     );
 }

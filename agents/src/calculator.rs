@@ -57,7 +57,7 @@ pub fn config() -> AgentConfig {
         ),
         ..AgentConfig::new(
             "calculator",
-            "You are a calculator. For every question, call calculate with the arithmetic expression, then give the result.",
+            "You are a calculator. For every question, call calculate with the arithmetic expression, in numbers only (a quantity in units becomes its value times the conversion factor), then give the result.",
         )
     }
 }

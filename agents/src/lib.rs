@@ -206,11 +206,14 @@ mod tests {
             let made = ReadyMade::build(info.name, &opts).unwrap();
             let cfg = made.config.clone();
             let grammar = |choice: &ToolChoice| {
-                reply_grammar(&made.tools, choice, cfg.grammar.as_ref())
-                    .unwrap()
-                    .unwrap_or_else(|| {
-                        panic!("{}: a tool agent's replies are constrained", info.name)
-                    })
+                reply_grammar(
+                    &made.tools,
+                    choice,
+                    cfg.grammar.as_ref(),
+                    troupe::agent::CallFormat::Troupe,
+                )
+                .unwrap()
+                .unwrap_or_else(|| panic!("{}: a tool agent's replies are constrained", info.name))
             };
             let mut replies = 0;
             let (mut choice, mut steps) = (cfg.tool_choice.clone(), 0);

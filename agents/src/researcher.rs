@@ -90,9 +90,14 @@ mod tests {
     fn answer_grammar(root: &Root) -> Grammar {
         let cfg = config(root);
         let tools = super::super::files::tools(root);
-        reply_grammar(&tools, &ToolChoice::None, cfg.grammar.as_ref())
-            .unwrap()
-            .unwrap()
+        reply_grammar(
+            &tools,
+            &ToolChoice::None,
+            cfg.grammar.as_ref(),
+            troupe::agent::CallFormat::Troupe,
+        )
+        .unwrap()
+        .unwrap()
     }
 
     #[test]
@@ -132,9 +137,14 @@ mod tests {
         // The first step must search: a citation there is refused.
         let cfg = config(&root);
         let tools = super::super::files::tools(&root);
-        let first = reply_grammar(&tools, &cfg.tool_choice, cfg.grammar.as_ref())
-            .unwrap()
-            .unwrap();
+        let first = reply_grammar(
+            &tools,
+            &cfg.tool_choice,
+            cfg.grammar.as_ref(),
+            troupe::agent::CallFormat::Troupe,
+        )
+        .unwrap()
+        .unwrap();
         assert!(!accepts(&first, "Sources: f59.txt\nYes."));
         assert!(accepts(
             &first,

@@ -16,7 +16,8 @@ use troupe::KvDtype;
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
-    /// GGUF model file (default: the fetched SmolLM2-135M-Instruct).
+    /// GGUF model file, or a catalogue name (`troupe model list`; default: the
+    /// fetched SmolLM2-135M-Instruct).
     #[arg(long, global = true, env = "TROUPE_MODEL")]
     model: Option<PathBuf>,
     /// How weights are stored and multiplied.
@@ -192,8 +193,14 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ModelCommand {
-    /// Download the default model (SmolLM2-135M-Instruct, Q4_1) into the troupe home.
-    Fetch,
+    /// Download a catalogue model (default: SmolLM2-135M-Instruct, Q4_1) into the
+    /// troupe home.
+    Fetch {
+        /// Its catalogue name (`troupe model list`).
+        name: Option<String>,
+    },
+    /// The catalogue of models `fetch` and `--model NAME` know, and which are present.
+    List,
     /// Print the resolved model file.
     Path,
     /// Describe the model: architecture, size, quantization, tokenizer, weights mode.
@@ -241,7 +248,11 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
         .with_context(|| format!("loading {}", path.display()))
     };
     match &cli.command {
-        Command::Model(ModelCommand::Fetch) => match fetch::fetch_default_model()? {
+        Command::Model(ModelCommand::List) => cli::info::print_catalogue(),
+        Command::Model(ModelCommand::Fetch { name }) => match match name {
+            Some(name) => troupe::model::catalogue::entry(name)?.fetch()?,
+            None => fetch::fetch_default_model()?,
+        } {
             FetchOutcome::AlreadyPresent(p) => println!("already present: {}", p.display()),
             FetchOutcome::Fetched(p) => println!("fetched: {}", p.display()),
         },

@@ -85,6 +85,9 @@ pub struct Conversation {
     said: String,
     /// Messages the log covers.
     synced: usize,
+    /// The tools, for a chat template that renders them (see
+    /// [`CallFormat`](super::CallFormat)).
+    tools: Option<serde_json::Value>,
     /// The cache.
     pub cache: CacheSlot,
 }
@@ -108,6 +111,7 @@ impl Conversation {
             log,
             said,
             synced,
+            tools: None,
             cache: CacheSlot::Empty,
         })
     }
@@ -120,11 +124,30 @@ impl Conversation {
             log: self.log.clone(),
             said: self.said.clone(),
             synced: self.synced,
+            tools: self.tools.clone(),
             cache: match &self.cache {
                 CacheSlot::Here(c) => CacheSlot::Here(c.fork().into()),
                 _ => CacheSlot::Empty,
             },
         }
+    }
+
+    /// Gives the chat template the agent's tools to render (templates that teach their
+    /// own tool calls list the tools themselves).
+    pub fn set_tools(&mut self, tools: Option<serde_json::Value>) {
+        self.tools = tools;
+    }
+
+    /// The tools the template renders, if any.
+    pub fn tools(&self) -> Option<&serde_json::Value> {
+        self.tools.as_ref()
+    }
+
+    /// Renders `messages` with the conversation's tools.
+    fn render(&self, model: &Model, messages: &[Message], prompt: bool) -> Result<String> {
+        model
+            .chat_template()
+            .render_with_tools(messages, self.tools.as_ref(), prompt)
     }
 
     /// The messages.
@@ -226,7 +249,6 @@ impl Conversation {
 
     /// The windowed sync; `None` when the window cannot be trusted.
     fn sync_window(&mut self, model: &Model) -> Result<Option<SyncWork>> {
-        let template = model.chat_template();
         let head = usize::from(
             self.messages
                 .first()
@@ -239,13 +261,13 @@ impl Conversation {
         let mut window: Vec<Message> = self.messages[..head].to_vec();
         window.extend_from_slice(&self.messages[start..self.synced]);
         let (Ok(h), Ok(p)) = (
-            template.render(&self.messages[..head], false),
-            template.render(&window, false),
+            self.render(model, &self.messages[..head], false),
+            self.render(model, &window, false),
         ) else {
             return Ok(None);
         };
         window.extend_from_slice(&self.messages[self.synced..]);
-        let Ok(w) = template.render(&window, true) else {
+        let Ok(w) = self.render(model, &window, true) else {
             return Ok(None);
         };
         let (Some(body), Some(added)) = (p.strip_prefix(h.as_str()), w.strip_prefix(p.as_str()))
@@ -281,7 +303,7 @@ impl Conversation {
     /// Renders the whole conversation; appends the delta past the log, or on
     /// disagreement cuts log and cache to the common prefix.
     fn sync_full(&mut self, model: &Model, undo: &mut Undo) -> Result<SyncWork> {
-        let full = model.chat_template().render(&self.messages, true)?;
+        let full = self.render(model, &self.messages, true)?;
         let tok = model.tokenizer();
         let mut work = SyncWork {
             rendered_bytes: full.len(),
@@ -336,7 +358,7 @@ impl Conversation {
         messages: Vec<Message>,
         undo: &mut Undo,
     ) -> Result<CacheSlot> {
-        let full = model.chat_template().render(&messages, true)?;
+        let full = self.render(model, &messages, true)?;
         let log = model.tokenizer().encode_prompt(&full)?;
         self.save_replaced(undo);
         self.said = model.tokenizer().decode(&log)?;
@@ -348,13 +370,16 @@ impl Conversation {
 
     /// Renders `messages` and tokenizes the prompt (for checking a cut of the
     /// conversation against the context).
-    pub fn prompt_len(model: &Model, messages: &[Message]) -> Result<usize> {
-        let full = model.chat_template().render(messages, true)?;
+    pub fn prompt_len(&self, model: &Model, messages: &[Message]) -> Result<usize> {
+        let full = self.render(model, messages, true)?;
         Ok(model.tokenizer().encode_prompt(&full)?.len())
     }
 
-    /// Forgets everything after the first `keep` messages, and the cache.
+    /// Forgets everything after the first `keep` messages, and the cache (the tools
+    /// stay).
     pub fn reset(&mut self, keep: Vec<Message>) {
+        let tools = self.tools.take();
         *self = Self::new(keep);
+        self.tools = tools;
     }
 }

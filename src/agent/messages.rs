@@ -235,8 +235,9 @@ pub struct Reset;
 impl KameoMessage<Reset> for AgentActor {
     type Reply = ();
     async fn handle(&mut self, _: Reset, _: &mut Context<Self, Self::Reply>) {
+        let format = super::CallFormat::of(self.engine.model());
         self.conv
-            .reset(Self::initial_messages(&self.config, &self.tools));
+            .reset(Self::initial_messages(&self.config, &self.tools, format));
         self.save_checkpoint();
     }
 }

@@ -260,10 +260,12 @@ pub(crate) fn names(tools: &[Arc<dyn Tool>]) -> String {
 
 /// The grammar of a reply under `choice`, or `None` for an unconstrained reply.
 /// `answer` is the agent's own output grammar for final answers, if any.
+/// Calls are spelled in `format`.
 pub fn reply_grammar(
     tools: &[Arc<dyn Tool>],
     choice: &ToolChoice,
     answer: Option<&Grammar>,
+    format: super::CallFormat,
 ) -> Result<Option<Grammar>> {
     let callable: Vec<&Arc<dyn Tool>> = match choice {
         ToolChoice::None => Vec::new(),
@@ -286,7 +288,7 @@ pub fn reply_grammar(
     // Compact JSON: no free whitespace for a small model to loop in, and the keys are
     // forced (fast-forwarded) rather than sampled.
     let schema = serde_json::json!({
-        "x-guidance": {"whitespace_flexible": false},
+        "x-guidance": format.json_options(),
         "anyOf": callable.iter().map(|t| serde_json::json!({
             "type": "object",
             "properties": {"name": {"const": t.name()}, "arguments": t.parameters()},
@@ -294,7 +296,12 @@ pub fn reply_grammar(
             "additionalProperties": false,
         })).collect::<Vec<_>>()
     });
-    let call = format!("call: {:?} %json {} {:?}", CALL_OPEN, schema, CALL_CLOSE);
+    let call = format!(
+        "call: {:?} %json {} {:?}",
+        format.open(),
+        schema,
+        format.close()
+    );
     let must_call = matches!(choice, ToolChoice::Required | ToolChoice::Tool(_));
     let answer_rule = match answer {
         None => "answer: /[^<](.|\\n)*/".to_string(),

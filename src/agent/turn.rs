@@ -119,7 +119,9 @@ impl AgentActor {
                 .map_or(messages.len() - 1, |p| p + keep + 1);
             messages.drain(keep..end.max(keep + 1));
             let (m2, probe) = (model.clone(), messages.clone());
-            let len = tokio::task::spawn_blocking(move || Conversation::prompt_len(&m2, &probe))
+            let mut tools_only = Conversation::default();
+            tools_only.set_tools(self.conv.tools().cloned());
+            let len = tokio::task::spawn_blocking(move || tools_only.prompt_len(&m2, &probe))
                 .await
                 .map_err(|e| Error::ChatTemplate(format!("rendering stopped: {e}")))??;
             if fits(len) {
@@ -180,7 +182,8 @@ impl AgentActor {
         self.fit_context(max_tokens, undo).await?;
         let expected_cached = self.conv.cache.len();
         let answer = opts.grammar.as_ref().or(self.config.grammar.as_ref());
-        let grammar = reply_grammar(&self.tools, choice, answer)?;
+        let format = super::CallFormat::of(self.engine.model());
+        let grammar = reply_grammar(&self.tools, choice, answer, format)?;
         let feed = self.conv.to_feed().to_vec();
         let mut g = match std::mem::take(&mut self.conv.cache) {
             CacheSlot::Empty => {

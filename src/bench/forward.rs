@@ -1,5 +1,5 @@
 //! `troupe bench forward`: the ragged batched forward on one model, against
-//! candle-transformers' `quantized_llama` and against this machine's f32 GEMM
+//! candle-transformers' `quantized_llama` (or `quantized_qwen2` / `quantized_qwen3`) and against this machine's f32 GEMM
 //! ceiling, all in one run.
 
 use std::collections::BTreeMap;
@@ -11,7 +11,7 @@ use candle_transformers::models::quantized_llama;
 
 use super::median;
 use crate::kv::{KvCache, KvDtype};
-use crate::model::{GgufFile, LoadOptions, Model, SeqInput, WeightsMode};
+use crate::model::{GgufFile, LlamaConfig, LoadOptions, Model, SeqInput, WeightsMode};
 use crate::sampling::argmax;
 use crate::Result;
 
@@ -28,7 +28,8 @@ pub struct ForwardReport {
     pub prefill_tok_s: f64,
     /// Single-sequence decode of 128 tokens.
     pub decode_tok_s: f64,
-    /// candle-transformers' `quantized_llama`, same decode.
+    /// candle-transformers' model of the architecture (`quantized_llama`,
+    /// `quantized_qwen2`…), same decode.
     pub reference_decode_tok_s: f64,
     /// Batch size -> generated tokens/s, each sequence holding a 256-token cache.
     pub batched_decode_tok_s: BTreeMap<usize, f64>,
@@ -129,7 +130,8 @@ impl ForwardBench {
 
         let reference_decode_tok_s = self.reference_decode(path, &short)?;
         progress(&format!(
-            "candle-transformers quantized_llama decode: {reference_decode_tok_s:.1} tok/s"
+            "candle-transformers quantized_{} decode: {reference_decode_tok_s:.1} tok/s",
+            cfg.arch
         ));
 
         // Batched decode: one prefilled context forked into every sequence.
@@ -191,21 +193,43 @@ impl ForwardBench {
 
     /// candle-transformers' single-sequence decode on the same file and prompt.
     fn reference_decode(&self, path: &Path, prompt: &[u32]) -> Result<f64> {
+        use crate::model::arch::Arch;
+        use candle_transformers::models::{quantized_qwen2, quantized_qwen3};
         let (content, mut reader) = GgufFile::open(path)?.into_parts();
-        let mut model =
-            quantized_llama::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu)?;
+        let arch = LlamaConfig::from_gguf(&content)?.arch;
+        // candle-transformers' model of the file's architecture.
+        let mut forward: Box<ReferenceForward> = match arch {
+            Arch::Llama => {
+                let mut m =
+                    quantized_llama::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu)?;
+                Box::new(move |x, pos| m.forward(x, pos))
+            }
+            Arch::Qwen2 => {
+                let mut m =
+                    quantized_qwen2::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu)?;
+                Box::new(move |x, pos| m.forward(x, pos))
+            }
+            Arch::Qwen3 => {
+                let mut m =
+                    quantized_qwen3::ModelWeights::from_gguf(content, &mut reader, &Device::Cpu)?;
+                Box::new(move |x, pos| m.forward(x, pos))
+            }
+        };
         let input = Tensor::new(prompt, &Device::Cpu)?.unsqueeze(0)?;
-        let logits = model.forward(&input, 0)?;
+        let logits = forward(&input, 0)?;
         let mut next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
         let t = Instant::now();
         for i in 0..self.decode_tokens {
             let input = Tensor::new(&[next], &Device::Cpu)?.unsqueeze(0)?;
-            let logits = model.forward(&input, prompt.len() + i)?;
+            let logits = forward(&input, prompt.len() + i)?;
             next = argmax(&logits.squeeze(0)?.to_vec1::<f32>()?);
         }
         Ok(self.decode_tokens as f64 / t.elapsed().as_secs_f64())
     }
 }
+
+/// A reference model's `forward(input, position)`.
+type ReferenceForward = dyn FnMut(&Tensor, usize) -> candle_core::Result<Tensor>;
 
 /// GFLOP/s of a plain f32 product `[256, k] x [k, n]`: the best of 20 runs, since
 /// a ceiling is what the machine can do, and a shared machine only ever slows a run.

@@ -16,13 +16,21 @@ use crate::kv::{KvBuf, KvElem, LayerKv};
 #[derive(Debug, Clone)]
 pub(crate) struct Rope {
     half: usize,
+    /// Pairs `i` and `i + half` (Qwen's GGUF layout) instead of `2i` and `2i + 1`.
+    neox: bool,
     cos: Vec<f32>,
     sin: Vec<f32>,
 }
 
 impl Rope {
-    /// Tables for `max_pos` positions of a head of width `head_dim`.
-    pub(crate) fn new(head_dim: usize, freq_base: f32, max_pos: usize) -> crate::Result<Self> {
+    /// Tables for `max_pos` positions of a head of width `head_dim`; `neox` picks
+    /// the pairing (see [`apply`](Self::apply)).
+    pub(crate) fn new(
+        head_dim: usize,
+        freq_base: f32,
+        max_pos: usize,
+        neox: bool,
+    ) -> crate::Result<Self> {
         let half = head_dim / 2;
         let theta: Vec<f32> = (0..head_dim)
             .step_by(2)
@@ -49,11 +57,17 @@ impl Rope {
                 sin.push(a.sin());
             }
         }
-        Ok(Self { half, cos, sin })
+        Ok(Self {
+            half,
+            neox,
+            cos,
+            sin,
+        })
     }
 
     /// Rotates `x`, rows of `heads * head_dim` for tokens at `pos0, pos0 + 1, …`, in
-    /// place, pairing elements `2i` and `2i + 1` (GGUF llama's layout).
+    /// place, pairing elements `2i` and `2i + 1` (GGUF llama's layout), or `i` and
+    /// `i + head_dim / 2` with `neox` (Qwen's).
     pub(crate) fn apply(&self, x: &mut [f32], heads: usize, pos0: usize) {
         let d = 2 * self.half;
         for (t, row) in x.chunks_exact_mut(heads * d).enumerate() {
@@ -63,6 +77,15 @@ impl Rope {
                 &self.sin[off..off + self.half],
             );
             for head in row.chunks_exact_mut(d) {
+                if self.neox {
+                    let (lo, hi) = head.split_at_mut(self.half);
+                    for i in 0..self.half {
+                        let (a, b) = (lo[i], hi[i]);
+                        lo[i] = a * cos[i] - b * sin[i];
+                        hi[i] = a * sin[i] + b * cos[i];
+                    }
+                    continue;
+                }
                 for (i, pair) in head.chunks_exact_mut(2).enumerate() {
                     let (a, b) = (pair[0], pair[1]);
                     pair[0] = a * cos[i] - b * sin[i];

@@ -88,6 +88,8 @@ pub struct ChatTemplate {
     bos_token: String,
     /// Passed to the template as `eos_token`.
     eos_token: String,
+    /// Whether it renders tools and teaches `<tool_call>` calls (probed once).
+    teaches_tools: bool,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -117,12 +119,15 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_template_owned(TEMPLATE_NAME, source.to_owned())
             .map_err(|e| template_error("does not compile", &e))?;
-        Ok(Self {
+        let mut template = Self {
             env,
             source: source.to_owned(),
             bos_token: bos_token.to_owned(),
             eos_token: eos_token.to_owned(),
-        })
+            teaches_tools: false,
+        };
+        template.teaches_tools = template.probe_tool_calls();
+        Ok(template)
     }
 
     /// The ChatML fallback: `<|im_start|>{role}\n{content}<|im_end|>\n` per message, and
@@ -138,9 +143,38 @@ impl ChatTemplate {
         &self.source
     }
 
+    /// Whether the template renders a `tools` list into the prompt and teaches calls
+    /// in `<tool_call>` tags (Qwen's and other Hermes-style templates): rendered once
+    /// with a probe tool, whose name must appear, beside a `<tool_call>` tag.
+    pub fn teaches_tool_calls(&self) -> bool {
+        self.teaches_tools
+    }
+
+    /// The probe behind [`teaches_tool_calls`](Self::teaches_tool_calls).
+    fn probe_tool_calls(&self) -> bool {
+        const PROBE: &str = "troupe_probe_tool";
+        let tools = serde_json::json!([{
+            "type": "function",
+            "function": {"name": PROBE, "description": "", "parameters": {"type": "object", "properties": {}}},
+        }]);
+        self.render_with_tools(&[Message::user("hi")], Some(&tools), true)
+            .is_ok_and(|text| text.contains(PROBE) && text.contains("<tool_call>"))
+    }
+
     /// Render; a template that fails to render (`raise_exception`, an attribute of an
     /// undefined value, …) -> [`Error::ChatTemplate`] with minijinja's message.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`render`](Self::render) with the template's `tools` variable set to `tools`
+    /// (OpenAI-style function descriptions), for templates that teach tool calls.
+    pub fn render_with_tools(
+        &self,
+        messages: &[Message],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String> {
         let template = self
             .env
             .get_template(TEMPLATE_NAME)
@@ -150,6 +184,7 @@ impl ChatTemplate {
             context! {
                 messages => messages,
                 add_generation_prompt => add_generation_prompt,
+                tools => tools.map(Value::from_serialize),
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
             },
@@ -355,6 +390,25 @@ You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>
             "<|im_start|>user\nU<|im_end|>\n",
         );
         assert_eq!(ChatTemplate::chatml().source(), CHATML_TEMPLATE);
+    }
+
+    #[test]
+    fn tools_reach_a_template_that_renders_them() {
+        let hermes = ChatTemplate::new(
+            "{% if tools %}<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools> reply <tool_call>...</tool_call>\n{% endif %}{% for m in messages %}{{ m.content }}{% endfor %}",
+            "",
+            "",
+        )
+        .unwrap();
+        assert!(hermes.teaches_tool_calls());
+        let tools = serde_json::json!([{"name": "f"}]);
+        let text = hermes
+            .render_with_tools(&[Message::user("hi")], Some(&tools), false)
+            .unwrap();
+        assert!(text.starts_with("<tools>{\"name\":"), "{text}");
+        assert!(text.ends_with("hi"), "{text}");
+        assert!(!ChatTemplate::chatml().teaches_tool_calls());
+        assert!(!smollm2().teaches_tool_calls());
     }
 
     #[test]

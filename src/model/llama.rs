@@ -9,7 +9,9 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+use super::arch::{Arch, BlockExtras};
 use super::attention::{attend_group, AttnShape, Rope, Scratch};
+use super::embedding::TokenEmbedding;
 use super::linear::{Linear, ResolvedMode};
 use super::profile::{Lap, Phase};
 use super::GgufFile;
@@ -23,6 +25,8 @@ pub const MAX_CONTEXT: usize = 1 << 20;
 /// Hyper-parameters read from the GGUF metadata.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct LlamaConfig {
+    /// The architecture (`general.architecture`).
+    pub arch: Arch,
     /// Model width.
     pub hidden: usize,
     /// MLP inner width.
@@ -46,8 +50,19 @@ pub struct LlamaConfig {
 }
 
 impl LlamaConfig {
-    /// Reads and checks the hyper-parameters of a `llama` GGUF.
+    /// Reads and checks the hyper-parameters of a GGUF of one of the [`Arch`]s, under
+    /// that architecture's metadata prefix (`llama.`, `qwen2.`…).
     pub fn from_gguf(ct: &gguf_file::Content) -> Result<Self> {
+        let arch_name = ct
+            .metadata
+            .get("general.architecture")
+            .and_then(|v| v.to_string().ok())
+            .ok_or_else(|| Error::Metadata {
+                key: "general.architecture".into(),
+                reason: "missing".into(),
+            })?;
+        let arch = Arch::from_name(arch_name)?;
+        let p = arch.name();
         let get = |key: &str| -> Result<&gguf_file::Value> {
             ct.metadata.get(key).ok_or_else(|| Error::Metadata {
                 key: key.to_string(),
@@ -70,44 +85,54 @@ impl LlamaConfig {
                 reason: e.to_string(),
             })
         };
-        let hidden = usize_of("llama.embedding_length")?;
-        let n_head = usize_of("llama.attention.head_count")?;
-        let n_kv_head = usize_of("llama.attention.head_count_kv").unwrap_or(n_head);
+        let hidden = usize_of(&format!("{p}.embedding_length"))?;
+        let n_head = usize_of(&format!("{p}.attention.head_count"))?;
+        let n_kv_head = usize_of(&format!("{p}.attention.head_count_kv")).unwrap_or(n_head);
         let bad = |key: &str, reason: String| Error::Metadata {
-            key: key.into(),
+            key: format!("{p}.{key}"),
             reason,
         };
-        if n_head == 0 || hidden % n_head != 0 {
+        // A head width of its own (qwen3), else the width over the heads.
+        let key_length = usize_of(&format!("{p}.attention.key_length")).ok();
+        if n_head == 0 || (key_length.is_none() && hidden % n_head != 0) {
             return Err(bad(
-                "llama.attention.head_count",
+                "attention.head_count",
                 format!("{n_head} heads do not divide the width {hidden}"),
             ));
         }
         if n_kv_head == 0 || n_head % n_kv_head != 0 {
             return Err(bad(
-                "llama.attention.head_count_kv",
+                "attention.head_count_kv",
                 format!("{n_kv_head} KV heads do not divide {n_head} query heads"),
             ));
         }
-        let head_dim = hidden / n_head;
+        let head_dim = key_length.unwrap_or(hidden / n_head);
         if head_dim == 0 || head_dim % 2 != 0 {
             return Err(bad(
-                "llama.embedding_length",
+                "embedding_length",
                 format!(
                     "width {hidden} over {n_head} heads gives a head width of {head_dim}: it must be even and non-zero"
                 ),
             ));
         }
-        let rope_dim = usize_of("llama.rope.dimension_count").unwrap_or(head_dim);
+        if let Ok(v) = usize_of(&format!("{p}.attention.value_length")) {
+            if v != head_dim {
+                return Err(bad(
+                    "attention.value_length",
+                    format!("{v}, but keys are {head_dim} wide: they must be equal"),
+                ));
+            }
+        }
+        let rope_dim = usize_of(&format!("{p}.rope.dimension_count")).unwrap_or(head_dim);
         if rope_dim != head_dim {
             return Err(bad(
-                "llama.rope.dimension_count",
+                "rope.dimension_count",
                 format!("partial rotary ({rope_dim} of {head_dim} dims) is not supported"),
             ));
         }
-        if usize_of("llama.expert_count").unwrap_or(0) > 1 {
+        if usize_of(&format!("{p}.expert_count")).unwrap_or(0) > 1 {
             return Err(Error::UnsupportedArchitecture {
-                arch: "llama (mixture of experts)".into(),
+                arch: format!("{p} (mixture of experts)"),
             });
         }
         let tensor = |name: &str| {
@@ -134,7 +159,7 @@ impl LlamaConfig {
                 ),
             });
         }
-        let n_layers = usize_of("llama.block_count")?;
+        let n_layers = usize_of(&format!("{p}.block_count"))?;
         // Bounded by the file: the last block's weights must be there (a huge count
         // would otherwise size allocations before any tensor is read).
         if n_layers == 0
@@ -143,43 +168,44 @@ impl LlamaConfig {
                 .contains_key(&format!("blk.{}.attn_q.weight", n_layers - 1))
         {
             return Err(bad(
-                "llama.block_count",
+                "block_count",
                 format!(
                     "{n_layers} blocks, but the file has no weights for block {}",
                     n_layers.saturating_sub(1)
                 ),
             ));
         }
-        let intermediate = usize_of("llama.feed_forward_length")?;
+        let intermediate = usize_of(&format!("{p}.feed_forward_length"))?;
         let up = tensor("blk.0.ffn_up.weight")?;
         if intermediate == 0 || up.shape.dims() != [intermediate, hidden] {
             return Err(bad(
-                "llama.feed_forward_length",
+                "feed_forward_length",
                 format!(
                     "{intermediate}, but blk.0.ffn_up.weight has shape {:?}",
                     up.shape.dims()
                 ),
             ));
         }
-        let context_length = usize_of("llama.context_length")?;
+        let context_length = usize_of(&format!("{p}.context_length"))?;
         if context_length == 0 {
-            return Err(bad("llama.context_length", "must be at least 1".into()));
+            return Err(bad("context_length", "must be at least 1".into()));
         }
-        let rms_eps = f32_of("llama.attention.layer_norm_rms_epsilon")? as f64;
+        let rms_eps = f32_of(&format!("{p}.attention.layer_norm_rms_epsilon"))? as f64;
         if !(rms_eps.is_finite() && rms_eps >= 0.0) {
             return Err(bad(
-                "llama.attention.layer_norm_rms_epsilon",
+                "attention.layer_norm_rms_epsilon",
                 format!("must be a finite number >= 0, got {rms_eps}"),
             ));
         }
-        let rope_base = f32_of("llama.rope.freq_base").unwrap_or(10_000.0);
+        let rope_base = f32_of(&format!("{p}.rope.freq_base")).unwrap_or(10_000.0);
         if !(rope_base.is_finite() && rope_base > 0.0) {
             return Err(bad(
-                "llama.rope.freq_base",
+                "rope.freq_base",
                 format!("must be a finite number > 0, got {rope_base}"),
             ));
         }
         Ok(Self {
+            arch,
             hidden,
             intermediate,
             n_layers,
@@ -208,7 +234,7 @@ impl LlamaConfig {
     pub fn flops_per_token(&self) -> u64 {
         let d = self.hidden as u64;
         let qkv = d * (self.n_head + 2 * self.n_kv_head) as u64 * self.head_dim as u64;
-        let o = d * d;
+        let o = d * (self.n_head * self.head_dim) as u64;
         let mlp = 3 * d * self.intermediate as u64;
         2 * (self.n_layers as u64 * (qkv + o + mlp) + d * self.vocab_size as u64)
     }
@@ -231,13 +257,16 @@ struct Block {
     ffn_norm: Tensor,
     gate_up: Linear,
     down: Linear,
+    /// The architecture's own weights (Q/K/V biases, Q/K head norms).
+    extras: BlockExtras,
 }
 
 /// The weights of a llama-family model and its batched forward.
 #[derive(Debug, Clone)]
 pub struct Llama {
     config: LlamaConfig,
-    embedding: Tensor,
+    /// The token embedding as stored (rows dequantized on lookup).
+    embedding: TokenEmbedding,
     blocks: Vec<Block>,
     norm: Tensor,
     head: Linear,
@@ -253,7 +282,7 @@ impl Llama {
     ) -> Result<Self> {
         let dev = Device::Cpu;
         let embd_q = file.tensor("token_embd.weight", &[config.vocab_size, config.hidden])?;
-        let embedding = embd_q.dequantize(&dev)?;
+        let embedding = TokenEmbedding::new(&embd_q)?;
         let head_q = if file.has_tensor("output.weight") {
             file.tensor("output.weight", &[config.vocab_size, config.hidden])?
         } else {
@@ -286,10 +315,16 @@ impl Llama {
                 ffn_norm: norm_of(file, &name("ffn_norm"))?,
                 gate_up: Linear::new(gate_up, mode)?,
                 down: Linear::new(vec![file.tensor(&name("ffn_down"), &[h, i])?], mode)?,
+                extras: BlockExtras::load(file, config.arch, l, config.head_dim, qd, kvd)?,
             });
         }
         Ok(Self {
-            rope: Rope::new(config.head_dim, config.rope_base, config.context_length)?,
+            rope: Rope::new(
+                config.head_dim,
+                config.rope_base,
+                config.context_length,
+                config.arch.neox_rope(),
+            )?,
             norm: norm_of(file, "output_norm.weight")?,
             head: Linear::new(vec![head_q], mode)?,
             embedding,
@@ -339,8 +374,7 @@ impl Llama {
             s.cache.reserve(need);
         }
         let ids: Vec<u32> = seqs.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-        let ids = Tensor::from_vec(ids, total, &Device::Cpu)?;
-        let mut x = self.embedding.index_select(&ids, 0)?;
+        let mut x = self.embedding.rows(&ids)?;
 
         let shape = AttnShape {
             n_head: cfg.n_head,
@@ -352,7 +386,7 @@ impl Llama {
             let _span = tracing::trace_span!("block", li).entered();
             let h = candle_nn::ops::rms_norm(&x, &block.attn_norm, cfg.rms_eps as f32)?;
             lap.lap(Phase::Other);
-            let qkv = block.qkv.forward(&h)?;
+            let qkv = block.extras.add_bias(block.qkv.forward(&h)?)?;
             lap.lap(Phase::Linear);
             let qkv: Vec<f32> = qkv.flatten_all()?.to_vec1()?;
             let width = qd + 2 * kvd;
@@ -364,6 +398,7 @@ impl Llama {
                 k.extend_from_slice(&row[qd..qd + kvd]);
                 v.extend_from_slice(&row[qd + kvd..]);
             }
+            block.extras.norm_heads(&mut q, &mut k, cfg.rms_eps as f32);
             for (si, s) in seqs.iter_mut().enumerate() {
                 let (a, n, pos) = (starts[si], lens[si], s.cache.len());
                 self.rope

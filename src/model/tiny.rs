@@ -1,15 +1,19 @@
-//! A tiny random-weight llama GGUF, with a byte-level BPE tokenizer, written on
-//! demand: the test suite and examples that need no real model run on it.
+//! A tiny random-weight GGUF (llama, qwen2 or qwen3), with a byte-level BPE
+//! tokenizer, written on demand: the test suite and examples that need no real model
+//! run on it.
 //!
 //! The weights are seeded pseudo-random numbers, quantized like a real file (Q4_1
-//! linear layers, a Q8_0 embedding tied to the output head), so the same kernel
-//! paths run as with the default model.
+//! linear layers, a Q8_0 embedding tied to the output head by default), so the same
+//! kernel paths run as with the default model. The Qwen architectures add their own
+//! tensors (qwen2's Q/K/V biases, qwen3's per-head Q/K norms) under their own
+//! metadata prefix, as llama.cpp writes them.
 
 use std::path::Path;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 
+use super::arch::Arch;
 use crate::Result;
 
 /// Shape and contents of a tiny model.
@@ -33,6 +37,16 @@ pub struct TinyConfig {
     pub linear_dtype: GgmlDType,
     /// A chat template to embed (None: the model falls back to ChatML).
     pub chat_template: Option<String>,
+    /// The architecture written (its metadata prefix and its own tensors).
+    pub arch: Arch,
+    /// A head width of its own (`<arch>.attention.key_length`), else the width over
+    /// the heads.
+    pub head_dim: Option<usize>,
+    /// Storage type of the token embedding.
+    pub embedding_dtype: GgmlDType,
+    /// Write an `output.weight` of its own (of `linear_dtype`) instead of tying the
+    /// head to the embedding.
+    pub untied_head: bool,
 }
 
 impl Default for TinyConfig {
@@ -47,6 +61,10 @@ impl Default for TinyConfig {
             seed: 7,
             linear_dtype: GgmlDType::Q4_1,
             chat_template: None,
+            arch: Arch::Llama,
+            head_dim: None,
+            embedding_dtype: GgmlDType::Q8_0,
+            untied_head: false,
         }
     }
 }
@@ -96,7 +114,7 @@ impl Rng {
     }
 }
 
-/// Writes a tiny llama GGUF to `path`.
+/// Writes a tiny GGUF of `cfg.arch` to `path`.
 pub fn write_tiny_model(path: &Path, cfg: &TinyConfig) -> Result<()> {
     use gguf_file::Value as V;
     let mut tokens: Vec<String> = TINY_SPECIALS.iter().map(|s| s.to_string()).collect();
@@ -110,37 +128,33 @@ pub fn write_tiny_model(path: &Path, cfg: &TinyConfig) -> Result<()> {
         .map(|i| V::I32(if i < TINY_SPECIALS.len() { 3 } else { 1 }))
         .collect();
     let vocab = tokens.len();
-    let head_dim = cfg.hidden / cfg.n_head;
+    let head_dim = cfg.head_dim.unwrap_or(cfg.hidden / cfg.n_head);
+    let p = cfg.arch.name();
+    let u = |v: usize| V::U32(v as u32);
 
     let mut meta: Vec<(String, V)> = vec![
-        ("general.architecture".into(), V::String("llama".into())),
+        ("general.architecture".into(), V::String(p.into())),
         ("general.name".into(), V::String("troupe-tiny".into())),
+        (format!("{p}.context_length"), u(cfg.context_length)),
+        (format!("{p}.embedding_length"), u(cfg.hidden)),
+        (format!("{p}.feed_forward_length"), u(cfg.intermediate)),
+        (format!("{p}.block_count"), u(cfg.n_layers)),
+        (format!("{p}.attention.head_count"), u(cfg.n_head)),
+        (format!("{p}.attention.head_count_kv"), u(cfg.n_kv_head)),
+        (format!("{p}.rope.dimension_count"), u(head_dim)),
+        (format!("{p}.rope.freq_base"), V::F32(10_000.0)),
         (
-            "llama.context_length".into(),
-            V::U32(cfg.context_length as u32),
-        ),
-        ("llama.embedding_length".into(), V::U32(cfg.hidden as u32)),
-        (
-            "llama.feed_forward_length".into(),
-            V::U32(cfg.intermediate as u32),
-        ),
-        ("llama.block_count".into(), V::U32(cfg.n_layers as u32)),
-        (
-            "llama.attention.head_count".into(),
-            V::U32(cfg.n_head as u32),
-        ),
-        (
-            "llama.attention.head_count_kv".into(),
-            V::U32(cfg.n_kv_head as u32),
-        ),
-        ("llama.rope.dimension_count".into(), V::U32(head_dim as u32)),
-        ("llama.rope.freq_base".into(), V::F32(10_000.0)),
-        (
-            "llama.attention.layer_norm_rms_epsilon".into(),
+            format!("{p}.attention.layer_norm_rms_epsilon"),
             V::F32(1e-5),
         ),
         ("tokenizer.ggml.model".into(), V::String("gpt2".into())),
-        ("tokenizer.ggml.pre".into(), V::String("smollm".into())),
+        (
+            "tokenizer.ggml.pre".into(),
+            V::String(match cfg.arch {
+                Arch::Llama => "smollm".into(),
+                _ => "qwen2".into(),
+            }),
+        ),
         (
             "tokenizer.ggml.tokens".into(),
             V::Array(tokens.into_iter().map(V::String).collect()),
@@ -153,6 +167,12 @@ pub fn write_tiny_model(path: &Path, cfg: &TinyConfig) -> Result<()> {
         ("tokenizer.ggml.bos_token_id".into(), V::U32(1)),
         ("tokenizer.ggml.eos_token_id".into(), V::U32(2)),
     ];
+    // qwen3 files always carry it (candle-transformers' loader requires it).
+    if cfg.head_dim.is_some() || cfg.arch == Arch::Qwen3 {
+        let d = head_dim;
+        meta.push((format!("{p}.attention.key_length"), u(d)));
+        meta.push((format!("{p}.attention.value_length"), u(d)));
+    }
     if let Some(t) = &cfg.chat_template {
         meta.push(("tokenizer.chat_template".into(), V::String(t.clone())));
     }
@@ -164,29 +184,49 @@ pub fn write_tiny_model(path: &Path, cfg: &TinyConfig) -> Result<()> {
         let t = rng.tensor(rows, cols, 1.0 / (cols as f32).sqrt() * 1.7)?;
         Ok(QTensor::quantize(&t, cfg.linear_dtype)?)
     };
-    let norm = |rng: &mut Rng| -> Result<QTensor> {
-        let v: Vec<f32> = (0..h).map(|_| 1.0 + 0.1 * rng.next_f32()).collect();
+    // A vector of f32 around `centre` (norm weights, biases).
+    let vector = |rng: &mut Rng, n: usize, centre: f32| -> Result<QTensor> {
+        let v: Vec<f32> = (0..n).map(|_| centre + 0.1 * rng.next_f32()).collect();
         Ok(QTensor::quantize(
-            &Tensor::from_vec(v, h, &Device::Cpu)?,
+            &Tensor::from_vec(v, n, &Device::Cpu)?,
             GgmlDType::F32,
         )?)
     };
+    let norm = |rng: &mut Rng| vector(rng, h, 1.0);
     tensors.push((
         "token_embd.weight".into(),
-        QTensor::quantize(&rng.tensor(vocab, h, 1.0)?, GgmlDType::Q8_0)?,
+        QTensor::quantize(&rng.tensor(vocab, h, 1.0)?, cfg.embedding_dtype)?,
     ));
     tensors.push(("output_norm.weight".into(), norm(&mut rng)?));
+    let (qd, kvd) = (cfg.n_head * head_dim, cfg.n_kv_head * head_dim);
     for l in 0..cfg.n_layers {
         let n = |s: &str| format!("blk.{l}.{s}.weight");
         tensors.push((n("attn_norm"), norm(&mut rng)?));
-        tensors.push((n("attn_q"), lin(&mut rng, h, h)?));
-        tensors.push((n("attn_k"), lin(&mut rng, cfg.n_kv_head * head_dim, h)?));
-        tensors.push((n("attn_v"), lin(&mut rng, cfg.n_kv_head * head_dim, h)?));
-        tensors.push((n("attn_output"), lin(&mut rng, h, h)?));
+        tensors.push((n("attn_q"), lin(&mut rng, qd, h)?));
+        tensors.push((n("attn_k"), lin(&mut rng, kvd, h)?));
+        tensors.push((n("attn_v"), lin(&mut rng, kvd, h)?));
+        tensors.push((n("attn_output"), lin(&mut rng, h, qd)?));
         tensors.push((n("ffn_norm"), norm(&mut rng)?));
         tensors.push((n("ffn_gate"), lin(&mut rng, i, h)?));
         tensors.push((n("ffn_up"), lin(&mut rng, i, h)?));
         tensors.push((n("ffn_down"), lin(&mut rng, h, i)?));
+        // Drawn after the shared tensors, so a llama file stays what it was.
+        match cfg.arch {
+            Arch::Llama => {}
+            Arch::Qwen2 => {
+                for (name, width) in [("attn_q", qd), ("attn_k", kvd), ("attn_v", kvd)] {
+                    let bias = vector(&mut rng, width, 0.0)?;
+                    tensors.push((format!("blk.{l}.{name}.bias"), bias));
+                }
+            }
+            Arch::Qwen3 => {
+                tensors.push((n("attn_q_norm"), vector(&mut rng, head_dim, 1.0)?));
+                tensors.push((n("attn_k_norm"), vector(&mut rng, head_dim, 1.0)?));
+            }
+        }
+    }
+    if cfg.untied_head {
+        tensors.push(("output.weight".into(), lin(&mut rng, vocab, h)?));
     }
     let meta_refs: Vec<(&str, &V)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();

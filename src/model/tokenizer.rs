@@ -173,7 +173,16 @@ impl Tokenizer {
                     .collect()
             })
             .unwrap_or_else(|| vec![1; texts.len()]);
-        let special: HashSet<u32> = inner.get_added_tokens_decoder().keys().copied().collect();
+        // Control tokens (`<|im_end|>`) are special; user-defined ones (type 4, Qwen's
+        // `<tool_call>`) are matched in text like them but are ordinary text to a
+        // grammar, as llama.cpp treats them, so that a grammar's literal
+        // `<tool_call>` accepts the model's own token for it.
+        let special: HashSet<u32> = inner
+            .get_added_tokens_decoder()
+            .keys()
+            .copied()
+            .filter(|&id| types.get(id as usize).copied() != Some(4))
+            .collect();
         let map = unicode_to_byte();
         let bytes = texts
             .iter()
@@ -275,7 +284,8 @@ impl Tokenizer {
         self.texts.iter().position(|t| t == text).map(|i| i as u32)
     }
 
-    /// Whether `id` is a special (control) token.
+    /// Whether `id` is a special (control) token; user-defined tokens such as
+    /// `<tool_call>` are not (they stand for their text).
     pub fn is_special(&self, id: u32) -> bool {
         self.special.contains(&id)
     }

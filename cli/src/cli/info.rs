@@ -56,3 +56,18 @@ pub(crate) fn print_info(info: &troupe::ModelInfo) {
         troupe::KvDtype::default()
     );
 }
+
+/// `troupe model list`: each catalogue model, whether it is present, and where.
+pub(crate) fn print_catalogue() {
+    for e in troupe::model::catalogue::CATALOGUE {
+        println!(
+            "{:<20} {:>4} MiB  {:<8} {}\n{:<20} {}",
+            e.name,
+            e.size >> 20,
+            if e.is_present() { "present" } else { "absent" },
+            e.description,
+            "",
+            e.path().display()
+        );
+    }
+}
