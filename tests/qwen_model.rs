@@ -95,6 +95,9 @@ fn tokenization_equals_the_gguf_vocabulary_fixture() {
         .unwrap();
     assert_eq!(ids.first(), Some(&call));
     assert_eq!(ids.last(), tok.token_id("</tool_call>").as_ref());
+    // llama.cpp's own `llama-tokenize --no-bos` of the same text on the same file
+    // (see tests/data/compare_with_llama_cpp.py).
+    assert_eq!(ids, [151657, 198, 4913, 606, 788, 330, 69, 16707, 151658]);
     assert!(tok.is_special(tok.token_id("<|im_end|>").unwrap()));
 }
 
