@@ -25,9 +25,9 @@
 //! 16-lane accumulators per row, and each row's sum is formed the same way whatever
 //! the number of rows, so a row's result never depends on its batch.
 
+use super::qgemv::{fma, round_bf16 as round};
 use candle_core::quantized::GgmlDType;
 use half::f16;
-use rayon::prelude::*;
 
 /// Weights per super-block of the K formats.
 const QK_K: usize = 256;
@@ -70,38 +70,26 @@ pub(crate) fn matmul(
     };
     let (bw, bb) = layout(dtype);
     let row_bytes = k / bw * bb;
-    // Column-major result: a weight block is decoded once for all rows.
-    let mut out_t = vec![0f32; n * m];
-    let cols_per_job = (n / (4 * rayon::current_num_threads().max(1))).clamp(16, 256);
-    out_t
-        .par_chunks_mut(cols_per_job * m)
-        .enumerate()
-        .for_each(|(job, chunk)| {
-            let mut acc = vec![[[0f32; 16]; 2]; m];
-            let mut buf = [0f32; QK_K];
-            for (c, out) in chunk.chunks_exact_mut(m).enumerate() {
-                let col = job * cols_per_job + c;
-                let w = &data[col * row_bytes..(col + 1) * row_bytes];
-                acc.iter_mut().for_each(|a| *a = [[0.0; 16]; 2]);
-                for (b, blk) in w.chunks_exact(bb).enumerate() {
-                    let wv = &mut buf[..bw];
-                    decode_rounding(dtype, blk, wv, round_bf16);
-                    for (r, a) in acc.iter_mut().enumerate() {
-                        dot_into(a, wv, &x[r * k + b * bw..r * k + (b + 1) * bw]);
-                    }
-                }
-                for (o, a) in out.iter_mut().zip(&acc) {
-                    *o = lanes_sum(a);
+    // A weight block is decoded once for all rows.
+    super::qgemv::by_column_jobs(n, m, |col0, chunk| {
+        let mut acc = vec![[[0f32; 16]; 2]; m];
+        let mut buf = [0f32; QK_K];
+        for (c, out) in chunk.chunks_exact_mut(m).enumerate() {
+            let col = col0 + c;
+            let w = &data[col * row_bytes..(col + 1) * row_bytes];
+            acc.iter_mut().for_each(|a| *a = [[0.0; 16]; 2]);
+            for (b, blk) in w.chunks_exact(bb).enumerate() {
+                let wv = &mut buf[..bw];
+                decode_rounding(dtype, blk, wv, round_bf16);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    dot_into(a, wv, &x[r * k + b * bw..r * k + (b + 1) * bw]);
                 }
             }
-        });
-    let mut out = vec![0f32; m * n];
-    for (col, vals) in out_t.chunks_exact(m).enumerate() {
-        for (r, v) in vals.iter().enumerate() {
-            out[r * n + col] = *v;
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = lanes_sum(a);
+            }
         }
-    }
-    out
+    })
 }
 
 /// [`matmul`] with bf16 operands by `vdpbf16ps`: each block is decoded to f32 (the
@@ -113,26 +101,13 @@ fn matmul_dp(dtype: GgmlDType, data: &[u8], n: usize, k: usize, x: &[f32], m: us
     let xb = super::bf16::pack_rows(x, m, k);
     let (bw, bb) = layout(dtype);
     let row_bytes = k / bw * bb;
-    let mut out_t = vec![0f32; n * m];
-    let cols_per_job = (n / (4 * rayon::current_num_threads().max(1))).clamp(16, 256);
-    out_t
-        .par_chunks_mut(cols_per_job * m)
-        .enumerate()
-        .for_each(|(job, chunk)| {
-            let col0 = job * cols_per_job;
-            let cols = chunk.len() / m;
-            let w = &data[col0 * row_bytes..(col0 + cols) * row_bytes];
-            // SAFETY: avx512_bf16 was detected; `w` holds `cols` weight rows of this
-            // matrix, `xb` `m` rows of k / 2 pairs, `chunk` `cols * m` floats.
-            unsafe { simd::columns_dp(dtype, w, row_bytes, &xb, m, k, chunk) };
-        });
-    let mut out = vec![0f32; m * n];
-    for (col, vals) in out_t.chunks_exact(m).enumerate() {
-        for (r, v) in vals.iter().enumerate() {
-            out[r * n + col] = *v;
-        }
-    }
-    out
+    super::qgemv::by_column_jobs(n, m, |col0, chunk| {
+        let cols = chunk.len() / m;
+        let w = &data[col0 * row_bytes..(col0 + cols) * row_bytes];
+        // SAFETY: avx512_bf16 was detected; `w` holds `cols` weight rows of this
+        // matrix, `xb` `m` rows of k / 2 pairs, `chunk` `cols * m` floats.
+        unsafe { simd::columns_dp(dtype, w, row_bytes, &xb, m, k, chunk) };
+    })
 }
 
 /// Adds `w . x` (equal lengths, a multiple of 32) into the two 16-lane accumulators,
@@ -163,27 +138,6 @@ fn lanes_sum(acc: &[[f32; 16]; 2]) -> f32 {
         }
     }
     s[0]
-}
-
-/// `a * b + c`, fused where the build targets FMA.
-#[inline(always)]
-fn fma(a: f32, b: f32, c: f32) -> f32 {
-    if cfg!(target_feature = "fma") {
-        a.mul_add(b, c)
-    } else {
-        a * b + c
-    }
-}
-
-/// `x` rounded to bfloat16 (to nearest, ties to even), kept as f32; the same value
-/// as `bf16::to_bf16` gives for every non-NaN input, in a form that vectorises.
-#[inline(always)]
-fn round(x: f32) -> f32 {
-    if x.is_nan() {
-        return super::bf16::from_bf16(super::bf16::to_bf16(x));
-    }
-    let b = x.to_bits();
-    f32::from_bits(b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000)
 }
 
 /// [`decode`], then each weight rounded to bf16 if `round_bf16`: with AVX-512 where

@@ -108,23 +108,17 @@ impl QuantRows {
         } else {
             x.chunks_exact(BLOCK).map(|c| c.iter().sum()).collect()
         };
-        // Column-major result: each column's m values are computed together so that a
-        // weight block is decoded once for all rows.
-        let mut out_t = vec![0f32; n * m];
-        let cols_per_job = (n / (4 * rayon::current_num_threads().max(1))).clamp(16, 256);
-        out_t
-            .par_chunks_mut(cols_per_job * m)
-            .enumerate()
-            .for_each(|(job, chunk)| {
-                let mut acc = vec![[0f32; BLOCK]; m];
-                let mut offs = vec![0f32; m];
-                for (c, out) in chunk.chunks_exact_mut(m).enumerate() {
-                    let col = job * cols_per_job + c;
-                    let w = &self.data[col * row_bytes..(col + 1) * row_bytes];
-                    self.column(w, x, &xsum, &mut acc, &mut offs, out);
-                }
-            });
-        rows_of(&out_t, m, n)
+        // Each column's m values are computed together so that a weight block is
+        // decoded once for all rows.
+        by_column_jobs(n, m, |col0, chunk| {
+            let mut acc = vec![[0f32; BLOCK]; m];
+            let mut offs = vec![0f32; m];
+            for (c, out) in chunk.chunks_exact_mut(m).enumerate() {
+                let col = col0 + c;
+                let w = &self.data[col * row_bytes..(col + 1) * row_bytes];
+                self.column(w, x, &xsum, &mut acc, &mut offs, out);
+            }
+        })
     }
 
     /// [`matmul`](Self::matmul) with bf16 operands by `vdpbf16ps`: each block is
@@ -136,20 +130,13 @@ impl QuantRows {
         let (n, k) = (self.n, self.k);
         let xb = super::bf16::pack_rows(x, m, k);
         let row_bytes = k / BLOCK * self.block_bytes();
-        let mut out_t = vec![0f32; n * m];
-        let cols_per_job = (n / (4 * rayon::current_num_threads().max(1))).clamp(16, 256);
-        out_t
-            .par_chunks_mut(cols_per_job * m)
-            .enumerate()
-            .for_each(|(job, chunk)| {
-                let col0 = job * cols_per_job;
-                let cols = chunk.len() / m;
-                let w = &self.data[col0 * row_bytes..(col0 + cols) * row_bytes];
-                // SAFETY: avx512_bf16 was detected; `w` holds `cols` weight rows of
-                // this matrix, `xb` `m` rows of k / 2 pairs, `chunk` `cols * m` floats.
-                unsafe { simd::columns_dp(self.dtype, w, row_bytes, &xb, m, k, chunk) };
-            });
-        rows_of(&out_t, m, n)
+        by_column_jobs(n, m, |col0, chunk| {
+            let cols = chunk.len() / m;
+            let w = &self.data[col0 * row_bytes..(col0 + cols) * row_bytes];
+            // SAFETY: avx512_bf16 was detected; `w` holds `cols` weight rows of this
+            // matrix, `xb` `m` rows of k / 2 pairs, `chunk` `cols * m` floats.
+            unsafe { simd::columns_dp(self.dtype, w, row_bytes, &xb, m, k, chunk) };
+        })
     }
 
     /// Dot products of one weight row with the `m` activation rows.
@@ -223,6 +210,24 @@ impl QuantRows {
             *o = sum32(a) + off;
         }
     }
+}
+
+/// An `[m, n]` product computed by columns: `job(first_col, chunk)` fills the `m`
+/// values of each of a run of whole columns (column-major in `chunk`), the runs in
+/// parallel; the result comes back as `[m, n]` rows. Shared by every kernel that
+/// decodes a weight block once for all activation rows.
+pub(super) fn by_column_jobs(
+    n: usize,
+    m: usize,
+    job: impl Fn(usize, &mut [f32]) + Send + Sync,
+) -> Vec<f32> {
+    let mut out_t = vec![0f32; n * m];
+    let cols_per_job = (n / (4 * rayon::current_num_threads().max(1))).clamp(16, 256);
+    out_t
+        .par_chunks_mut(cols_per_job * m)
+        .enumerate()
+        .for_each(|(j, chunk)| job(j * cols_per_job, chunk));
+    rows_of(&out_t, m, n)
 }
 
 /// `[n, m]` column-major results as `[m, n]` rows.
@@ -409,10 +414,15 @@ mod simd {
     }
 }
 
-/// `x` rounded to bfloat16 (to nearest, ties to even), kept as f32.
+/// `x` rounded to bfloat16 (to nearest, ties to even), kept as f32: the value
+/// `bf16::to_bf16` gives, in a form that vectorises for every non-NaN input.
 #[inline(always)]
 pub(crate) fn round_bf16(x: f32) -> f32 {
-    super::bf16::from_bf16(super::bf16::to_bf16(x))
+    if x.is_nan() {
+        return super::bf16::from_bf16(super::bf16::to_bf16(x));
+    }
+    let b = x.to_bits();
+    f32::from_bits(b.wrapping_add(0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000)
 }
 
 /// Whether this build multiplies `dtype` with the AVX-512 kernel.
@@ -455,7 +465,7 @@ fn decode(dtype: GgmlDType, blk: &[u8], wv: &mut [f32; BLOCK]) -> f32 {
 /// `a * b + c`: one fused instruction where the build targets FMA (see
 /// `.cargo/config.toml`); without it `mul_add` would be a slow library call.
 #[inline(always)]
-fn fma(a: f32, b: f32, c: f32) -> f32 {
+pub(super) fn fma(a: f32, b: f32, c: f32) -> f32 {
     if cfg!(target_feature = "fma") {
         a.mul_add(b, c)
     } else {
