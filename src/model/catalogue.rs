@@ -148,20 +148,8 @@ pub(crate) fn fetch_chunks(
         tracing::warn!(path = %dest.display(), "model file has the wrong SHA-256; fetching it again");
         std::fs::remove_file(dest).map_err(|e| with_path(e, "cannot remove", dest))?;
     }
-    let dir = match dest.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    std::fs::create_dir_all(dir).map_err(|e| with_path(e, "cannot create directory", dir))?;
-    let mut builder = tempfile::Builder::new();
-    let prefix = format!(".{}.", entry.file);
-    builder.prefix(&prefix).suffix(".part");
-    #[cfg(unix)]
-    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
     // Dropping `part` on any early return deletes it.
-    let mut part = builder
-        .tempfile_in(dir)
-        .map_err(|e| with_path(e, "cannot create a temporary file in", dir))?;
+    let mut part = fetch::part_file_beside(dest)?;
     let part_path = part.path().to_path_buf();
     let (written, actual) = append_chunks(part.as_file_mut(), &part_path, entry, &mut download)?;
     if written != entry.size {

