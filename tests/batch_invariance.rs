@@ -9,7 +9,7 @@
 mod common;
 
 use common::*;
-use troupe::model::{Model, SeqInput, WeightsMode};
+use troupe::model::{Model, WeightsMode};
 use troupe::KvCache;
 
 /// Eight sequences at different positions, fed ragged chunks (decode tokens and
@@ -26,14 +26,7 @@ fn ragged_vs_alone(model: &Model, vocab_hi: u32) -> f32 {
         .map(|i| tokens(if i % 3 == 0 { 1 } else { 2 + i }, 100 + i, 3, vocab_hi))
         .collect();
     let mut alone_caches: Vec<KvCache> = caches.iter().map(KvCache::fork).collect();
-    let batched: Vec<Vec<f32>> = {
-        let mut seqs: Vec<SeqInput<'_>> = caches
-            .iter_mut()
-            .zip(&chunks)
-            .map(|(cache, t)| SeqInput { tokens: t, cache })
-            .collect();
-        model.forward(&mut seqs).unwrap().to_vec2().unwrap()
-    };
+    let batched: Vec<Vec<f32>> = feed_batch(model, &mut caches, &chunks);
     let mut worst = 0f32;
     for (i, c) in alone_caches.iter_mut().enumerate() {
         let alone = feed(model, c, &chunks[i]);
@@ -42,14 +35,7 @@ fn ragged_vs_alone(model: &Model, vocab_hi: u32) -> f32 {
     }
     // And one more decode step, batched against alone, from the grown caches.
     let next: Vec<[u32; 1]> = (0..8).map(|i| [5 + i as u32]).collect();
-    let batched: Vec<Vec<f32>> = {
-        let mut seqs: Vec<SeqInput<'_>> = caches
-            .iter_mut()
-            .zip(&next)
-            .map(|(cache, t)| SeqInput { tokens: t, cache })
-            .collect();
-        model.forward(&mut seqs).unwrap().to_vec2().unwrap()
-    };
+    let batched: Vec<Vec<f32>> = feed_batch(model, &mut caches, &next);
     for (i, c) in alone_caches.iter_mut().enumerate() {
         worst = worst.max(max_abs_diff(&feed(model, c, &next[i]), &batched[i]));
     }

@@ -97,6 +97,15 @@ async fn tiny_seeded_sampling_batched_equals_alone() {
     .await;
 }
 
+/// Even requests greedy, odd ones sampled at 0.7 with their own seeds.
+fn half_greedy_half_sampled(i: usize) -> SamplingParams {
+    if i.is_multiple_of(2) {
+        SamplingParams::greedy()
+    } else {
+        SamplingParams::with_temperature(0.7, i as u64)
+    }
+}
+
 /// The bf16 mode (a fixed mode: bitwise batch-invariant) with f16 caches, the
 /// fast path of batched serving, through the engine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,13 +113,7 @@ async fn default_model_bf16_with_f16_caches_batched_equals_alone() {
     concurrent_equals_alone_in(
         || real(WeightsMode::Bf16),
         49_000,
-        |i| {
-            if i % 2 == 0 {
-                SamplingParams::greedy()
-            } else {
-                SamplingParams::with_temperature(0.7, i as u64)
-            }
-        },
+        half_greedy_half_sampled,
         troupe::KvDtype::F16,
     )
     .await;
@@ -121,13 +124,7 @@ async fn default_model_batched_equals_alone() {
     concurrent_equals_alone(
         || real(WeightsMode::Native),
         49_000,
-        |i| {
-            if i % 2 == 0 {
-                SamplingParams::greedy()
-            } else {
-                SamplingParams::with_temperature(0.7, i as u64)
-            }
-        },
+        half_greedy_half_sampled,
     )
     .await;
 }

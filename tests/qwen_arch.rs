@@ -13,7 +13,7 @@ use candle_core::{Device, Tensor};
 use common::*;
 use troupe::model::arch::Arch;
 use troupe::model::tiny::{write_tiny_model, TinyConfig};
-use troupe::model::{LoadOptions, Model, SeqInput, WeightsMode};
+use troupe::model::{LoadOptions, Model, WeightsMode};
 use troupe::KvCache;
 
 /// A tiny model of `arch`: qwen2 with an untied head, qwen3 with a head width of its
@@ -176,14 +176,7 @@ fn assert_batch_invariant(model: &Model, label: &str) {
                 )
             })
             .collect();
-        let batched: Vec<Vec<f32>> = {
-            let mut seqs: Vec<SeqInput<'_>> = caches
-                .iter_mut()
-                .zip(&chunks)
-                .map(|(cache, t)| SeqInput { tokens: t, cache })
-                .collect();
-            model.forward(&mut seqs).unwrap().to_vec2().unwrap()
-        };
+        let batched: Vec<Vec<f32>> = feed_batch(model, &mut caches, &chunks);
         for (i, c) in alone.iter_mut().enumerate() {
             let one = feed(model, c, &chunks[i]);
             assert_eq!(one, batched[i], "{label}: round {round}, sequence {i}");

@@ -337,8 +337,8 @@ pub(crate) fn with_path(err: io::Error, what: &str, path: &Path) -> Error {
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
     use super::*;
-    use std::io::Write;
     use std::cell::Cell;
+    use std::io::Write;
     use zip::write::SimpleFileOptions;
 
     const MEMBER: &str = "pkg/model.gguf";

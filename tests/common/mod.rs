@@ -63,6 +63,24 @@ pub fn feed(model: &Model, cache: &mut KvCache, tokens: &[u32]) -> Vec<f32> {
     logits.squeeze(0).unwrap().to_vec1().unwrap()
 }
 
+/// Feeds `chunks[i]` into `caches[i]` in one ragged batched forward; returns each
+/// sequence's logits row.
+pub fn feed_batch<T: AsRef<[u32]>>(
+    model: &Model,
+    caches: &mut [KvCache],
+    chunks: &[T],
+) -> Vec<Vec<f32>> {
+    let mut seqs: Vec<SeqInput<'_>> = caches
+        .iter_mut()
+        .zip(chunks)
+        .map(|(cache, t)| SeqInput {
+            tokens: t.as_ref(),
+            cache,
+        })
+        .collect();
+    model.forward(&mut seqs).unwrap().to_vec2().unwrap()
+}
+
 /// Deterministic token ids in `[lo, hi)`.
 pub fn tokens(n: usize, seed: usize, lo: u32, hi: u32) -> Vec<u32> {
     (0..n)
