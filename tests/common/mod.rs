@@ -120,6 +120,24 @@ pub fn troupe_bin() -> PathBuf {
     bin
 }
 
+/// The Python of the test virtual environment (`target/py`, made by
+/// `.ci/setup-python` from `tests/python/requirements.txt`), or `None` with the reason
+/// printed. Under `CI` a missing environment fails the test instead.
+pub fn python() -> Option<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let py = root.join("target/py/bin/python");
+    if py.exists() {
+        return Some(py);
+    }
+    let why = format!(
+        "this test needs the Python test environment at {}: run `bash .ci/setup-python`",
+        py.display()
+    );
+    assert!(std::env::var_os("CI").is_none(), "{why} (CI is set)");
+    eprintln!("skipped: {why}");
+    None
+}
+
 /// Indices of the five largest values.
 pub fn top5(v: &[f32]) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..v.len()).collect();
