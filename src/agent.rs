@@ -10,6 +10,7 @@
 //! it at once. An evicted agent keeps its conversation and re-prefills on its next
 //! turn. See `ARCHITECTURE.md` for the sequence of one turn.
 
+mod complete;
 mod config;
 mod conversation;
 mod messages;
@@ -26,6 +27,7 @@ use std::time::Duration;
 use kameo::actor::{ActorRef, Spawn, WeakActorRef, WeakRecipient};
 use kameo::Actor;
 
+pub use complete::{Complete, Completion};
 pub use config::{
     AgentConfig, ContextPolicy, ToolChoice, MAX_REPLY_TOKENS, MAX_TOOL_STEPS, MAX_TOOL_TIMEOUT_SECS,
 };

@@ -156,6 +156,13 @@ pub enum Error {
     /// asked it as a tool (its tool call timed out), or a streamed turn's reader.
     #[error("the turn was cancelled: whoever asked it gave up")]
     Cancelled,
+    /// A finished output broke a JSON Schema keyword the grammar could not enforce
+    /// while decoding (see [`Grammar::JsonSchema`](crate::grammar::Grammar)).
+    #[error("the output violates its JSON Schema: {violations}")]
+    SchemaViolation {
+        /// Each violation: where in the output, what, and the schema keyword.
+        violations: String,
+    },
     /// A generation request or forward call that makes no sense (an empty prompt,
     /// `max_tokens` of 0, a forward with no sequences).
     #[error("bad request: {what}")]

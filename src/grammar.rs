@@ -14,6 +14,10 @@ use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
 use toktrie::{InferenceCapabilities, TokEnv, TokRxInfo, TokTrie, TokenId, TokenizerEnv};
 
+mod schema;
+
+pub use schema::lenient_schema;
+
 use crate::model::Tokenizer;
 use crate::sampling::TokenConstraint;
 use crate::{Error, Result};
@@ -24,8 +28,14 @@ use crate::{Error, Result};
 pub enum Grammar {
     /// The whole output matches this regular expression (Rust regex syntax).
     Regex(String),
-    /// The output is JSON valid against this schema.
+    /// The output is JSON valid against this schema. Keywords llguidance cannot
+    /// enforce while decoding (`uniqueItems`, `not`, ...) are dropped from the grammar
+    /// (llguidance's lenient mode) and the finished output is validated against the
+    /// whole schema instead: a violation is an error, never silently invalid JSON.
     JsonSchema(serde_json::Value),
+    /// As [`Grammar::JsonSchema`], but a schema with keywords llguidance cannot
+    /// enforce is refused, naming them (OpenAI's `strict: true`, `--strict-schema`).
+    StrictJsonSchema(serde_json::Value),
     /// The output parses by this Lark grammar (llguidance's dialect).
     Lark(String),
     /// The output is exactly one of these strings.
@@ -37,7 +47,7 @@ impl Grammar {
     pub fn kind(&self) -> &'static str {
         match self {
             Grammar::Regex(_) => "regex",
-            Grammar::JsonSchema(_) => "JSON Schema",
+            Grammar::JsonSchema(_) | Grammar::StrictJsonSchema(_) => "JSON Schema",
             Grammar::Lark(_) => "Lark grammar",
             Grammar::Choice(_) => "choice",
         }
@@ -46,7 +56,9 @@ impl Grammar {
     fn to_llguidance(&self) -> Result<TopLevelGrammar> {
         Ok(match self {
             Grammar::Regex(r) => TopLevelGrammar::from_regex(r),
-            Grammar::JsonSchema(s) => TopLevelGrammar::from_json_schema(s.clone()),
+            Grammar::JsonSchema(s) | Grammar::StrictJsonSchema(s) => {
+                TopLevelGrammar::from_json_schema(s.clone())
+            }
             Grammar::Lark(l) => TopLevelGrammar::from_lark(l.clone()),
             Grammar::Choice(options) => {
                 if options.is_empty() {
@@ -168,15 +180,24 @@ impl GrammarCompiler {
         if let Some(c) = self.lock().map.get(&key) {
             return Ok(c.clone());
         }
-        let parser = self
-            .factory
-            .create_parser(grammar.to_llguidance()?)
-            .map_err(|e| grammar.error(e.to_string()))?;
+        let (parser, check) = match self.factory.create_parser(grammar.to_llguidance()?) {
+            Ok(parser) => (parser, None),
+            Err(e) => match grammar {
+                Grammar::JsonSchema(schema) => schema::lenient(&self.factory, schema, e)?,
+                Grammar::StrictJsonSchema(_) => {
+                    return Err(grammar.error(format!(
+                        "{e} (strict: refusing keywords troupe cannot enforce while decoding)"
+                    )))
+                }
+                _ => return Err(grammar.error(e.to_string())),
+            },
+        };
         self.compiles.fetch_add(1, Ordering::Relaxed);
         let compiled = Arc::new(CompiledGrammar {
             kind: grammar.kind(),
             template: Mutex::new(Matcher::new(Ok(parser))),
             eos: self.eos.clone(),
+            check: check.map(Arc::new),
         });
         let mut cache = self.lock();
         if cache.map.insert(key.clone(), compiled.clone()).is_none() {
@@ -189,6 +210,16 @@ impl GrammarCompiler {
             cache.map.remove(&old);
         }
         Ok(compiled)
+    }
+
+    /// Checks a finished output of `grammar` against what its compiled form could not
+    /// enforce (the keywords a lenient JSON Schema dropped); compiles it (cached) if
+    /// needed. Outputs of other grammars always pass.
+    pub fn check_output(&self, grammar: &Grammar, text: &str) -> Result<()> {
+        match self.compile(grammar)?.check.as_deref() {
+            Some(check) => check.validate(text),
+            None => Ok(()),
+        }
     }
 
     /// Whether `grammar` is compiled already (a compile would not run llguidance).
@@ -218,6 +249,8 @@ pub struct CompiledGrammar {
     kind: &'static str,
     template: Mutex<Matcher>,
     eos: Vec<u32>,
+    /// The full schema's validator, when the grammar had to drop keywords.
+    check: Option<Arc<schema::OutputCheck>>,
 }
 
 impl std::fmt::Debug for CompiledGrammar {
@@ -241,7 +274,14 @@ impl CompiledGrammar {
             kind: self.kind,
             eos: self.eos.clone(),
             mask_micros: Vec::new(),
+            check: self.check.clone(),
         }
+    }
+
+    /// The keywords the grammar dropped (lenient JSON Schema), as llguidance named
+    /// them; `None` when it enforces the whole spec.
+    pub fn dropped(&self) -> Option<&str> {
+        self.check.as_deref().map(|c| c.dropped())
     }
 
     /// The grammar's kind.
@@ -257,6 +297,7 @@ pub struct GrammarConstraint {
     eos: Vec<u32>,
     /// Time of each mask computation, in microseconds.
     mask_micros: Vec<f64>,
+    check: Option<Arc<schema::OutputCheck>>,
 }
 
 impl std::fmt::Debug for GrammarConstraint {
@@ -336,6 +377,13 @@ impl TokenConstraint for GrammarConstraint {
 
     fn mask_times(&self) -> &[f64] {
         &self.mask_micros
+    }
+
+    fn check_output(&self, text: &str) -> Result<()> {
+        match &self.check {
+            Some(check) => check.validate(text),
+            None => Ok(()),
+        }
     }
 }
 

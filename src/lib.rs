@@ -43,6 +43,7 @@ pub mod loadtest;
 pub mod math;
 pub mod model;
 pub mod sampling;
+pub mod serve;
 pub mod stats;
 pub mod workflow;
 

@@ -33,6 +33,11 @@ pub trait TokenConstraint: Send {
     fn mask_times(&self) -> &[f64] {
         &[]
     }
+    /// Checks the finished output for what the masks could not enforce (a JSON
+    /// Schema's dropped keywords); an error names the violation.
+    fn check_output(&self, _text: &str) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// One sampling step, shared by every decode loop (the engine's sequences):

@@ -74,9 +74,15 @@ enum Command {
         /// Seed of the sampler.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Constrain the output to JSON valid against the schema in FILE.
+        /// Constrain the output to JSON valid against the schema in FILE. Keywords the
+        /// grammar cannot enforce while decoding (`uniqueItems`, `not`, ...) are
+        /// checked on the finished output instead; a violation is an error.
         #[arg(long, value_name = "FILE", group = "grammar")]
         json_schema: Option<PathBuf>,
+        /// Refuse a --json-schema with keywords the grammar cannot enforce, naming
+        /// them, instead of checking them afterwards.
+        #[arg(long, requires = "json_schema")]
+        strict_schema: bool,
         /// Constrain the output to match this regular expression.
         #[arg(long, value_name = "REGEX", group = "grammar")]
         regex: Option<String>,
@@ -175,6 +181,9 @@ enum Command {
         #[arg(long)]
         max_tokens: Option<usize>,
     },
+    /// Serve the model over the OpenAI API (chat completions, streaming, tools,
+    /// JSON Schema), each conversation a session whose agent keeps its KV cache.
+    Serve(cli::serve::ServeArgs),
     /// List the ready-made agents.
     Agents,
     /// Run a bundled demo workflow: pipeline, fan-out, router or group-chat (`list`
@@ -285,6 +294,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             temperature,
             seed,
             json_schema,
+            strict_schema,
             regex,
             lark,
             choice,
@@ -298,6 +308,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                 temperature: *temperature,
                 seed: *seed,
                 json_schema: json_schema.as_deref(),
+                strict_schema: *strict_schema,
                 regex: regex.as_deref(),
                 lark: lark.as_deref(),
                 choice: choice.as_deref(),
@@ -325,6 +336,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             })?;
         }
         Command::Agents => cli::run::list(),
+        Command::Serve(a) => cli::serve::run(&model_path()?, cli.weights, a)?,
         Command::Workflow {
             name,
             input,

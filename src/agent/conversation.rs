@@ -368,6 +368,15 @@ impl Conversation {
         Ok(std::mem::take(&mut self.cache))
     }
 
+    /// Makes `messages` the conversation; the next [`Self::sync`] renders it whole and
+    /// keeps the log and the cache up to the first token that differs (the old state
+    /// is kept in `undo`).
+    pub fn set_messages(&mut self, messages: Vec<Message>, undo: &mut Undo) {
+        self.save_replaced(undo);
+        self.messages = messages;
+        self.synced = 0;
+    }
+
     /// Renders `messages` and tokenizes the prompt (for checking a cut of the
     /// conversation against the context).
     pub fn prompt_len(&self, model: &Model, messages: &[Message]) -> Result<usize> {

@@ -21,6 +21,15 @@ pub struct TurnOptions {
     /// receiver cancels the turn (its model call is cancelled in the engine, and the
     /// conversation is left as before the turn).
     pub events: Option<tokio::sync::mpsc::UnboundedSender<AgentEvent>>,
+    /// Most tokens per model reply (the agent's `max_tokens` when `None`).
+    pub max_tokens: Option<usize>,
+    /// Sampling for this turn (the agent's own when `None`).
+    pub sampling: Option<crate::sampling::SamplingParams>,
+    /// Strings that end a reply (not part of it).
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-generation tokens, to exactly `max_tokens`
+    /// (benchmarks).
+    pub ignore_eos: bool,
 }
 
 /// A user message; replies with the turn's [`AgentReply`].

@@ -305,7 +305,13 @@ pub fn reply_grammar(
     let must_call = matches!(choice, ToolChoice::Required | ToolChoice::Tool(_));
     let answer_rule = match answer {
         None => "answer: /[^<](.|\\n)*/".to_string(),
-        Some(Grammar::JsonSchema(s)) => format!("answer: %json {s}"),
+        // Leniently: the keywords llguidance cannot enforce are checked on the
+        // finished answer instead (the turn validates it).
+        Some(Grammar::JsonSchema(s)) => format!(
+            "answer: %json {}",
+            crate::grammar::lenient_schema(s).unwrap_or_else(|| s.clone())
+        ),
+        Some(Grammar::StrictJsonSchema(s)) => format!("answer: %json {s}"),
         Some(Grammar::Regex(r)) => format!("answer: /{}/", r.replace('/', "\\/")),
         Some(Grammar::Choice(c)) => format!(
             "answer: {}",

@@ -37,7 +37,7 @@ fn record_usage(span: &tracing::Span, u: &Usage) {
     span.record("generated", u.generated_tokens);
 }
 
-fn add_usage(total: &mut Usage, u: &Usage) {
+pub(super) fn add_usage(total: &mut Usage, u: &Usage) {
     total.prompt_tokens += u.prompt_tokens;
     total.cached_tokens += u.cached_tokens;
     total.computed_tokens += u.computed_tokens;
@@ -139,7 +139,7 @@ impl AgentActor {
 
     /// One model call on the current conversation, of at most `max_tokens` tokens,
     /// in a `model_call` span (the engine's spans for the request are its children).
-    async fn generate(
+    pub(super) async fn generate(
         &mut self,
         choice: &ToolChoice,
         opts: &TurnOptions,
@@ -199,7 +199,12 @@ impl AgentActor {
                 g
             }
         };
-        g.sampling = self.config.sampling.clone();
+        g.sampling = opts
+            .sampling
+            .clone()
+            .unwrap_or_else(|| self.config.sampling.clone());
+        g.stop = opts.stop.clone();
+        g.ignore_eos = opts.ignore_eos;
         g.engine_kv_dtype = self.config.kv_dtype.is_none();
         g.label = Some(self.config.name.clone());
         g.grammar = grammar;
@@ -255,8 +260,7 @@ impl AgentActor {
     /// A whole turn, as a transaction: on any error the conversation, the log and
     /// the cache are put back as they were (see [`Self::turn_steps`]).
     pub(super) async fn turn(&mut self, user: String, opts: TurnOptions) -> Result<AgentReply> {
-        let mut undo = self.conv.undo_point();
-        self.turn_state.stash = None;
+        let mut undo = self.begin_turn();
         let span = tracing::info_span!(
             "turn",
             agent = %self.config.name,
@@ -279,14 +283,32 @@ impl AgentActor {
                 span.record("error", tracing::field::display(e));
             }
         }
-        let stash = self.turn_state.stash.take();
         self.turn_state.asker_alive = None;
         self.turn_state.asked_by.clear();
+        self.end_turn(result, |r| &r.usage, undo).await
+    }
+
+    /// The undo point of a turn that starts now.
+    pub(super) fn begin_turn(&mut self) -> Undo {
+        self.turn_state.stash = None;
+        self.conv.undo_point()
+    }
+
+    /// Commits a finished turn (counters, checkpoint), or undoes a failed one back to
+    /// `undo`: conversation, log and cache as they were.
+    pub(super) async fn end_turn<T>(
+        &mut self,
+        result: Result<T>,
+        usage: impl Fn(&T) -> &Usage,
+        undo: Undo,
+    ) -> Result<T> {
+        let stash = self.turn_state.stash.take();
         match result {
             Ok(reply) => {
+                let u = usage(&reply);
                 self.stats.turns += 1;
-                self.stats.reused_tokens += reply.usage.cached_tokens as u64;
-                self.stats.computed_tokens += reply.usage.computed_tokens as u64;
+                self.stats.reused_tokens += u.cached_tokens as u64;
+                self.stats.computed_tokens += u.computed_tokens as u64;
                 self.save_checkpoint();
                 Ok(reply)
             }
@@ -325,7 +347,8 @@ impl AgentActor {
         let mut ttft = None;
         let mut recomputed = 0;
         let mut queue = Duration::ZERO;
-        let mut max_tokens = self.config.max_tokens;
+        let reply_tokens = opts.max_tokens.unwrap_or(self.config.max_tokens);
+        let mut max_tokens = reply_tokens;
         let mut retried = false;
         let text = loop {
             if self.asker_gone() {
@@ -362,7 +385,7 @@ impl AgentActor {
                     .config()
                     .context_length
                     .saturating_sub(self.conv.log().len());
-                let more = room.min(self.config.max_tokens.saturating_mul(4));
+                let more = room.min(reply_tokens.saturating_mul(4));
                 if retried || more <= max_tokens {
                     return Err(Error::ToolCallCut { max_tokens });
                 }
@@ -374,6 +397,10 @@ impl AgentActor {
             self.conv
                 .record_reply(self.engine.model(), &done.tokens, reply.clone())?;
             let Some(call) = parse_call(&reply) else {
+                let answer = opts.grammar.as_ref().or(self.config.grammar.as_ref());
+                if let (Some(answer), FinishReason::Grammar) = (answer, done.finish) {
+                    self.engine.grammars().check_output(answer, &reply)?;
+                }
                 break reply;
             };
             if runs.len() >= self.config.max_tool_steps {
@@ -391,7 +418,7 @@ impl AgentActor {
             }
             self.conv.push(Message::tool(run.result.clone()));
             runs.push(run);
-            max_tokens = self.config.max_tokens;
+            max_tokens = reply_tokens;
             retried = false;
             // After the step limit's last call, the model must answer. Otherwise a
             // forced call (`required` or one named tool) has been made, and the model

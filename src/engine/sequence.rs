@@ -150,6 +150,16 @@ impl Sequence {
         tail
     }
 
+    /// Checks the finished text against what the grammar could not enforce while
+    /// decoding (a lenient JSON Schema's dropped keywords); call it on a grammar
+    /// finish, after [`Self::release_tail`].
+    pub fn check_output(&self) -> Result<()> {
+        match &self.constraint {
+            Some(c) => c.check_output(&self.text),
+            None => Ok(()),
+        }
+    }
+
     /// The generated tokens and text.
     pub fn into_output(self) -> (Vec<u32>, String) {
         (self.generated, self.text)
@@ -197,6 +207,9 @@ pub fn generate(
             let tail = seq.release_tail();
             if !tail.is_empty() {
                 on_text(&tail);
+            }
+            if finish == FinishReason::Grammar {
+                seq.check_output()?;
             }
             let mask_times = seq
                 .constraint()

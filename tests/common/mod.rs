@@ -2,6 +2,8 @@
 //! default model, and logit comparisons.
 #![allow(dead_code)]
 
+pub mod serve;
+
 use std::path::PathBuf;
 use std::sync::OnceLock;
 

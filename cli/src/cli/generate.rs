@@ -21,6 +21,7 @@ pub(crate) struct GenerateOptions<'a> {
     pub temperature: f32,
     pub seed: u64,
     pub json_schema: Option<&'a Path>,
+    pub strict_schema: bool,
     pub regex: Option<&'a str>,
     pub lark: Option<&'a Path>,
     pub choice: Option<&'a [String]>,
@@ -33,7 +34,11 @@ fn grammar(o: &GenerateOptions) -> anyhow::Result<Option<Grammar>> {
     Ok(if let Some(f) = o.json_schema {
         let schema = serde_json::from_str(&read(f)?)
             .with_context(|| format!("{} is not JSON", f.display()))?;
-        Some(Grammar::JsonSchema(schema))
+        Some(if o.strict_schema {
+            Grammar::StrictJsonSchema(schema)
+        } else {
+            Grammar::JsonSchema(schema)
+        })
     } else if let Some(r) = o.regex {
         Some(Grammar::Regex(r.to_string()))
     } else if let Some(f) = o.lark {
@@ -46,11 +51,15 @@ fn grammar(o: &GenerateOptions) -> anyhow::Result<Option<Grammar>> {
 /// Generates and streams the text to stdout.
 pub(crate) fn run(model: &Model, o: GenerateOptions) -> anyhow::Result<()> {
     let constraint: Option<Box<dyn TokenConstraint>> = match grammar(&o)? {
-        Some(g) => Some(Box::new(
-            GrammarCompiler::new(model.tokenizer())?
-                .compile(&g)?
-                .constraint(),
-        )),
+        Some(g) => {
+            let compiled = GrammarCompiler::new(model.tokenizer())?.compile(&g)?;
+            if let Some(dropped) = compiled.dropped() {
+                eprintln!(
+                    "note: the grammar cannot enforce part of the schema ({dropped}); the output is validated against the whole schema when it ends"
+                );
+            }
+            Some(Box::new(compiled.constraint()))
+        }
         None => None,
     };
     let text = if o.raw {

@@ -93,6 +93,20 @@ impl Worker {
         if !tail.is_empty() {
             let _ = s.tx.send(Event::Text { text: tail });
         }
+        if finish == FinishReason::Grammar {
+            if let Err(error) = s.dec.check_output() {
+                // The output broke what the grammar could not enforce: a failure, the
+                // cache rolled back as for any other.
+                s.cache.truncate(s.start_len);
+                let cache = self.hand_back(s.cache, s.holder);
+                let _ = s.tx.send(Event::Failed {
+                    error,
+                    cache: Box::new(cache),
+                });
+                self.note_kv();
+                return;
+            }
+        }
         if let Some(c) = s.dec.constraint() {
             self.mask_times.extend(c.mask_times());
             let excess = self.mask_times.len().saturating_sub(MASK_SAMPLES);
