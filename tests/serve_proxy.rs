@@ -49,7 +49,7 @@ fn config(dir: &Path, port: u16, replicas: &[&str]) -> String {
          \x20 upstream troupe {{\n    hash $http_x_session_id consistent;\n{servers}  }}\n\
          \x20 server {{\n    listen 127.0.0.1:{port};\n    location / {{\n      proxy_pass http://troupe;\n\
          \x20     proxy_http_version 1.1;\n      proxy_buffering off;\n      proxy_read_timeout 300s;\n\
-         \x20     proxy_next_upstream error timeout http_502;\n    }}\n  }}\n}}\n"
+         \x20     proxy_next_upstream error timeout http_502 non_idempotent;\n    }}\n  }}\n}}\n"
     )
 }
 
@@ -57,7 +57,15 @@ struct Nginx(Child);
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        // SIGTERM: the master stops its workers before it exits (SIGKILL would leave
+        // them running).
+        let stopped = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !stopped {
+            let _ = self.0.kill();
+        }
         let _ = self.0.wait();
     }
 }

@@ -10,6 +10,8 @@ kill after turn 2), VICTIM_URL, TROUPE_MODEL_ID.
 import json
 import os
 import signal
+import socket
+import time
 import urllib.request
 
 import httpx
@@ -59,6 +61,15 @@ with httpx.Client(timeout=60) as http:
     print("sessions by replica:", json.dumps(where))
     assert on_victim and len(on_victim) < len(histories), where
     os.kill(VICTIM_PID, signal.SIGKILL)
+    # Dead once its port refuses connections (kill only sends the signal).
+    host, port = VICTIM.removeprefix("http://").split(":")
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            time.sleep(0.01)
+        except OSError:
+            break
     cached = {sid: turn(http, sid, 2) for sid in histories}
     print("turn 3 cached tokens:", cached)
     for sid, c in cached.items():
