@@ -213,7 +213,7 @@ NUMBER: /[0-9]{1,3}/
             Grammar::Regex(_) => "regex",
             Grammar::Choice(_) => "choice",
             Grammar::Lark(_) => "lark",
-            Grammar::JsonSchema(_) => "json",
+            Grammar::JsonSchema(_) | Grammar::StrictJsonSchema(_) => "json",
         });
         match &g {
             Grammar::Regex(r) => {
@@ -232,7 +232,7 @@ NUMBER: /[0-9]{1,3}/
                     done.text
                 );
             }
-            Grammar::JsonSchema(_) => unreachable!(),
+            Grammar::JsonSchema(_) | Grammar::StrictJsonSchema(_) => unreachable!(),
         }
     }
     assert!(

@@ -92,13 +92,24 @@ fn now_secs() -> u64 {
 async fn chat(st: Shared, headers: HeaderMap, body: Bytes) -> Response {
     let st = st.0;
     st.counters.requests.fetch_add(1, Ordering::Relaxed);
-    match chat_inner(st.clone(), headers, body).await {
+    let span = tracing::info_span!(
+        "http_request",
+        route = "/v1/chat/completions",
+        session = tracing::field::Empty,
+        status = tracing::field::Empty,
+    );
+    let result =
+        tracing::Instrument::instrument(chat_inner(st.clone(), headers, body), span.clone()).await;
+    let response = match result {
         Ok(r) => r,
         Err(e) => {
             st.counters.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(parent: &span, error = %e.detail.message, "request failed");
             e.into_response()
         }
-    }
+    };
+    span.record("status", response.status().as_u16());
+    response
 }
 
 async fn chat_inner(st: Arc<State>, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
@@ -130,6 +141,7 @@ async fn chat_inner(st: Arc<State>, headers: HeaderMap, body: Bytes) -> Result<R
     let may_call = !complete.tools.is_empty()
         && complete.options.tool_choice.as_ref() != Some(&ToolChoice::None);
     let session = st.sessions.checkout(named.as_deref(), &messages)?;
+    tracing::Span::current().record("session", session.id.as_str());
     let (tx, rx) = mpsc::unbounded_channel();
     complete.options.events = Some(tx);
     let (st2, sid) = (st.clone(), session.id.clone());
