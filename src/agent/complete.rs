@@ -124,7 +124,7 @@ impl AgentActor {
         self.conv.cache = super::CacheSlot::Here(done.cache);
         self.conv
             .record_reply(self.engine.model(), &done.tokens, done.text.clone())?;
-        let tool_call = if choice == ToolChoice::None {
+        let tool_call = if choice == ToolChoice::None || self.tools.is_empty() {
             None
         } else {
             parse_call(&done.text)

@@ -178,6 +178,18 @@ async fn chat_inner(st: Arc<State>, headers: HeaderMap, body: Bytes) -> Result<R
         headers.insert("x-session-id", v);
     }
     if stream_it {
+        // Wait for the first token: a request that fails before any (a prompt over
+        // the context, a bad grammar) gets its status, not a 200 with an error event.
+        let mut rx = rx;
+        let first = rx.recv().await;
+        let task = if first.is_none() {
+            match task.await {
+                Ok(Err(e)) => return Err(e.into()),
+                done => futures::future::Either::Right(futures::future::ready(done)),
+            }
+        } else {
+            futures::future::Either::Left(task)
+        };
         let open = format.open();
         let (sse_tx, sse_rx) = mpsc::channel(64);
         let pump = Pump {
@@ -188,7 +200,7 @@ async fn chat_inner(st: Arc<State>, headers: HeaderMap, body: Bytes) -> Result<R
             include_usage,
             tx: sse_tx,
         };
-        tokio::spawn(pump.run(rx, task));
+        tokio::spawn(pump.run(first, rx, task));
         let events = tokio_stream::wrappers::ReceiverStream::new(sse_rx);
         return Ok((headers, Sse::new(events).keep_alive(KeepAlive::default())).into_response());
     }
@@ -235,8 +247,11 @@ impl Pump {
 
     async fn run(
         mut self,
+        mut first: Option<AgentEvent>,
         mut rx: mpsc::UnboundedReceiver<AgentEvent>,
-        task: tokio::task::JoinHandle<crate::Result<Completion>>,
+        task: impl std::future::Future<
+            Output = Result<crate::Result<Completion>, tokio::task::JoinError>,
+        >,
     ) {
         if !self
             .delta(json!({"role": "assistant", "content": ""}), None)
@@ -245,8 +260,14 @@ impl Pump {
             return;
         }
         loop {
+            let next = async {
+                match first.take() {
+                    Some(ev) => Some(ev),
+                    None => rx.recv().await,
+                }
+            };
             tokio::select! {
-                ev = rx.recv() => match ev {
+                ev = next => match ev {
                     Some(AgentEvent::Token(t)) => {
                         let out = self.filter.push(&t);
                         if !out.is_empty() && !self.delta(json!({"content": out}), None).await {

@@ -144,6 +144,12 @@ try:
 except openai.BadRequestError as e:
     assert e.status_code == 400 and e.body["code"] == "context_length_exceeded", e.body
     print("over-long prompt: 400", e.body["message"])
+try:
+    list(ask([{"role": "user", "content": "word " * 12000}], max_tokens=8, stream=True))
+    raise AssertionError("an over-long streamed prompt was accepted")
+except openai.BadRequestError as e:
+    assert e.status_code == 400 and e.body["code"] == "context_length_exceeded", e.body
+    print("over-long streamed prompt: 400 before any event")
 
 # 6. The other routes.
 models = client.models.list()
