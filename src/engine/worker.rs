@@ -15,6 +15,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 mod advance;
 mod holders;
+mod spilling;
 mod step;
 
 use super::guarded::panic_text;
@@ -39,11 +40,24 @@ pub(crate) enum Command {
         holder: WeakRecipient<Evict>,
     },
     /// Hold `cache` here under `lease` (a parked cache), ending `replaces` (the
-    /// lease it had, whose accounting moves over).
+    /// lease it had, whose accounting moves over); with `spill`, write it to the
+    /// spill folder at once (its holder was asked to evict it).
     Park {
         lease: LeaseId,
         cache: KvCache,
         replaces: Option<LeaseId>,
+        spill: bool,
+    },
+    /// The spill thread wrote (or failed to write) the cache of `lease` to `path`.
+    Spilled {
+        lease: LeaseId,
+        path: std::path::PathBuf,
+        outcome: super::spill::Written,
+    },
+    /// The spill thread read back the cache of request `id` (its file is removed).
+    Restored {
+        id: SeqId,
+        cache: std::result::Result<KvCache, String>,
     },
     /// A lease ended (its guard was dropped): stop accounting it; a parked cache
     /// under it is dropped.
@@ -83,6 +97,8 @@ struct Seq {
     admitted: Option<Instant>,
     admitted_at_step: u64,
     first_token: Option<Instant>,
+    /// How long its cache took to come back from a spill file (zero if it did not).
+    restore: std::time::Duration,
     /// The request's life in the engine (`admission`, a child of the caller's span);
     /// each step it is in opens a `step` span under it.
     span: tracing::Span,
@@ -94,8 +110,31 @@ struct Seq {
 enum Holder {
     /// A requester, asked through its recipient to drop it.
     Remote(WeakRecipient<Evict>),
-    /// The engine itself (a parked cache), dropped at once under pressure.
+    /// The engine itself (a parked cache), dropped (or spilled) at once under
+    /// pressure.
     Parked(KvCache),
+    /// A parked cache being written to the spill folder, still in memory (and
+    /// accounted) until the write ends; `then` says what its end does.
+    Spilling {
+        slot: super::spill::Slot,
+        then: AfterSpill,
+    },
+    /// A cache in a spill file, not in memory (not accounted).
+    Spilled {
+        path: std::path::PathBuf,
+        bytes: u64,
+    },
+}
+
+/// What the end of a spill write does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AfterSpill {
+    /// Keep the file until a request resumes the cache.
+    Keep,
+    /// Read it back at once for this request (which resumed it while it was written).
+    Restore(SeqId),
+    /// Remove it (the lease ended while it was written).
+    Remove,
 }
 
 struct Worker {
@@ -103,6 +142,12 @@ struct Worker {
     mask_times: std::collections::VecDeque<f64>,
     /// Recent admission waits (ms), bounded.
     queue_times: std::collections::VecDeque<f64>,
+    /// Recent waits for a spilled cache to be read back (ms), bounded.
+    restore_times: std::collections::VecDeque<f64>,
+    /// The spill thread, when the engine spills (see [`EngineConfig::spill`]).
+    spill: Option<Arc<super::spill::Spiller>>,
+    /// Requests waiting for their spilled cache to be read back.
+    restoring: HashMap<SeqId, spilling::Restoring>,
     model: Arc<Model>,
     sched: Scheduler,
     seqs: HashMap<SeqId, Seq>,
@@ -137,6 +182,10 @@ pub(crate) fn spawn(model: Arc<Model>, cfg: EngineConfig) -> std::io::Result<Thr
     let handle = std::thread::Builder::new()
         .name("troupe-engine".into())
         .spawn(move || {
+            let spill = cfg.spill.as_deref().and_then(|dir| {
+                super::spill::Spiller::start(dir, super::cache_file::ModelId::of(&model), me.clone())
+            });
+            let spill = spill.map(Arc::new);
             let mut stats = Stats::default();
             let mut runtime = None;
             let epoch = Instant::now();
@@ -144,6 +193,9 @@ pub(crate) fn spawn(model: Arc<Model>, cfg: EngineConfig) -> std::io::Result<Thr
                 let mut w = Worker {
                     mask_times: Default::default(),
                     queue_times: Default::default(),
+                    restore_times: Default::default(),
+                    spill: spill.clone(),
+                    restoring: HashMap::new(),
                     model: model.clone(),
                     sched: Scheduler::new(cfg.scheduler.clone()),
                     seqs: HashMap::new(),
@@ -156,7 +208,10 @@ pub(crate) fn spawn(model: Arc<Model>, cfg: EngineConfig) -> std::io::Result<Thr
                     exit: false,
                 };
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run(&rx))) {
-                    Ok(()) => return,
+                    Ok(()) => {
+                        w.forget_spills();
+                        return;
+                    }
                     Err(p) => {
                         let what = panic_text(p.as_ref());
                         tracing::error!("the engine panicked ({what}); failing its sequences and starting afresh");
@@ -245,13 +300,23 @@ impl Worker {
                 lease,
                 cache,
                 replaces,
+                spill,
             } => {
                 if let Some(old) = replaces {
                     self.release(old);
                 }
                 let bytes = cache.bytes();
                 self.hold(lease, bytes, Holder::Parked(cache));
+                if spill {
+                    self.spill_now(lease);
+                }
             }
+            Command::Spilled {
+                lease,
+                path,
+                outcome,
+            } => self.spilled(lease, path, outcome),
+            Command::Restored { id, cache } => self.restored(id, cache),
             Command::Release(lease) => self.release(lease),
             // A stream was dropped: counted at once (a step gate may hold the steps).
             Command::Wake => self.drop_cancelled(),
@@ -280,6 +345,7 @@ impl Worker {
             }
             self.stats.cancelled += 1;
         }
+        self.drop_cancelled_restores();
         self.note_kv();
     }
 
@@ -312,6 +378,8 @@ impl Worker {
                 });
             }
         }
+        self.fail_restores(&error);
+        self.forget_spills();
         self.holders.clear();
         let mut stats = std::mem::take(&mut self.stats);
         if matches!(error(), Error::EnginePanic { .. }) {
@@ -330,12 +398,17 @@ impl Worker {
         let (running, waiting) = self.sched.counts();
         let masks: Vec<f64> = self.mask_times.iter().copied().collect();
         let queues: Vec<f64> = self.queue_times.iter().copied().collect();
+        let restores: Vec<f64> = self.restore_times.iter().copied().collect();
+        let (spill_files, spill_bytes) = self.spill_files();
         Stats {
             running,
             waiting,
             kv_live_bytes: self.sched.live_bytes(),
             mask_us: crate::stats::Quantiles::of(&masks),
             queue_ms: crate::stats::Quantiles::of(&queues),
+            restore_ms: crate::stats::Quantiles::of(&restores),
+            spill_files,
+            spill_bytes,
             ..self.stats.clone()
         }
     }
