@@ -98,7 +98,10 @@ struct Seq {
     admitted_at_step: u64,
     first_token: Option<Instant>,
     /// How long its cache took to come back from a spill file (zero if it did not).
-    restore: std::time::Duration,
+    restored_in: std::time::Duration,
+    /// Its cache is on its way back from a spill file: it is queued (and admitted)
+    /// with an empty cache, and runs once the cache is read back.
+    restore: Option<spilling::Restore>,
     /// The request's life in the engine (`admission`, a child of the caller's span);
     /// each step it is in opens a `step` span under it.
     span: tracing::Span,
@@ -146,8 +149,7 @@ struct Worker {
     restore_times: std::collections::VecDeque<f64>,
     /// The spill thread, when the engine spills (see [`EngineConfig::spill`]).
     spill: Option<Arc<super::spill::Spiller>>,
-    /// Requests waiting for their spilled cache to be read back.
-    restoring: HashMap<SeqId, spilling::Restoring>,
+
     model: Arc<Model>,
     sched: Scheduler,
     seqs: HashMap<SeqId, Seq>,
@@ -195,7 +197,6 @@ pub(crate) fn spawn(model: Arc<Model>, cfg: EngineConfig) -> std::io::Result<Thr
                     queue_times: Default::default(),
                     restore_times: Default::default(),
                     spill: spill.clone(),
-                    restoring: HashMap::new(),
                     model: model.clone(),
                     sched: Scheduler::new(cfg.scheduler.clone()),
                     seqs: HashMap::new(),
@@ -345,7 +346,6 @@ impl Worker {
             }
             self.stats.cancelled += 1;
         }
-        self.drop_cancelled_restores();
         self.note_kv();
     }
 
@@ -378,7 +378,6 @@ impl Worker {
                 });
             }
         }
-        self.fail_restores(&error);
         self.forget_spills();
         self.holders.clear();
         let mut stats = std::mem::take(&mut self.stats);

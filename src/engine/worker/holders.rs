@@ -137,61 +137,54 @@ impl Worker {
         }
         let feed = std::mem::take(&mut s.request.tokens);
         let Some(resume) = s.request.resume.take() else {
-            return self.enqueue(s, cache, feed, None);
+            return self.enqueue(s, cache, feed);
         };
         let (dtype, lease) = (resume.parked.dtype, resume.parked.lease.disarm());
         self.sched.release(lease.raw());
-        let restore = super::spilling::Restoring {
-            sub: s,
-            feed,
-            prefix: resume.prefix,
-            dtype,
-            since: std::time::Instant::now(),
-        };
-        match self.holders.remove(&lease) {
-            Some(Holder::Parked(parked)) => {
-                let super::spilling::Restoring { sub, feed, .. } = restore;
-                self.enqueue(sub, parked, feed, None);
-            }
+        let (prefix, mut feed) = (resume.prefix, feed);
+        let pending = match self.holders.remove(&lease) {
+            Some(Holder::Parked(parked)) => return self.enqueue(s, parked, feed),
             Some(Holder::Spilling { slot, .. }) => {
                 let back = super::super::spill::lock(&slot).take();
-                match back {
-                    Some(parked) => {
-                        // Still in memory: taken back, the writer removes its file.
-                        self.stats.restores_in_memory += 1;
-                        let super::spilling::Restoring { sub, feed, .. } = restore;
-                        self.enqueue(sub, parked, feed, None);
-                    }
-                    None => {
-                        // Written just now: read back once the write's end arrives.
-                        let id = restore.sub.id;
-                        self.restoring.insert(id, restore);
-                        self.holders.insert(
-                            lease,
-                            Holder::Spilling {
-                                slot,
-                                then: AfterSpill::Restore(id),
-                            },
-                        );
-                    }
+                if let Some(parked) = back {
+                    // Still in memory: taken back, the writer removes its file.
+                    self.stats.restores_in_memory += 1;
+                    return self.enqueue(s, parked, feed);
                 }
+                // Written just now: read back once the write's end arrives.
+                self.holders.insert(
+                    lease,
+                    Holder::Spilling {
+                        slot,
+                        then: AfterSpill::Restore(s.id),
+                    },
+                );
+                super::spilling::Pending::Write
             }
-            Some(Holder::Spilled { path, .. }) => self.read_back(restore, path),
-            // Dropped under pressure: recompute what it held.
-            _ => self.recompute(restore),
+            Some(Holder::Spilled { path, .. }) => super::spilling::Pending::File(path),
+            _ => {
+                // Dropped under pressure: recompute what it held.
+                feed.splice(0..0, prefix);
+                return self.enqueue(s, self.model.new_cache(dtype), feed);
+            }
+        };
+        let id = s.id;
+        self.enqueue(s, self.model.new_cache(dtype), feed);
+        if let Some(seq) = self.seqs.get_mut(&id) {
+            seq.usage.prompt_tokens += prefix.len();
+            seq.restore = Some(super::spilling::Restore {
+                pending,
+                len: prefix.len(),
+                prefix: Some(prefix),
+                dtype,
+                since: std::time::Instant::now(),
+            });
         }
-        self.note_kv();
     }
 
     /// Queues a request for admission with the cache it starts from and the tokens to
-    /// feed; `restored` is how long its cache took to come back from a spill file.
-    pub(super) fn enqueue(
-        &mut self,
-        s: Submission,
-        cache: KvCache,
-        feed: Vec<u32>,
-        restored: Option<std::time::Duration>,
-    ) {
+    /// feed.
+    pub(super) fn enqueue(&mut self, s: Submission, cache: KvCache, feed: Vec<u32>) {
         let Submission {
             id,
             request,
@@ -217,7 +210,6 @@ impl Worker {
         let usage = Usage {
             prompt_tokens: start_len + feed.len(),
             cached_tokens: start_len,
-            restored_tokens: if restored.is_some() { start_len } else { 0 },
             ..Usage::default()
         };
         let dec = super::Sequence::new(
@@ -242,7 +234,8 @@ impl Worker {
                 admitted: None,
                 admitted_at_step: 0,
                 first_token: None,
-                restore: restored.unwrap_or_default(),
+                restored_in: std::time::Duration::ZERO,
+                restore: None,
                 span,
                 label,
             },

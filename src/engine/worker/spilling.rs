@@ -9,21 +9,34 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::super::spill::{self, Job, Written};
-use super::super::Event;
-use super::{AfterSpill, Holder, SeqId, Submission, Worker};
+use super::{AfterSpill, Holder, SeqId, Worker};
 use crate::kv::{KvCache, KvDtype};
-use crate::Error;
 
 /// Most recent restore times kept for [`Stats::restore_ms`](super::Stats).
 const RESTORE_SAMPLES: usize = 20_000;
 
-/// A request whose cache is on its way back from a spill file.
-pub(super) struct Restoring {
-    pub sub: Submission,
-    /// Its new tokens.
-    pub feed: Vec<u32>,
-    /// The tokens the spilled cache held (fed again if it cannot be read back).
-    pub prefix: Vec<u32>,
+/// Where a request's spilled cache is on its way back.
+#[derive(Debug)]
+pub(super) enum Pending {
+    /// Its spill is still being written.
+    Write,
+    /// In this file, read once the request is admitted (its bytes are accounted
+    /// from then on).
+    File(PathBuf),
+    /// Being read, since then.
+    Reading(Instant),
+}
+
+/// A request whose cache comes back from a spill file before it runs.
+#[derive(Debug)]
+pub(super) struct Restore {
+    pub pending: Pending,
+    /// Tokens the spilled cache held.
+    pub len: usize,
+    /// Those tokens, fed again if the cache cannot be read back; `None` for a
+    /// request preempted from the queue, which then fails as preempted (its
+    /// requester recomputes).
+    pub prefix: Option<Vec<u32>>,
     /// The spilled cache's element type.
     pub dtype: KvDtype,
     /// When the request arrived.
@@ -42,14 +55,14 @@ pub(super) fn remove_file(path: &Path) {
 impl Worker {
     /// Starts writing the parked cache of `lease` to the spill folder; its bytes stay
     /// accounted (as asked to evict) until the write ends. Dropped at once when there
-    /// is no spill thread.
-    pub(super) fn spill_now(&mut self, lease: super::LeaseId) {
+    /// is no spill thread (returns false).
+    pub(super) fn spill_now(&mut self, lease: super::LeaseId) -> bool {
         let Some(spiller) = self.spill.clone() else {
             self.release(lease);
-            return;
+            return false;
         };
         let Some(Holder::Parked(cache)) = self.holders.remove(&lease) else {
-            return;
+            return false;
         };
         let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(cache)));
         let job = Job::Write {
@@ -60,7 +73,7 @@ impl Worker {
         if spiller.send(job).is_err() {
             tracing::warn!("the spill thread is gone; a parked cache is dropped");
             self.release(lease);
-            return;
+            return false;
         }
         self.sched.mark_asked(lease.raw());
         self.holders.insert(
@@ -70,6 +83,54 @@ impl Worker {
                 then: AfterSpill::Keep,
             },
         );
+        true
+    }
+
+    /// Spills the cache of a queued request the scheduler preempts (instead of
+    /// dropping it): the request stays queued, and reads its cache back once
+    /// admitted. Returns false when it cannot (the caller drops the cache).
+    pub(super) fn spill_waiting(&mut self, id: SeqId) -> bool {
+        if self.spill.is_none() {
+            return false;
+        }
+        let layout = self.model.config().kv_layout();
+        let Some(s) = self.seqs.get_mut(&id) else {
+            return false;
+        };
+        if s.restore.is_some() || s.cache.is_empty() {
+            return false;
+        }
+        let dtype = s.cache.dtype();
+        let cache = std::mem::replace(&mut s.cache, self.model.new_cache(dtype));
+        let (len, bytes) = (cache.len(), cache.bytes());
+        let needed = bytes.max(KvCache::bytes_per_token(layout, dtype) * s.needed_tokens);
+        let lease = super::LeaseId::fresh();
+        self.sched.hold(lease.raw(), bytes, true);
+        self.holders.insert(lease, Holder::Parked(cache));
+        if !self.spill_now(lease) {
+            return false;
+        }
+        if let Some(Holder::Spilling { then, .. }) = self.holders.get_mut(&lease) {
+            *then = AfterSpill::Restore(id);
+        }
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.start_len = 0;
+            s.usage.cached_tokens = 0;
+            s.restore = Some(Restore {
+                pending: Pending::Write,
+                len,
+                prefix: None,
+                dtype,
+                since: Instant::now(),
+            });
+        }
+        self.sched.submit(id, 0, needed);
+        tracing::debug!(
+            request = id,
+            tokens = len,
+            "preempted: its cache is spilled"
+        );
+        true
     }
 
     /// The end of a spill write.
@@ -95,19 +156,14 @@ impl Worker {
                         self.holders.insert(lease, Holder::Spilled { path, bytes });
                     }
                     AfterSpill::Remove => remove_file(&path),
-                    AfterSpill::Restore(id) => match self.restoring.remove(&id) {
-                        Some(r) => self.read_back(r, path),
-                        None => remove_file(&path),
-                    },
+                    AfterSpill::Restore(id) => self.restore_from(id, path),
                 }
             }
             Written::TakenBack => {
                 if let AfterSpill::Restore(id) = then {
                     // Cannot happen (a request that resumes takes the cache itself),
                     // but a request must never wait for nothing.
-                    if let Some(r) = self.restoring.remove(&id) {
-                        self.recompute(r);
-                    }
+                    self.restore_failed(id, "its spill was abandoned");
                 }
             }
             Written::Failed(why) => {
@@ -118,98 +174,117 @@ impl Worker {
                     "cannot spill a cache ({why}); it is dropped and will be recomputed"
                 );
                 if let AfterSpill::Restore(id) = then {
-                    if let Some(r) = self.restoring.remove(&id) {
-                        self.recompute(r);
-                    }
+                    self.restore_failed(id, "its spill could not be written");
                 }
             }
         }
         self.note_kv();
     }
 
-    /// Sends the read of `path` for the request in `r`, which waits for it outside
-    /// the queue.
-    pub(super) fn read_back(&mut self, r: Restoring, path: PathBuf) {
-        let id = r.sub.id;
-        let Some(spiller) = self.spill.clone() else {
-            remove_file(&path);
-            return self.recompute(r);
+    /// The spill of request `id`'s cache is in `path`: read it now if the request
+    /// was admitted, else when it is.
+    fn restore_from(&mut self, id: SeqId, path: PathBuf) {
+        let Some(r) = self.seqs.get_mut(&id).and_then(|s| s.restore.as_mut()) else {
+            // The request went away meanwhile.
+            return remove_file(&path);
         };
-        if spiller.send(Job::Read { id, path }).is_err() {
-            return self.recompute(r);
+        r.pending = Pending::File(path);
+        self.start_read(id);
+    }
+
+    /// Sends the read of an admitted request's spill file.
+    pub(super) fn start_read(&mut self, id: SeqId) {
+        let Some(s) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        let (Some(_), Some(r)) = (s.admitted, s.restore.as_mut()) else {
+            return;
+        };
+        if !matches!(r.pending, Pending::File(_)) {
+            return;
         }
-        self.restoring.insert(id, r);
+        let Pending::File(path) =
+            std::mem::replace(&mut r.pending, Pending::Reading(Instant::now()))
+        else {
+            return;
+        };
+        let sent = self
+            .spill
+            .as_ref()
+            .is_some_and(|sp| sp.send(Job::Read { id, path }).is_ok());
+        if !sent {
+            self.restore_failed(id, "the spill thread is gone");
+        }
     }
 
     /// A read back ended: the request goes on from the cache, or recomputes it.
     pub(super) fn restored(&mut self, id: SeqId, cache: std::result::Result<KvCache, String>) {
-        let Some(r) = self.restoring.remove(&id) else {
+        let layout = self.model.config().kv_layout();
+        let Some(s) = self.seqs.get_mut(&id) else {
             // Cancelled or failed meanwhile.
             return;
         };
-        let layout = self.model.config().kv_layout();
-        let cache = cache.and_then(|c| {
-            if c.len() != r.prefix.len() || c.layout() != layout || c.dtype() != r.dtype {
+        let Some(r) = s.restore.as_ref() else {
+            return;
+        };
+        let checked = cache.and_then(|c| {
+            if c.len() != r.len || c.layout() != layout || c.dtype() != r.dtype {
                 Err(format!(
-                    "it holds {} tokens of {} ({}), the request's park held {} ({})",
+                    "it holds {} tokens of {} ({}), the spilled cache held {} ({})",
                     c.len(),
                     c.layout(),
                     c.dtype(),
-                    r.prefix.len(),
+                    r.len,
                     r.dtype
                 ))
             } else {
                 Ok(c)
             }
         });
-        match cache {
-            Ok(c) => {
-                let took = r.since.elapsed();
-                self.stats.restores += 1;
-                self.restore_times.push_back(took.as_secs_f64() * 1e3);
-                if self.restore_times.len() > RESTORE_SAMPLES {
-                    self.restore_times.pop_front();
-                }
-                self.enqueue(r.sub, c, r.feed, Some(took));
-            }
-            Err(why) => {
-                self.stats.restore_failures += 1;
-                tracing::warn!("cannot read a spilled cache back ({why}); recomputing it");
-                self.recompute(r);
-            }
+        let mut c = match checked {
+            Ok(c) => c,
+            Err(why) => return self.restore_failed(id, &why),
+        };
+        let took = match r.pending {
+            Pending::Reading(at) => at.elapsed(),
+            _ => r.since.elapsed(),
+        };
+        c.reserve_exact(s.needed_tokens);
+        s.start_len = c.len();
+        s.usage.cached_tokens = c.len();
+        s.usage.restored_tokens = c.len();
+        s.restored_in = took;
+        s.cache = c;
+        s.restore = None;
+        self.stats.restores += 1;
+        self.restore_times.push_back(took.as_secs_f64() * 1e3);
+        if self.restore_times.len() > RESTORE_SAMPLES {
+            self.restore_times.pop_front();
         }
     }
 
-    /// Queues the request of `r` from an empty cache, its prefix fed again.
-    pub(super) fn recompute(&mut self, r: Restoring) {
-        let Restoring {
-            sub,
-            mut feed,
-            prefix,
-            dtype,
-            ..
-        } = r;
-        feed.splice(0..0, prefix);
-        let cache = self.model.new_cache(dtype);
-        self.enqueue(sub, cache, feed, None);
-    }
-
-    /// Forgets the restores whose requester went away.
-    pub(super) fn drop_cancelled_restores(&mut self) {
-        let before = self.restoring.len();
-        self.restoring.retain(|_, r| !r.sub.tx.is_closed());
-        self.stats.cancelled += (before - self.restoring.len()) as u64;
-    }
-
-    /// Fails every request waiting for a restore (an empty cache handed back: the
-    /// requester recomputes).
-    pub(super) fn fail_restores(&mut self, error: &impl Fn() -> Error) {
-        for (_, r) in self.restoring.drain() {
-            let cache = self.model.new_cache(r.dtype);
-            let _ = r.sub.tx.send(Event::Failed {
-                error: error(),
-                cache: Box::new(cache.into()),
-            });
+    /// Request `id`'s spilled cache cannot come back: it feeds the prefix again.
+    fn restore_failed(&mut self, id: SeqId, why: &str) {
+        let Some(s) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        let Some(r) = s.restore.take() else {
+            return;
+        };
+        self.stats.restore_failures += 1;
+        tracing::warn!(
+            request = id,
+            "cannot read a spilled cache back ({why}); recomputing its {} tokens",
+            r.len
+        );
+        let Some(prefix) = r.prefix else {
+            return self.fail(id, crate::Error::Preempted);
+        };
+        s.dec.feed.splice(0..0, prefix);
+        if s.admitted.is_some() {
+            s.cache.reserve_exact(s.needed_tokens);
+            let n = s.dec.feed.len();
+            self.sched.set_to_feed(id, n);
         }
     }
 
