@@ -111,8 +111,8 @@ pub(crate) enum DecodeError {
     Corrupt(String),
     /// Another format version.
     Version(u32),
-    /// Made with another model.
-    OtherModel(ModelId, ModelId),
+    /// Made with another model (the file's, the loaded one's).
+    OtherModel(Box<(ModelId, ModelId)>),
 }
 
 impl std::fmt::Display for DecodeError {
@@ -123,9 +123,10 @@ impl std::fmt::Display for DecodeError {
                 f,
                 "format version {v}, this troupe reads version {FORMAT_VERSION}"
             ),
-            DecodeError::OtherModel(there, here) => write!(
+            DecodeError::OtherModel(ids) => write!(
                 f,
-                "made with another model ({there:?}), not the loaded one ({here:?})"
+                "made with another model ({:?}), not the loaded one ({:?})",
+                ids.0, ids.1
             ),
         }
     }
@@ -154,7 +155,7 @@ pub(crate) fn decode<A: serde::de::DeserializeOwned>(
     }
     let header: Header<A> = serde_json::from_str(raw).map_err(|e| corrupt(e.to_string()))?;
     if &header.model != here {
-        return Err(DecodeError::OtherModel(header.model, here.clone()));
+        return Err(DecodeError::OtherModel(Box::new((header.model, here.clone()))));
     }
     let tensors =
         safetensors::SafeTensors::deserialize(data).map_err(|e| corrupt(e.to_string()))?;
