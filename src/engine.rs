@@ -118,7 +118,9 @@ pub struct Generate {
 pub struct Resume {
     /// The park.
     pub parked: ParkedCache,
-    /// The tokens the parked cache held, `parked.len()` of them.
+    /// The tokens the request continues from, `parked.len()` of them: what the
+    /// parked cache held, or its first tokens after a
+    /// [`truncate`](ParkedCache::truncate) (the rest is cut).
     pub prefix: Vec<u32>,
 }
 

@@ -216,19 +216,24 @@ struct Parked {
 }
 
 /// A parks its cache (a tool call), B needs the room (A's park is evicted: spilled
-/// or dropped), then A resumes its park. `between` runs after B, before the resume.
-async fn parked_path(e: &Engine, between: impl FnOnce()) -> Parked {
+/// or dropped), then A resumes its park, cut to `keep` tokens when given. `between`
+/// runs after B, before the resume.
+async fn parked_path(e: &Engine, keep: Option<usize>, between: impl FnOnce()) -> Parked {
     let vocab = e.model().config().vocab_size as u32;
     let fresh = || e.model().new_cache(KvDtype::F16);
     let a = request(fresh(), tokens(50, 1, 3, vocab), 6);
     let a = e.generate(a).await.unwrap().finish().await.unwrap();
     let before = a.cache.to_f32_layers();
-    let prefix: Vec<u32> = tokens(50, 1, 3, vocab)
+    let mut prefix: Vec<u32> = tokens(50, 1, 3, vocab)
         .into_iter()
         .chain(a.tokens[..a.tokens.len() - 1].iter().copied())
         .collect();
     assert_eq!(prefix.len(), a.cache.len());
-    let parked = e.actor().ask(Park(a.cache)).await.unwrap();
+    let mut parked = e.actor().ask(Park(a.cache)).await.unwrap();
+    if let Some(n) = keep {
+        parked.truncate(n);
+        prefix.truncate(n);
+    }
     let b = request(fresh(), tokens(8, 2, 3, vocab), 200);
     let b = e.generate(b).await.unwrap().finish().await.unwrap();
     assert_eq!(b.tokens.len(), 200);
@@ -257,7 +262,7 @@ async fn a_spilled_park_reads_back_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
     let m = tiny(Default::default());
     let free = engine(tiny(Default::default()), spilling(usize::MAX, None));
-    let free = parked_path(&free, || {}).await;
+    let free = parked_path(&free, None, || {}).await;
     assert_eq!(free.stats.evictions_requested, 0);
     assert_eq!(free.done.usage.cached_tokens, 56 - 1);
 
@@ -266,7 +271,7 @@ async fn a_spilled_park_reads_back_bit_for_bit() {
         tiny(Default::default()),
         spilling(parked_budget(&m), Some(spill.clone())),
     );
-    let got = parked_path(&e, || {
+    let got = parked_path(&e, None, || {
         // B could be admitted only once A's park was on disk, out of the budget.
         assert_eq!(files(&spill).len(), 1, "{:?}", files(&spill));
     })
@@ -289,6 +294,25 @@ async fn a_spilled_park_reads_back_bit_for_bit() {
     assert_eq!(files(&spill), Vec::<String>::new());
     assert_eq!((got.stats.spill_files, got.stats.spill_bytes), (0, 0));
     e.stop().await;
+
+    // A park cut short (the log disagreed past its 30th token) resumes from its
+    // first 30 tokens, spilled or not.
+    let free_engine = engine(tiny(Default::default()), spilling(usize::MAX, None));
+    let free = parked_path(&free_engine, Some(30), || {}).await;
+    let e = engine(
+        tiny(Default::default()),
+        spilling(parked_budget(&m), Some(spill.clone())),
+    );
+    let got = parked_path(&e, Some(30), || {}).await;
+    assert_eq!((got.stats.spills, got.stats.restores), (1, 1));
+    assert_eq!(got.done.usage.cached_tokens, 30);
+    assert_eq!(free.done.usage.cached_tokens, 30);
+    assert_eq!(got.done.tokens, free.done.tokens);
+    assert_eq!(
+        got.done.cache.to_f32_layers(),
+        free.done.cache.to_f32_layers()
+    );
+    e.stop().await;
 }
 
 /// A spill file that is corrupt or gone when its cache is resumed, and a spill folder
@@ -299,7 +323,7 @@ async fn a_bad_spill_file_or_folder_falls_back_to_recompute() {
     let dir = tempfile::tempdir().unwrap();
     let m = tiny(Default::default());
     let free = engine(tiny(Default::default()), spilling(usize::MAX, None));
-    let free = parked_path(&free, || {}).await;
+    let free = parked_path(&free, None, || {}).await;
 
     for damage in ["corrupt", "missing"] {
         let spill = dir.path().join(damage);
@@ -307,7 +331,7 @@ async fn a_bad_spill_file_or_folder_falls_back_to_recompute() {
             tiny(Default::default()),
             spilling(parked_budget(&m), Some(spill.clone())),
         );
-        let got = parked_path(&e, || {
+        let got = parked_path(&e, None, || {
             let names = files(&spill);
             assert_eq!(names.len(), 1, "{names:?}");
             let path = spill.join(&names[0]);
@@ -334,7 +358,7 @@ async fn a_bad_spill_file_or_folder_falls_back_to_recompute() {
         tiny(Default::default()),
         spilling(parked_budget(&m), Some(blocker.join("spill"))),
     );
-    let got = parked_path(&e, || {}).await;
+    let got = parked_path(&e, None, || {}).await;
     assert_eq!((got.stats.spills, got.stats.spill_failures), (0, 1));
     assert_eq!(got.stats.restores, 0);
     assert_eq!(got.done.usage.cached_tokens, 0, "recomputed");

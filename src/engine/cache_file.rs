@@ -155,7 +155,10 @@ pub(crate) fn decode<A: serde::de::DeserializeOwned>(
     }
     let header: Header<A> = serde_json::from_str(raw).map_err(|e| corrupt(e.to_string()))?;
     if &header.model != here {
-        return Err(DecodeError::OtherModel(Box::new((header.model, here.clone()))));
+        return Err(DecodeError::OtherModel(Box::new((
+            header.model,
+            here.clone(),
+        ))));
     }
     let tensors =
         safetensors::SafeTensors::deserialize(data).map_err(|e| corrupt(e.to_string()))?;

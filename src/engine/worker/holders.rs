@@ -139,15 +139,20 @@ impl Worker {
         let Some(resume) = s.request.resume.take() else {
             return self.enqueue(s, cache, feed);
         };
+        let keep = resume.parked.len;
         let (dtype, lease) = (resume.parked.dtype, resume.parked.lease.disarm());
         self.sched.release(lease.raw());
         let (prefix, mut feed) = (resume.prefix, feed);
         let pending = match self.holders.remove(&lease) {
-            Some(Holder::Parked(parked)) => return self.enqueue(s, parked, feed),
+            Some(Holder::Parked(mut parked)) => {
+                parked.truncate(keep);
+                return self.enqueue(s, parked, feed);
+            }
             Some(Holder::Spilling { slot, .. }) => {
                 let back = super::super::spill::lock(&slot).take();
-                if let Some(parked) = back {
+                if let Some(mut parked) = back {
                     // Still in memory: taken back, the writer removes its file.
+                    parked.truncate(keep);
                     self.stats.restores_in_memory += 1;
                     return self.enqueue(s, parked, feed);
                 }

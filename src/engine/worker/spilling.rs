@@ -31,7 +31,8 @@ pub(super) enum Pending {
 #[derive(Debug)]
 pub(super) struct Restore {
     pub pending: Pending,
-    /// Tokens the spilled cache held.
+    /// Tokens of the spilled cache the request continues from (it may hold more:
+    /// they are cut).
     pub len: usize,
     /// Those tokens, fed again if the cache cannot be read back; `None` for a
     /// request preempted from the queue, which then fails as preempted (its
@@ -41,6 +42,16 @@ pub(super) struct Restore {
     pub dtype: KvDtype,
     /// When the request arrived.
     pub since: Instant,
+}
+
+impl Drop for Restore {
+    /// A request that goes away (cancelled, failed) before its file was read takes
+    /// the file with it.
+    fn drop(&mut self) {
+        if let Pending::File(path) = &self.pending {
+            remove_file(path);
+        }
+    }
 }
 
 /// Removes a spill file (already gone is fine).
@@ -228,9 +239,9 @@ impl Worker {
             return;
         };
         let checked = cache.and_then(|c| {
-            if c.len() != r.len || c.layout() != layout || c.dtype() != r.dtype {
+            if c.len() < r.len || c.layout() != layout || c.dtype() != r.dtype {
                 Err(format!(
-                    "it holds {} tokens of {} ({}), the spilled cache held {} ({})",
+                    "it holds {} tokens of {} ({}), the request resumes {} ({})",
                     c.len(),
                     c.layout(),
                     c.dtype(),
@@ -249,6 +260,7 @@ impl Worker {
             Pending::Reading(at) => at.elapsed(),
             _ => r.since.elapsed(),
         };
+        c.truncate(r.len);
         c.reserve_exact(s.needed_tokens);
         s.start_len = c.len();
         s.usage.cached_tokens = c.len();
@@ -268,7 +280,7 @@ impl Worker {
         let Some(s) = self.seqs.get_mut(&id) else {
             return;
         };
-        let Some(r) = s.restore.take() else {
+        let Some(mut r) = s.restore.take() else {
             return;
         };
         self.stats.restore_failures += 1;
@@ -277,7 +289,7 @@ impl Worker {
             "cannot read a spilled cache back ({why}); recomputing its {} tokens",
             r.len
         );
-        let Some(prefix) = r.prefix else {
+        let Some(prefix) = r.prefix.take() else {
             return self.fail(id, crate::Error::Preempted);
         };
         s.dec.feed.splice(0..0, prefix);
