@@ -262,7 +262,8 @@ impl AgentActor {
     /// folder (parked, read back by the next turn); otherwise, or when that fails, it
     /// is dropped. The conversation stays.
     async fn evict_cache(&mut self) {
-        if self.engine.spills() && matches!(self.conv.cache, CacheSlot::Here(_)) {
+        // (A cache cut back to no tokens has nothing worth keeping.)
+        if self.engine.spills() && matches!(&self.conv.cache, CacheSlot::Here(c) if !c.is_empty()) {
             let CacheSlot::Here(cache) = std::mem::take(&mut self.conv.cache) else {
                 return;
             };

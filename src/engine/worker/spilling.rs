@@ -108,13 +108,23 @@ impl Worker {
         let Some(s) = self.seqs.get_mut(&id) else {
             return false;
         };
-        if s.restore.is_some() || s.cache.is_empty() {
+        if s.restore.is_some() {
             return false;
         }
         let dtype = s.cache.dtype();
+        let needed = s
+            .cache
+            .bytes()
+            .max(KvCache::bytes_per_token(layout, dtype) * s.needed_tokens);
+        if s.cache.is_empty() {
+            // Room but no tokens (a cache cut back to nothing): its allocation goes,
+            // and the request stays queued.
+            s.cache.clear();
+            self.sched.submit(id, 0, needed);
+            return true;
+        }
         let cache = std::mem::replace(&mut s.cache, self.model.new_cache(dtype));
         let (len, bytes) = (cache.len(), cache.bytes());
-        let needed = bytes.max(KvCache::bytes_per_token(layout, dtype) * s.needed_tokens);
         let lease = super::LeaseId::fresh();
         self.sched.hold(lease.raw(), bytes, true);
         self.holders.insert(lease, Holder::Parked(cache));
