@@ -8,7 +8,11 @@
 //! agent holds its cache under a lease; the engine may ask it to [`Evict`] under KV
 //! pressure. During a tool call the cache is parked with the engine, which may drop
 //! it at once. An evicted agent keeps its conversation and re-prefills on its next
-//! turn. See `ARCHITECTURE.md` for the sequence of one turn.
+//! turn, or, with an engine that spills ([`EngineConfig::spill`]), hands its cache to
+//! the engine's spill folder and reads it back on its next turn. See
+//! `ARCHITECTURE.md` for the sequence of one turn.
+//!
+//! [`EngineConfig::spill`]: crate::engine::EngineConfig::spill
 
 mod config;
 mod conversation;

@@ -71,6 +71,9 @@ pub struct TestHooks {
     /// The engine thread ends (as a thread that died would: no sequence is failed,
     /// their streams just close) when a request with this token id arrives.
     pub exit_engine_on_token: Option<u32>,
+    /// Every spill write waits for a pass through this gate (tests that need a
+    /// request to arrive while its cache is still being written).
+    pub spill_gate: Option<StepGate>,
 }
 
 /// A generation request: append `tokens` to `cache`, then generate.

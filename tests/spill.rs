@@ -99,7 +99,7 @@ struct Run {
 /// Eight agents, three turns each: six call the tool every turn, two have no tools.
 /// Stops the agents and the engine at the end.
 async fn workload(dir: &Path, budget: usize, spill: Option<PathBuf>) -> Run {
-    let e = engine(model(dir), spilling(budget, spill));
+    let e = engine(model(dir), spilling(budget, spill.clone()));
     let agents: Vec<_> = (0..8)
         .map(|i| {
             if i < 6 {
@@ -133,8 +133,22 @@ async fn workload(dir: &Path, budget: usize, spill: Option<PathBuf>) -> Run {
         a.stop_gracefully().await.unwrap();
         a.wait_for_shutdown().await;
     }
-    // Every lease ended: no cache is accounted, no file is left.
+    // Every lease ended: no cache is accounted, no file is left (a write still in
+    // flight when its agent stopped removes its own file when it ends).
     let stats = stats_until(&e, |s| s.spill_files == 0 && s.kv_live_bytes == 0).await;
+    if let Some(dir) = &spill {
+        for _ in 0..2000 {
+            if files(dir).is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            files(dir),
+            Vec::<String>::new(),
+            "left after the agents stopped"
+        );
+    }
     e.stop().await;
     Run {
         replies,
@@ -373,4 +387,63 @@ async fn a_bad_spill_file_or_folder_falls_back_to_recompute() {
     assert!(got.stats.spill_failures > 0);
     assert_eq!(got.stats.spills, 0);
     assert!(got.recomputed.iter().sum::<u64>() > 0);
+}
+
+/// A request that resumes a park while its spill is still being written takes the
+/// cache back from memory (the writer then removes its file); queued behind a
+/// request that needs the room, it is preempted, and its cache spilled, read back
+/// once it is admitted: what it computes is the free run's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_during_its_spill_takes_the_cache_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = tiny(Default::default());
+    let free = engine(tiny(Default::default()), spilling(usize::MAX, None));
+    let free = parked_path(&free, None, || {}).await;
+
+    let gate = troupe::engine::StepGate::held();
+    let mut cfg = spilling(parked_budget(&m), Some(dir.path().to_path_buf()));
+    cfg.test_hooks.spill_gate = Some(gate.clone());
+    let e = engine(tiny(Default::default()), cfg);
+    let vocab = e.model().config().vocab_size as u32;
+    let fresh = || e.model().new_cache(KvDtype::F16);
+    let a = request(fresh(), tokens(50, 1, 3, vocab), 6);
+    let a = e.generate(a).await.unwrap().finish().await.unwrap();
+    let prefix: Vec<u32> = tokens(50, 1, 3, vocab)
+        .into_iter()
+        .chain(a.tokens[..a.tokens.len() - 1].iter().copied())
+        .collect();
+    let parked = e.actor().ask(Park(a.cache)).await.unwrap();
+    // B needs the room: A's park starts its spill, held at the gate.
+    let b = e
+        .generate(request(fresh(), tokens(8, 2, 3, vocab), 200))
+        .await
+        .unwrap();
+    let g2 = gate.clone();
+    let waiting = tokio::task::spawn_blocking(move || g2.wait_blocked(Duration::from_secs(60)));
+    assert!(waiting.await.unwrap(), "the spill never started");
+    let mut g = request(fresh(), vec![*a.tokens.last().unwrap(), 5, 6, 7], 12);
+    g.resume = Some(Resume { parked, prefix });
+    let resumed = e.generate(g).await.unwrap();
+    let s = stats_until(&e, |s| s.restores_in_memory == 1).await;
+    assert_eq!((s.restores_in_memory, s.spills), (1, 0));
+    gate.open();
+    let b = b.finish().await.unwrap();
+    let done = resumed.finish().await.unwrap();
+    assert_eq!(b.tokens.len(), 200);
+    assert_eq!(done.tokens, free.done.tokens);
+    assert_eq!(done.usage.cached_tokens, free.done.usage.cached_tokens);
+    assert_eq!(done.cache.to_f32_layers(), free.done.cache.to_f32_layers());
+    let s = e.stats().await.unwrap();
+    eprintln!(
+        "spills {}, restores {} (+{} in memory), preempted {}",
+        s.spills, s.restores, s.restores_in_memory, s.preempted
+    );
+    assert_eq!((s.spill_failures, s.restore_failures), (0, 0));
+    // The first write found its slot empty: no file; the second is A's preemption.
+    assert_eq!(
+        (s.restores_in_memory, s.preempted, s.spills, s.restores),
+        (1, 1, 1, 1)
+    );
+    e.stop().await;
+    assert_eq!(files(dir.path()), Vec::<String>::new());
 }

@@ -2,7 +2,9 @@
 //! safetensors file, the cache as tensors and the rest as JSON metadata, written to a
 //! uniquely named temporary file in the target's folder, synced, and renamed into
 //! place (then the folder is synced): a crash or two concurrent saves leave one
-//! whole snapshot, never a mix, and a failed save leaves no temporary file.
+//! whole snapshot, never a mix, and a failed save leaves no temporary file. The file
+//! format (shared with the engine's spill files) is
+//! [`cache_file`](crate::engine::cache_file)'s.
 
 use std::path::Path;
 

@@ -59,14 +59,20 @@ pub(crate) struct Spiller {
 
 impl Spiller {
     /// Starts the spill thread for `dir`, replying to the engine on `engine`.
-    pub(crate) fn start(dir: &Path, model: ModelId, engine: Sender<Command>) -> Option<Self> {
+    /// (Each write first passes `gate`, when the tests give one.)
+    pub(crate) fn start(
+        dir: &Path,
+        model: ModelId,
+        engine: Sender<Command>,
+        gate: Option<super::StepGate>,
+    ) -> Option<Self> {
         if let Err(e) = std::fs::create_dir_all(dir) {
             tracing::warn!(dir = %dir.display(), "cannot create the spill folder ({e}); writes will fail and evicted caches be recomputed");
         }
         let (tx, rx) = std::sync::mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("troupe-spill".into())
-            .spawn(move || serve(rx, &model, &engine));
+            .spawn(move || serve(rx, &model, &engine, gate));
         match handle {
             Ok(h) => Some(Self {
                 jobs: Some(tx),
@@ -112,10 +118,20 @@ impl Drop for Spiller {
     }
 }
 
-fn serve(rx: Receiver<Job>, model: &ModelId, engine: &Sender<Command>) {
+fn serve(
+    rx: Receiver<Job>,
+    model: &ModelId,
+    engine: &Sender<Command>,
+    gate: Option<super::StepGate>,
+) {
     for job in rx {
         let reply = match job {
             Job::Write { lease, path, slot } => {
+                if let Some(g) = &gate {
+                    while !g.try_pass() {
+                        g.wait_open(std::time::Duration::from_millis(1));
+                    }
+                }
                 let start = Instant::now();
                 let outcome = write(&path, &slot, model);
                 tracing::debug!(

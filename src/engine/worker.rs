@@ -185,7 +185,9 @@ pub(crate) fn spawn(model: Arc<Model>, cfg: EngineConfig) -> std::io::Result<Thr
         .name("troupe-engine".into())
         .spawn(move || {
             let spill = cfg.spill.as_deref().and_then(|dir| {
-                super::spill::Spiller::start(dir, super::cache_file::ModelId::of(&model), me.clone())
+                let id = super::cache_file::ModelId::of(&model);
+                let gate = cfg.test_hooks.spill_gate.clone();
+                super::spill::Spiller::start(dir, id, me.clone(), gate)
             });
             let spill = spill.map(Arc::new);
             let mut stats = Stats::default();
