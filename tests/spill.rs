@@ -447,3 +447,34 @@ async fn a_resume_during_its_spill_takes_the_cache_back() {
     e.stop().await;
     assert_eq!(files(dir.path()), Vec::<String>::new());
 }
+
+/// The load test under a small budget with a spill folder recomputes nothing, and
+/// its report counts the spills and the restores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loadtest_reports_spills_and_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = Arc::new(tiny(Default::default()));
+    let per_token = KvCache::bytes_per_token(model.config().kv_layout(), KvDtype::default());
+    let o = troupe::loadtest::LoadtestOptions {
+        agents: 12,
+        turns: 3,
+        system_tokens: 40,
+        user_tokens: 8,
+        max_tokens: 6,
+        kv_budget: 4 * 120 * per_token,
+        spill: Some(dir.path().to_path_buf()),
+        ..Default::default()
+    };
+    let r = troupe::loadtest::run(model, &o).await.unwrap();
+    assert_eq!((r.requests, r.errors), (36, 0));
+    assert!(r.spill && r.evictions > 0, "{r:?}");
+    assert_eq!(r.recomputed_tokens, 0, "{r:?}");
+    assert!(
+        r.spills > 0 && r.spilled_bytes > 0 && r.restores > 0,
+        "{r:?}"
+    );
+    assert!(r.restored_tokens > 0);
+    assert_eq!((r.spill_failures, r.restore_failures), (0, 0));
+    assert!(r.kv_peak_bytes <= 4 * 120 * per_token);
+    assert_eq!(files(dir.path()), Vec::<String>::new());
+}
