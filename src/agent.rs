@@ -8,7 +8,11 @@
 //! agent holds its cache under a lease; the engine may ask it to [`Evict`] under KV
 //! pressure. During a tool call the cache is parked with the engine, which may drop
 //! it at once. An evicted agent keeps its conversation and re-prefills on its next
-//! turn. See `ARCHITECTURE.md` for the sequence of one turn.
+//! turn, or, with an engine that spills ([`EngineConfig::spill`]), hands its cache to
+//! the engine's spill folder and reads it back on its next turn. See
+//! `ARCHITECTURE.md` for the sequence of one turn.
+//!
+//! [`EngineConfig::spill`]: crate::engine::EngineConfig::spill
 
 mod complete;
 mod config;
@@ -47,7 +51,7 @@ pub use tools::{
 };
 
 pub use crate::engine::Evict;
-use crate::engine::{Engine, Hold, Usage};
+use crate::engine::{Engine, Hold, Spill, Usage};
 use crate::grammar::Grammar;
 use crate::model::Message;
 use crate::{Error, Result};
@@ -63,6 +67,11 @@ pub struct AgentReply {
     pub usage: Usage,
     /// Tokens the agent had to recompute because its cache was evicted.
     pub recomputed_tokens: usize,
+    /// Tokens read back from a spill file instead of recomputed (see
+    /// [`EngineConfig::spill`](crate::engine::EngineConfig::spill)).
+    pub restored_tokens: usize,
+    /// Time the turn's model calls waited for their caches to be read back.
+    pub restore: Duration,
     /// Time to the first generated token of the turn.
     pub ttft: Duration,
     /// Time the turn's requests waited for admission in the model actor.
@@ -98,6 +107,13 @@ pub struct AgentStats {
     pub evictions: u64,
     /// Tokens recomputed after evictions.
     pub recomputed_tokens: u64,
+    /// Times the agent's idle cache, asked to evict, went to the engine's spill
+    /// folder instead of being dropped.
+    pub spills: u64,
+    /// Model calls whose cache was read back from a spill file.
+    pub restores: u64,
+    /// Tokens read back from spill files instead of recomputed.
+    pub restored_tokens: u64,
     /// Model calls whose prompt came from a rendered window (not the whole
     /// conversation).
     pub windowed_syncs: u64,
@@ -246,6 +262,28 @@ impl AgentActor {
             agent.conv.cache = CacheSlot::Here(c.into());
         }
         Ok(agent)
+    }
+
+    /// Evicts the cache: with an engine that spills, an idle cache goes to its spill
+    /// folder (parked, read back by the next turn); otherwise, or when that fails, it
+    /// is dropped. The conversation stays.
+    async fn evict_cache(&mut self) {
+        // (A cache cut back to no tokens has nothing worth keeping.)
+        if self.engine.spills() && matches!(&self.conv.cache, CacheSlot::Here(c) if !c.is_empty()) {
+            let CacheSlot::Here(cache) = std::mem::take(&mut self.conv.cache) else {
+                return;
+            };
+            match self.engine.actor().ask(Spill(cache)).await {
+                Ok(parked) => {
+                    self.stats.spills += 1;
+                    self.conv.cache = CacheSlot::Parked(parked);
+                }
+                // Handed back, or the engine is gone: dropped.
+                Err(_) => self.stats.evictions += 1,
+            }
+            return;
+        }
+        self.drop_cache();
     }
 
     /// Drops the cache (wherever it is); the conversation stays.

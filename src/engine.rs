@@ -10,18 +10,20 @@
 //! stream cancels the request at the next step.
 
 mod actor;
+pub(crate) mod cache_file;
 mod gate;
 mod guarded;
 mod handle;
 mod lease;
 pub mod scheduler;
 pub mod sequence;
+mod spill;
 mod stop;
 mod worker;
 
 use std::time::Duration;
 
-pub use actor::{GetStats, Hold, ModelActor, Park};
+pub use actor::{GetStats, Hold, ModelActor, Park, Spill};
 pub use gate::StepGate;
 pub use handle::Engine;
 pub use lease::{Evict, Lease, LeaseId, LeasedCache, ParkedCache};
@@ -41,6 +43,13 @@ pub struct EngineConfig {
     /// Element type of the caches of agents that name none: a request with
     /// [`Generate::engine_kv_dtype`] and an empty cache gets a cache of this type.
     pub kv_dtype: KvDtype,
+    /// A folder to spill evicted caches to: under KV pressure an idle agent's cache
+    /// (asked to [`Evict`]) or a parked one is written there, off the engine thread,
+    /// and read back by its next request instead of being recomputed. The budget
+    /// counts only caches in memory; each file is removed when its cache is read
+    /// back, superseded or released (its agent ended). `None`: evicted caches are
+    /// dropped and recomputed.
+    pub spill: Option<std::path::PathBuf>,
     /// Faults to inject, for the robustness tests only.
     #[doc(hidden)]
     pub test_hooks: TestHooks,
@@ -62,6 +71,9 @@ pub struct TestHooks {
     /// The engine thread ends (as a thread that died would: no sequence is failed,
     /// their streams just close) when a request with this token id arrives.
     pub exit_engine_on_token: Option<u32>,
+    /// Every spill write waits for a pass through this gate (tests that need a
+    /// request to arrive while its cache is still being written).
+    pub spill_gate: Option<StepGate>,
 }
 
 /// A generation request: append `tokens` to `cache`, then generate.
@@ -109,7 +121,9 @@ pub struct Generate {
 pub struct Resume {
     /// The park.
     pub parked: ParkedCache,
-    /// The tokens the parked cache held, `parked.len()` of them.
+    /// The tokens the request continues from, `parked.len()` of them: what the
+    /// parked cache held, or its first tokens after a
+    /// [`truncate`](ParkedCache::truncate) (the rest is cut).
     pub prefix: Vec<u32>,
 }
 
@@ -209,6 +223,10 @@ pub struct Usage {
     pub prompt_tokens: usize,
     /// Tokens that were already in the cache (not recomputed).
     pub cached_tokens: usize,
+    /// Of `cached_tokens`, tokens read back from a spill file (see
+    /// [`EngineConfig::spill`]).
+    #[serde(default)]
+    pub restored_tokens: usize,
     /// Tokens this request ran through the model (new prompt tokens and generated
     /// tokens fed back).
     pub computed_tokens: usize,
@@ -227,6 +245,9 @@ pub struct Timings {
     pub decode: Duration,
     /// The engine's step counter when the request was admitted.
     pub admitted_at_step: u64,
+    /// From submission to the request's cache read back from its spill file (zero
+    /// when it was not spilled).
+    pub restore: Duration,
 }
 
 /// The end of a generation.
@@ -387,6 +408,27 @@ pub struct Stats {
     pub queue_ms: crate::stats::Quantiles,
     /// The longest admission wait (ms) since the engine started.
     pub queue_ms_max: f64,
+    /// Caches written to the spill folder (see [`EngineConfig::spill`]).
+    pub spills: u64,
+    /// Bytes of the spill files written.
+    pub spilled_bytes: u64,
+    /// Spill writes that failed (a full or unwritable disk): those caches were
+    /// dropped, and their next requests recompute them.
+    pub spill_failures: u64,
+    /// Requests whose cache was read back from a spill file.
+    pub restores: u64,
+    /// Requests that took their cache back while its spill was still being written
+    /// (no read needed).
+    pub restores_in_memory: u64,
+    /// Spill files that could not be read back (missing, corrupt): recomputed.
+    pub restore_failures: u64,
+    /// Time from a request's arrival to its cache read back (ms), over the most
+    /// recent restores.
+    pub restore_ms: crate::stats::Quantiles,
+    /// Spill files on disk now.
+    pub spill_files: usize,
+    /// Bytes of the spill files on disk now.
+    pub spill_bytes: u64,
     /// One sample per step (the first [`TIMELINE_STEPS`]): when it ended, its rows
     /// and the KV bytes live (`troupe loadtest --plot` draws them over time).
     pub timeline: Vec<StepSample>,

@@ -432,6 +432,90 @@ impl KvCache {
     }
 }
 
+impl KvCache {
+    /// Keys and values of every layer as little-endian bytes of the cache's own
+    /// element type, `[n_kv_heads, len, head_dim]` each (what a spill file stores: no
+    /// conversion, so a cache read back is bit for bit the one written).
+    pub fn to_le_bytes_layers(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let (heads, d) = (self.layout.n_kv_heads, self.layout.head_dim);
+        let take = |b: &KvBuf| -> Vec<u8> {
+            let mut out = Vec::with_capacity(heads * self.len * d * self.dtype().size());
+            for h in 0..heads {
+                let r = h * self.capacity * d..(h * self.capacity + self.len) * d;
+                match b {
+                    KvBuf::F32(v) => v[r].iter().for_each(|x| out.extend(x.to_le_bytes())),
+                    KvBuf::F16(v) => v[r].iter().for_each(|x| out.extend(x.to_le_bytes())),
+                }
+            }
+            out
+        };
+        self.layers
+            .iter()
+            .map(|l| (take(&l.k), take(&l.v)))
+            .collect()
+    }
+
+    /// A cache of `dtype` holding `len` tokens, from per-layer keys and values given as
+    /// little-endian bytes of `stored` elements (f32 or f16), `[n_kv_heads, len,
+    /// head_dim]` each; elements of another type than `dtype` are converted.
+    pub fn from_le_bytes_layers(
+        layout: KvLayout,
+        dtype: KvDtype,
+        stored: KvDtype,
+        len: usize,
+        layers: &[(&[u8], &[u8])],
+    ) -> Result<Self> {
+        let per = layout.n_kv_heads * len * layout.head_dim * stored.size();
+        if layers.len() != layout.n_layers
+            || layers.iter().any(|(k, v)| k.len() != per || v.len() != per)
+        {
+            return Err(Error::CacheMismatch {
+                expected: layout.to_string(),
+                found: format!("{} layers of other sizes", layers.len()),
+            });
+        }
+        if len == 0 {
+            return Ok(Self::new(layout, dtype));
+        }
+        let convert = |b: &[u8]| -> KvBuf {
+            match (stored, dtype) {
+                (KvDtype::F32, KvDtype::F32) => KvBuf::F32(
+                    b.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
+                ),
+                (KvDtype::F32, KvDtype::F16) => KvBuf::F16(
+                    b.chunks_exact(4)
+                        .map(|c| f16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+                        .collect(),
+                ),
+                (KvDtype::F16, KvDtype::F16) => KvBuf::F16(
+                    b.chunks_exact(2)
+                        .map(|c| f16::from_le_bytes([c[0], c[1]]))
+                        .collect(),
+                ),
+                (KvDtype::F16, KvDtype::F32) => KvBuf::F32(
+                    b.chunks_exact(2)
+                        .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+                        .collect(),
+                ),
+            }
+        };
+        Ok(Self {
+            layout,
+            len,
+            capacity: len,
+            layers: layers
+                .iter()
+                .map(|(k, v)| LayerKv {
+                    k: convert(k),
+                    v: convert(v),
+                })
+                .collect(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,6 +27,10 @@ pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 /// The `--kv-dtype` of this invocation, for the model actors the commands start.
 pub(crate) static KV_DTYPE: std::sync::OnceLock<KvDtype> = std::sync::OnceLock::new();
 
+/// The `--spill` folder of this invocation, for the model actors the commands start.
+pub(crate) static SPILL: std::sync::OnceLock<Option<std::path::PathBuf>> =
+    std::sync::OnceLock::new();
+
 /// The names of the weights modes, as `--weights` takes them.
 pub(crate) const WEIGHTS: &[&str] = &["auto", "native", "f32", "q8_0", "bf16", "exact"];
 
@@ -46,13 +50,20 @@ where
         .try_map(|s| serde_json::from_value::<T>(serde_json::Value::String(s)))
 }
 
-/// Loads the model at `path` and starts its engine (call inside [`runtime`]),
-/// whose agents' caches take the `--kv-dtype` given (default f16).
-pub(crate) fn start_model(path: &std::path::Path, weights: WeightsMode) -> anyhow::Result<Engine> {
-    let config = EngineConfig {
+/// The engine settings the global flags give: the `--kv-dtype` (default f16) and the
+/// `--spill` folder.
+pub(crate) fn engine_config() -> EngineConfig {
+    EngineConfig {
         kv_dtype: KV_DTYPE.get().copied().unwrap_or_default(),
+        spill: SPILL.get().cloned().flatten(),
         ..EngineConfig::default()
-    };
+    }
+}
+
+/// Loads the model at `path` and starts its engine (call inside [`runtime`]) with
+/// the global flags' settings ([`engine_config`]).
+pub(crate) fn start_model(path: &std::path::Path, weights: WeightsMode) -> anyhow::Result<Engine> {
+    let config = engine_config();
     Engine::start(path, LoadOptions { weights }, config)
         .with_context(|| format!("loading {}", path.display()))
 }

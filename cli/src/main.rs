@@ -26,6 +26,10 @@ struct Cli {
     /// Element type of the KV caches (default: the engine's, f32 or f16).
     #[arg(long, global = true, value_parser = cli::named::<KvDtype>(cli::KV_DTYPES))]
     kv_dtype: Option<KvDtype>,
+    /// Spill evicted KV caches to files in DIR and read them back on the agent's next
+    /// turn, instead of recomputing them (chat, run, loadtest, serve).
+    #[arg(long, global = true, value_name = "DIR")]
+    spill: Option<PathBuf>,
     /// Print a backtrace with an error (as does TROUPE_BACKTRACE=1).
     #[arg(short, long, global = true)]
     verbose: bool,
@@ -244,6 +248,7 @@ fn main() -> std::process::ExitCode {
 
 fn run_command(cli: Cli) -> anyhow::Result<()> {
     let _ = cli::KV_DTYPE.set(cli.kv_dtype.unwrap_or_default());
+    let _ = cli::SPILL.set(cli.spill.clone());
     let model_path =
         || -> anyhow::Result<PathBuf> { Ok(fetch::resolve_model_path(cli.model.as_deref())?) };
     let load = || -> anyhow::Result<Model> {
@@ -417,6 +422,7 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
                     tool_ms: *tool_ms,
                     grammar: *grammar,
                     kv_budget: *kv_budget,
+                    spill: cli.spill.clone(),
                     seed: *seed,
                     duration,
                     no_cache_reuse: *no_cache_reuse,

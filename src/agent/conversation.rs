@@ -46,6 +46,23 @@ impl CacheSlot {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Keeps only the first `n` tokens (a rollback, or a log that disagreed past
+    /// them): a cache here is cut; a parked one (in memory or spilled) is cut by the
+    /// request that resumes it; a slot left with nothing is emptied.
+    pub fn truncate(&mut self, n: usize) {
+        match self {
+            CacheSlot::Here(c) if c.len() > n => c.truncate(n),
+            CacheSlot::Parked(p) if p.len() > n => {
+                if n == 0 {
+                    *self = CacheSlot::Empty;
+                } else {
+                    p.truncate(n);
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// How the last [`Conversation::sync`] went (what it cost, in work that does not
@@ -211,13 +228,7 @@ impl Conversation {
             }
         }
         let keep = undo.cache.min(self.log.len());
-        if let CacheSlot::Here(c) = &mut self.cache {
-            if c.len() > keep {
-                c.truncate(keep);
-            }
-        } else if self.cache.len() > keep {
-            self.cache = CacheSlot::Empty;
-        }
+        self.cache.truncate(keep);
     }
 
     /// Keeps a full copy in `undo` before something is replaced rather than appended.
@@ -337,14 +348,7 @@ impl Conversation {
         self.log.extend_from_slice(&ids[common..]);
         self.said = tok.decode(&self.log)?;
         self.synced = self.messages.len();
-        match &mut self.cache {
-            CacheSlot::Here(c) => {
-                let keep = c.len().min(common);
-                c.truncate(keep);
-            }
-            CacheSlot::Parked(p) if p.len() > common => self.cache = CacheSlot::Empty,
-            _ => {}
-        }
+        self.cache.truncate(common);
         Ok(work)
     }
 

@@ -220,8 +220,10 @@ impl KameoMessage<Fork> for AgentActor {
     }
 }
 
-/// Drops the agent's cache when the lease named is the one it holds (or always, for
-/// [`Evict::ANY`]); the conversation and log stay, and the next turn re-prefills.
+/// Evicts the agent's cache when the lease named is the one it holds: the engine's
+/// eviction spills it when the engine spills (the next turn reads it back), drops it
+/// otherwise; [`Evict::ANY`] (a caller's own) always drops it. The conversation and
+/// log stay; a dropped cache is re-prefilled by the next turn.
 impl KameoMessage<Evict> for AgentActor {
     type Reply = ();
     async fn handle(&mut self, m: Evict, _: &mut Context<Self, Self::Reply>) {
@@ -230,7 +232,12 @@ impl KameoMessage<Evict> for AgentActor {
             CacheSlot::Parked(p) => Some(p.lease.id()),
             CacheSlot::Empty => return,
         };
-        if m.applies_to(held) {
+        if !m.applies_to(held) {
+            return;
+        }
+        if m.lease.is_some() {
+            self.evict_cache().await;
+        } else {
             self.drop_cache();
         }
     }

@@ -40,6 +40,7 @@ fn record_usage(span: &tracing::Span, u: &Usage) {
 pub(super) fn add_usage(total: &mut Usage, u: &Usage) {
     total.prompt_tokens += u.prompt_tokens;
     total.cached_tokens += u.cached_tokens;
+    total.restored_tokens += u.restored_tokens;
     total.computed_tokens += u.computed_tokens;
     total.generated_tokens += u.generated_tokens;
 }
@@ -239,6 +240,10 @@ impl AgentActor {
                         self.stats.evictions += 1;
                     }
                     self.stats.recomputed_tokens += recomputed as u64;
+                    if done.usage.restored_tokens > 0 {
+                        self.stats.restores += 1;
+                        self.stats.restored_tokens += done.usage.restored_tokens as u64;
+                    }
                     return Ok((*done, recomputed));
                 }
                 Some(Event::Failed { error, cache }) => {
@@ -346,6 +351,8 @@ impl AgentActor {
         let mut runs = Vec::new();
         let mut ttft = None;
         let mut recomputed = 0;
+        let mut restored = 0;
+        let mut restore = Duration::ZERO;
         let mut queue = Duration::ZERO;
         let reply_tokens = opts.max_tokens.unwrap_or(self.config.max_tokens);
         let mut max_tokens = reply_tokens;
@@ -363,6 +370,8 @@ impl AgentActor {
             }
             let (done, rec) = result?;
             recomputed += rec;
+            restored += done.usage.restored_tokens;
+            restore += done.timings.restore;
             queue += done.timings.queue;
             ttft.get_or_insert(submitted + done.timings.time_to_first_token);
             add_usage(&mut usage, &done.usage);
@@ -434,6 +443,8 @@ impl AgentActor {
             tool_runs: runs,
             usage,
             recomputed_tokens: recomputed,
+            restored_tokens: restored,
+            restore,
             ttft: ttft.unwrap_or_default(),
             queue,
             elapsed: start.elapsed(),

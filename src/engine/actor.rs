@@ -429,6 +429,41 @@ impl Message<Park> for ModelActor {
         Park(cache): Park,
         _: &mut Context<Self, Self::Reply>,
     ) -> Self::Reply {
+        self.park(cache, false)
+    }
+}
+
+/// Parks a cache whose holder was asked to [`Evict`] it, and has the engine write it
+/// to its spill folder at once (see [`EngineConfig::spill`]): its bytes leave the
+/// budget when the write ends, and the next request naming the returned
+/// [`ParkedCache`] ([`Generate::resume`]) reads it back instead of recomputing it.
+/// An engine that does not spill hands the cache back.
+#[derive(Debug)]
+pub struct Spill(pub LeasedCache);
+
+impl Message<Spill> for ModelActor {
+    type Reply = std::result::Result<ParkedCache, LeasedCache>;
+
+    async fn handle(
+        &mut self,
+        Spill(cache): Spill,
+        _: &mut Context<Self, Self::Reply>,
+    ) -> Self::Reply {
+        if self.config.spill.is_none() {
+            return Err(cache);
+        }
+        self.park(cache, true)
+    }
+}
+
+impl ModelActor {
+    // The error is the message's own reply type: the cache comes back by value.
+    #[allow(clippy::result_large_err)]
+    fn park(
+        &mut self,
+        cache: LeasedCache,
+        spill: bool,
+    ) -> std::result::Result<ParkedCache, LeasedCache> {
         let Some(tx) = self.engine_tx() else {
             return Err(cache);
         };
@@ -441,6 +476,7 @@ impl Message<Park> for ModelActor {
                 lease,
                 cache,
                 replaces,
+                spill,
             })
         {
             return Err(cache.into());

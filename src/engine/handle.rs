@@ -20,6 +20,8 @@ pub struct Engine {
     actor: ActorRef<ModelActor>,
     grammars: Arc<GrammarCompiler>,
     kv_dtype: KvDtype,
+    /// Whether the engine spills evicted caches to disk.
+    spills: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -43,12 +45,14 @@ impl Engine {
     pub fn serve(model: Arc<Model>, config: EngineConfig) -> Result<Self> {
         let grammars = Arc::new(GrammarCompiler::new(model.tokenizer())?);
         let kv_dtype = config.kv_dtype;
+        let spills = config.spill.is_some();
         let actor = ModelActor::spawn(ModelActor::new(model.clone(), grammars.clone(), config)?);
         Ok(Self {
             model,
             actor,
             grammars,
             kv_dtype,
+            spills,
         })
     }
 
@@ -71,6 +75,13 @@ impl Engine {
     /// The KV element type of caches that name none.
     pub fn kv_dtype(&self) -> KvDtype {
         self.kv_dtype
+    }
+
+    /// Whether the engine spills evicted caches to disk instead of dropping them
+    /// ([`EngineConfig::spill`]): a holder asked to [`Evict`](super::Evict) then
+    /// hands its cache over with [`Spill`](super::Spill).
+    pub fn spills(&self) -> bool {
+        self.spills
     }
 
     /// An empty cache of the engine's KV element type.

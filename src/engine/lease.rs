@@ -149,7 +149,8 @@ pub struct ParkedCache {
 }
 
 impl ParkedCache {
-    /// Tokens the parked cache held when it was parked.
+    /// Tokens of the parked cache a resume continues from: what it held when it was
+    /// parked, or fewer after [`truncate`](Self::truncate).
     pub fn len(&self) -> usize {
         self.len
     }
@@ -157,6 +158,13 @@ impl ParkedCache {
     /// Whether it held none.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Keeps only its first `n` tokens (the holder's log disagreed past them): the
+    /// request that resumes it cuts the cache there, wherever the engine held it
+    /// (in memory or in a spill file).
+    pub fn truncate(&mut self, n: usize) {
+        self.len = self.len.min(n);
     }
 }
 

@@ -168,6 +168,14 @@ impl Scheduler {
         });
     }
 
+    /// Counts an idle cache as asked to evict (its bytes are on their way out: a
+    /// spill being written), so that no further holder is asked for them.
+    pub fn mark_asked(&mut self, holder: HolderId) {
+        if let Some(i) = self.idle.iter_mut().find(|i| i.holder == holder) {
+            i.asked = true;
+        }
+    }
+
     /// Forgets an idle cache (its holder took it back, or dropped it).
     pub fn release(&mut self, holder: HolderId) {
         self.idle.retain(|i| i.holder != holder);

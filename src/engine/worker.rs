@@ -15,6 +15,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 mod advance;
 mod holders;
+mod spilling;
 mod step;
 
 use super::guarded::panic_text;
@@ -39,11 +40,24 @@ pub(crate) enum Command {
         holder: WeakRecipient<Evict>,
     },
     /// Hold `cache` here under `lease` (a parked cache), ending `replaces` (the
-    /// lease it had, whose accounting moves over).
+    /// lease it had, whose accounting moves over); with `spill`, write it to the
+    /// spill folder at once (its holder was asked to evict it).
     Park {
         lease: LeaseId,
         cache: KvCache,
         replaces: Option<LeaseId>,
+        spill: bool,
+    },
+    /// The spill thread wrote (or failed to write) the cache of `lease` to `path`.
+    Spilled {
+        lease: LeaseId,
+        path: std::path::PathBuf,
+        outcome: super::spill::Written,
+    },
+    /// The spill thread read back the cache of request `id` (its file is removed).
+    Restored {
+        id: SeqId,
+        cache: std::result::Result<KvCache, String>,
     },
     /// A lease ended (its guard was dropped): stop accounting it; a parked cache
     /// under it is dropped.
@@ -83,6 +97,11 @@ struct Seq {
     admitted: Option<Instant>,
     admitted_at_step: u64,
     first_token: Option<Instant>,
+    /// How long its cache took to come back from a spill file (zero if it did not).
+    restored_in: std::time::Duration,
+    /// Its cache is on its way back from a spill file: it is queued (and admitted)
+    /// with an empty cache, and runs once the cache is read back.
+    restore: Option<spilling::Restore>,
     /// The request's life in the engine (`admission`, a child of the caller's span);
     /// each step it is in opens a `step` span under it.
     span: tracing::Span,
@@ -94,8 +113,31 @@ struct Seq {
 enum Holder {
     /// A requester, asked through its recipient to drop it.
     Remote(WeakRecipient<Evict>),
-    /// The engine itself (a parked cache), dropped at once under pressure.
+    /// The engine itself (a parked cache), dropped (or spilled) at once under
+    /// pressure.
     Parked(KvCache),
+    /// A parked cache being written to the spill folder, still in memory (and
+    /// accounted) until the write ends; `then` says what its end does.
+    Spilling {
+        slot: super::spill::Slot,
+        then: AfterSpill,
+    },
+    /// A cache in a spill file, not in memory (not accounted).
+    Spilled {
+        path: std::path::PathBuf,
+        bytes: u64,
+    },
+}
+
+/// What the end of a spill write does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AfterSpill {
+    /// Keep the file until a request resumes the cache.
+    Keep,
+    /// Read it back at once for this request (which resumed it while it was written).
+    Restore(SeqId),
+    /// Remove it (the lease ended while it was written).
+    Remove,
 }
 
 struct Worker {
@@ -103,6 +145,11 @@ struct Worker {
     mask_times: std::collections::VecDeque<f64>,
     /// Recent admission waits (ms), bounded.
     queue_times: std::collections::VecDeque<f64>,
+    /// Recent waits for a spilled cache to be read back (ms), bounded.
+    restore_times: std::collections::VecDeque<f64>,
+    /// The spill thread, when the engine spills (see [`EngineConfig::spill`]).
+    spill: Option<Arc<super::spill::Spiller>>,
+
     model: Arc<Model>,
     sched: Scheduler,
     seqs: HashMap<SeqId, Seq>,
@@ -137,6 +184,12 @@ pub(crate) fn spawn(model: Arc<Model>, cfg: EngineConfig) -> std::io::Result<Thr
     let handle = std::thread::Builder::new()
         .name("troupe-engine".into())
         .spawn(move || {
+            let spill = cfg.spill.as_deref().and_then(|dir| {
+                let id = super::cache_file::ModelId::of(&model);
+                let gate = cfg.test_hooks.spill_gate.clone();
+                super::spill::Spiller::start(dir, id, me.clone(), gate)
+            });
+            let spill = spill.map(Arc::new);
             let mut stats = Stats::default();
             let mut runtime = None;
             let epoch = Instant::now();
@@ -144,6 +197,8 @@ pub(crate) fn spawn(model: Arc<Model>, cfg: EngineConfig) -> std::io::Result<Thr
                 let mut w = Worker {
                     mask_times: Default::default(),
                     queue_times: Default::default(),
+                    restore_times: Default::default(),
+                    spill: spill.clone(),
                     model: model.clone(),
                     sched: Scheduler::new(cfg.scheduler.clone()),
                     seqs: HashMap::new(),
@@ -156,7 +211,10 @@ pub(crate) fn spawn(model: Arc<Model>, cfg: EngineConfig) -> std::io::Result<Thr
                     exit: false,
                 };
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| w.run(&rx))) {
-                    Ok(()) => return,
+                    Ok(()) => {
+                        w.forget_spills();
+                        return;
+                    }
                     Err(p) => {
                         let what = panic_text(p.as_ref());
                         tracing::error!("the engine panicked ({what}); failing its sequences and starting afresh");
@@ -245,13 +303,23 @@ impl Worker {
                 lease,
                 cache,
                 replaces,
+                spill,
             } => {
                 if let Some(old) = replaces {
                     self.release(old);
                 }
                 let bytes = cache.bytes();
                 self.hold(lease, bytes, Holder::Parked(cache));
+                if spill {
+                    self.spill_now(lease);
+                }
             }
+            Command::Spilled {
+                lease,
+                path,
+                outcome,
+            } => self.spilled(lease, path, outcome),
+            Command::Restored { id, cache } => self.restored(id, cache),
             Command::Release(lease) => self.release(lease),
             // A stream was dropped: counted at once (a step gate may hold the steps).
             Command::Wake => self.drop_cancelled(),
@@ -312,6 +380,7 @@ impl Worker {
                 });
             }
         }
+        self.forget_spills();
         self.holders.clear();
         let mut stats = std::mem::take(&mut self.stats);
         if matches!(error(), Error::EnginePanic { .. }) {
@@ -330,12 +399,17 @@ impl Worker {
         let (running, waiting) = self.sched.counts();
         let masks: Vec<f64> = self.mask_times.iter().copied().collect();
         let queues: Vec<f64> = self.queue_times.iter().copied().collect();
+        let restores: Vec<f64> = self.restore_times.iter().copied().collect();
+        let (spill_files, spill_bytes) = self.spill_files();
         Stats {
             running,
             waiting,
             kv_live_bytes: self.sched.live_bytes(),
             mask_us: crate::stats::Quantiles::of(&masks),
             queue_ms: crate::stats::Quantiles::of(&queues),
+            restore_ms: crate::stats::Quantiles::of(&restores),
+            spill_files,
+            spill_bytes,
             ..self.stats.clone()
         }
     }

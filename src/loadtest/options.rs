@@ -42,6 +42,9 @@ pub struct LoadtestOptions {
     pub grammar: GrammarKind,
     /// KV budget (bytes).
     pub kv_budget: usize,
+    /// Spill evicted caches to this folder instead of recomputing them (see
+    /// [`EngineConfig::spill`](crate::engine::EngineConfig::spill)).
+    pub spill: Option<std::path::PathBuf>,
     /// Seed of everything random.
     pub seed: u64,
     /// Stop starting turns after this long, and report what completed.
@@ -74,6 +77,7 @@ impl Default for LoadtestOptions {
             tool_ms: 0.0,
             grammar: GrammarKind::None,
             kv_budget: 4 << 30,
+            spill: None,
             seed: 0,
             duration: None,
             no_cache_reuse: false,

@@ -71,6 +71,23 @@ pub struct RunReport {
     pub evictions: u64,
     /// Tokens recomputed after evictions.
     pub recomputed_tokens: u64,
+    /// Whether evicted caches were spilled to disk (`--spill`).
+    pub spill: bool,
+    /// Caches written to spill files, and their bytes.
+    pub spills: u64,
+    /// Bytes written to spill files.
+    pub spilled_bytes: u64,
+    /// Spill writes that failed (recomputed instead).
+    pub spill_failures: u64,
+    /// Model calls whose cache was read back from a spill file (plus those taken
+    /// back while still being written).
+    pub restores: u64,
+    /// Spill files that could not be read back (recomputed instead).
+    pub restore_failures: u64,
+    /// Prompt tokens read back from spill files instead of recomputed.
+    pub restored_tokens: u64,
+    /// Time a model call waited for its cache to be read back.
+    pub restore_ms: Quantiles,
     /// Grammar mask time.
     pub mask_us: Quantiles,
     /// Peak resident memory of the process.
@@ -202,6 +219,7 @@ impl Recorder {
         rep.reused_tokens += r.usage.cached_tokens as u64;
         rep.generated_tokens += r.usage.generated_tokens as u64;
         rep.recomputed_tokens += r.recomputed_tokens as u64;
+        rep.restored_tokens += r.restored_tokens as u64;
         rep.turn_records.push(TurnRecord {
             agent,
             turn,
@@ -254,6 +272,13 @@ impl Recorder {
         r.kv_peak_bytes = stats.kv_peak_bytes;
         r.evictions = stats.evictions_requested + stats.preempted;
         r.mask_us = stats.mask_us;
+        r.spill = o.spill.is_some();
+        r.spills = stats.spills;
+        r.spilled_bytes = stats.spilled_bytes;
+        r.spill_failures = stats.spill_failures;
+        r.restores = stats.restores + stats.restores_in_memory;
+        r.restore_failures = stats.restore_failures;
+        r.restore_ms = stats.restore_ms;
         r.rss_peak_bytes = rss_peak();
         r
     }
@@ -315,6 +340,19 @@ pub fn print_table(r: &RunReport) {
         r.mask_us.p99,
         r.rss_peak_bytes as f64 / (1 << 20) as f64
     );
+    if r.spill {
+        println!(
+            "  spilled {} caches ({:.1} MiB, {} failed), restored {} ({} tokens, {} failed), restore p50/p99 {:.1}/{:.1} ms",
+            r.spills,
+            r.spilled_bytes as f64 / (1 << 20) as f64,
+            r.spill_failures,
+            r.restores,
+            r.restored_tokens,
+            r.restore_failures,
+            r.restore_ms.p50,
+            r.restore_ms.p99
+        );
+    }
 }
 
 /// Draws generated tokens/s and TTFT p95 against the number of agents (SVG).

@@ -66,6 +66,7 @@ pub async fn run(model: Arc<Model>, o: &LoadtestOptions) -> Result<RunReport> {
                 max_prefill_while_decoding: o.max_prefill_while_decoding,
             },
             kv_dtype: o.kv_dtype,
+            spill: o.spill.clone(),
             test_hooks: o.engine_hooks.clone(),
         },
     )?;

@@ -127,6 +127,7 @@ impl Worker {
                 time_to_first_token: first - s.submitted,
                 decode: now - first,
                 admitted_at_step: s.admitted_at_step,
+                restore: s.restored_in,
             },
         };
         self.stats.finished += 1;

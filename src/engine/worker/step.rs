@@ -62,7 +62,10 @@ impl Worker {
         let now = Instant::now();
         for id in &plan.admitted {
             if let Some(s) = self.seqs.get_mut(id) {
-                s.cache.reserve_exact(s.needed_tokens);
+                if s.restore.is_none() {
+                    // (A cache read back from a spill file reserves when it arrives.)
+                    s.cache.reserve_exact(s.needed_tokens);
+                }
                 s.admitted = Some(now);
                 s.admitted_at_step = self.stats.steps;
                 let wait = (now - s.submitted).as_secs_f64() * 1e3;
@@ -75,7 +78,15 @@ impl Worker {
                 tracing::debug!(parent: &s.span, queue_ms = wait, "admitted");
             }
         }
+        for &id in &plan.admitted {
+            // Its bytes are accounted now: its spilled cache may come back.
+            self.start_read(id);
+        }
         for id in &plan.preempt {
+            if self.spill_waiting(*id) {
+                self.stats.preempted += 1;
+                continue;
+            }
             if let Some(mut s) = self.seqs.remove(id) {
                 tracing::debug!(parent: &s.span, "preempted: its cache is dropped");
                 s.cache.clear();
@@ -95,8 +106,14 @@ impl Worker {
 
         // Each sequence is checked alone first, so one bad sequence fails alone.
         let mut wanted: HashMap<SeqId, usize> = HashMap::with_capacity(plan.items.len());
+        let mut restoring = false;
         for &(id, n) in &plan.items {
             let checked = match self.seqs.get(&id) {
+                // Its cache is still on its way back from a spill file.
+                Some(s) if s.restore.is_some() => {
+                    restoring = true;
+                    continue;
+                }
                 Some(s) => self.validate(s, n),
                 None => continue,
             };
@@ -108,7 +125,8 @@ impl Worker {
             }
         }
         if wanted.is_empty() {
-            return true;
+            // Only reads to wait for: sleep until one ends (it arrives as a command).
+            return !restoring;
         }
         let _step = self.step_spans(&wanted);
         let (order, result) = self.forward_rows(&wanted);
