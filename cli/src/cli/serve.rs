@@ -44,14 +44,14 @@ pub struct ServeArgs {
 pub fn run(path: &Path, weights: WeightsMode, a: &ServeArgs) -> anyhow::Result<()> {
     let rt = super::runtime()?;
     rt.block_on(async {
+        // The global flags' settings (--kv-dtype, --spill), with this command's budget.
         let config = EngineConfig {
-            kv_dtype: super::KV_DTYPE.get().copied().unwrap_or_default(),
             scheduler: SchedulerConfig {
                 kv_budget_bytes: a.kv_budget,
                 max_running: a.max_running,
                 ..SchedulerConfig::default()
             },
-            ..EngineConfig::default()
+            ..super::engine_config()
         };
         let engine = Engine::start(path, LoadOptions { weights }, config)
             .with_context(|| format!("loading {}", path.display()))?;
