@@ -236,3 +236,82 @@ impl ServingSamples {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(t0: Instant, first_ms: u64, gaps_ms: &[u64], generated: usize) -> RequestSample {
+        let mut at = t0 + Duration::from_millis(first_ms);
+        let mut token_times = vec![at];
+        for g in gaps_ms {
+            at += Duration::from_millis(*g);
+            token_times.push(at);
+        }
+        RequestSample {
+            sent: t0,
+            token_times,
+            end: at,
+            prompt_tokens: 10,
+            cached_tokens: Some(4),
+            generated_tokens: generated,
+        }
+    }
+
+    #[test]
+    fn figures_of_known_requests() {
+        let goodput = Goodput::parse(&["ttft:150", "tpot:15"]).unwrap();
+        let mut s = ServingSamples::new(2, Some(goodput));
+        let t0 = Instant::now();
+        // TTFT 100 ms, then 20 ms for 2 more tokens: TPOT 10 ms; meets both.
+        s.add(0, &sample(t0, 100, &[10, 10], 3));
+        // One token: no TPOT sample, and TPOT 0 for goodput; TTFT 200 misses.
+        s.add(1, &sample(t0, 200, &[], 1));
+        // TTFT 50, TPOT 30: misses the TPOT objective.
+        s.add(1, &sample(t0, 50, &[30], 2));
+        s.fail();
+        let m = s.metrics(Duration::from_secs(2));
+        assert_eq!((m.completed, m.failed), (3, 1));
+        assert_eq!((m.total_input_tokens, m.total_output_tokens), (30, 6));
+        assert_eq!(m.request_throughput, 1.5);
+        assert_eq!(m.request_goodput, Some(0.5));
+        assert_eq!(m.output_throughput, 3.0);
+        assert_eq!(m.total_token_throughput, 18.0);
+        let near = |a: f64, b: f64| (a - b).abs() < 0.5;
+        assert!(near(m.ttft_ms.q.mean, 350.0 / 3.0), "{:?}", m.ttft_ms);
+        assert!(near(m.tpot_ms.q.mean, 20.0) && near(m.tpot_ms.q.p99, 30.0));
+        assert!(near(m.itl_ms.q.p50, 10.0) && near(m.itl_ms.q.p99, 30.0));
+        assert!(near(m.e2el_ms.q.p99, 200.0));
+        let by_turn = s.ttft_by_turn();
+        assert!(near(by_turn[0].p50, 100.0) && near(by_turn[1].mean, 125.0));
+
+        let json = serde_json::to_value(&m).unwrap();
+        for key in [
+            "request_goodput",
+            "median_tpot_ms",
+            "std_itl_ms",
+            "p90_e2el_ms",
+        ] {
+            assert!(json[key].is_number(), "{key}");
+        }
+    }
+
+    #[test]
+    fn goodput_objectives_parse_and_name_bad_ones() {
+        let g = Goodput::parse(&["ttft:500", "e2el:2000"]).unwrap();
+        assert_eq!(
+            (g.ttft_ms, g.tpot_ms, g.e2el_ms),
+            (Some(500.0), None, Some(2000.0))
+        );
+        assert!(g.met(500.0, 1e9, 2000.0) && !g.met(501.0, 0.0, 0.0));
+        for (bad, says) in [
+            (&["ttft"][..], "KEY:MS"),
+            (&["itl:5"][..], "unknown objective"),
+            (&["tpot:-1"][..], "not a number"),
+            (&[][..], "no objective"),
+        ] {
+            let e = Goodput::parse(bad).unwrap_err().to_string();
+            assert!(e.contains("--goodput") && e.contains(says), "{bad:?}: {e}");
+        }
+    }
+}
