@@ -86,19 +86,21 @@ fn base_url(url: &str) -> Result<String> {
 }
 
 impl Shared {
+    /// A request to `uri`; a completion's carries the agent's session.
     fn request(
         &self,
         method: Method,
         uri: Uri,
         body: Bytes,
-        session: &str,
+        session: Option<&str>,
     ) -> Result<Request<Full<Bytes>>> {
-        let mut req = Request::builder()
-            .method(method)
-            .uri(uri)
-            .header(CONTENT_TYPE, "application/json")
-            .header("accept", "text/event-stream")
-            .header("x-session-id", session);
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(session) = session {
+            req = req
+                .header(CONTENT_TYPE, "application/json")
+                .header("accept", "text/event-stream")
+                .header("x-session-id", session);
+        }
         if let Some(a) = &self.auth {
             req = req.header(AUTHORIZATION, a);
         }
@@ -109,7 +111,7 @@ impl Shared {
     /// Posts one streamed completion, reading it chunk by chunk.
     async fn complete(&self, body: &Value, session: &str) -> Result<(Streamed, Instant, Instant)> {
         let bytes = Bytes::from(serde_json::to_vec(body).map_err(|e| http_err(&self.url, e))?);
-        let req = self.request(Method::POST, self.endpoint.clone(), bytes, session)?;
+        let req = self.request(Method::POST, self.endpoint.clone(), bytes, Some(session))?;
         let sent = Instant::now();
         let resp = self
             .client
@@ -158,7 +160,7 @@ impl Shared {
         let uri: Uri = format!("{}/v1/models", self.url)
             .parse()
             .map_err(|e| http_err(&self.url, format!("not a URL ({e})")))?;
-        let req = self.request(Method::GET, uri, Bytes::new(), "")?;
+        let req = self.request(Method::GET, uri, Bytes::new(), None)?;
         let resp = self.client.request(req).await.map_err(|e| {
             http_err(
                 &self.url,
