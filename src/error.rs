@@ -229,6 +229,14 @@ pub enum Error {
         /// The choices.
         choices: String,
     },
+    /// A request to a server over HTTP failed (`troupe loadtest --url`).
+    #[error("{url}: {what}")]
+    Http {
+        /// The server.
+        url: String,
+        /// What went wrong.
+        what: String,
+    },
     /// Writing a report (a plot, a JSON file) failed.
     #[error("report {what}")]
     Report {

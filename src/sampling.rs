@@ -107,6 +107,11 @@ pub struct SamplingParams {
     pub frequency_penalty: f32,
     /// Seed of the request's generator.
     pub seed: u64,
+    /// Keep generating past end-of-generation tokens, up to the request's most
+    /// tokens (as serving benchmarks' `ignore_eos`): every reply then has exactly that
+    /// many tokens, unless a stop string or a grammar ends it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_eos: bool,
 }
 
 impl Default for SamplingParams {
@@ -120,6 +125,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             seed: 0,
+            ignore_eos: false,
         }
     }
 }
@@ -193,6 +199,12 @@ impl Sampler {
             seen: HashMap::new(),
             generated: HashMap::new(),
         })
+    }
+
+    /// Whether the request keeps generating past end-of-generation tokens
+    /// ([`SamplingParams::ignore_eos`]).
+    pub fn ignores_eos(&self) -> bool {
+        self.params.ignore_eos
     }
 
     /// Records prompt tokens (they count for the repetition penalty only).

@@ -1,15 +1,20 @@
 //! Order statistics shared by the engine, the benchmarks and the load test: one
-//! [`Quantiles`] type (p50, p95, p99) and the helpers that compute it from samples.
+//! [`Quantiles`] type (mean, p50, p90, p95, p99) and the helpers that compute it from samples.
 //!
 //! Nearest-rank percentiles over the samples themselves (sorted once): the samples
 //! here are at most a few hundred thousand, and an exact figure reads better in a
 //! report than a histogram bucket.
 
-/// Median, 95th and 99th percentile of one measure.
+/// Mean, median, 90th, 95th and 99th percentile of one measure (the figures serving
+/// benchmarks report).
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct Quantiles {
+    /// Mean.
+    pub mean: f64,
     /// Median.
     pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
     /// 95th percentile.
     pub p95: f64,
     /// 99th percentile.
@@ -19,11 +24,18 @@ pub struct Quantiles {
 impl Quantiles {
     /// The quantiles of `samples` (all 0 when there are none).
     pub fn of(samples: &[f64]) -> Self {
-        let q = percentiles(samples, &[50.0, 95.0, 99.0]);
+        let q = percentiles(samples, &[50.0, 90.0, 95.0, 99.0]);
+        let mean = if samples.is_empty() {
+            0.0
+        } else {
+            samples.iter().sum::<f64>() / samples.len() as f64
+        };
         Self {
+            mean,
             p50: q[0],
-            p95: q[1],
-            p99: q[2],
+            p90: q[1],
+            p95: q[2],
+            p99: q[3],
         }
     }
 }
@@ -101,7 +113,8 @@ mod tests {
     #[test]
     fn quantiles_of_samples() {
         let q = Quantiles::of(&(1..=200).map(f64::from).collect::<Vec<_>>());
-        assert_eq!((q.p50, q.p95, q.p99), (100.0, 190.0, 198.0));
+        assert_eq!((q.p50, q.p90, q.p95, q.p99), (100.0, 180.0, 190.0, 198.0));
+        assert_eq!(q.mean, 100.5);
         assert_eq!(Quantiles::of(&[]), Quantiles::default());
     }
 }

@@ -270,6 +270,25 @@ fn loadtest_and_config_numbers_are_checked() {
         (&["--tool-ms", "inf"], "--tool-ms"),
         (&["--tool-ms", "nan"], "--tool-ms"),
         (&["--max-tokens", "18446744073709551615"], "--max-tokens"),
+        (&["--request-rate", "0"], "--request-rate"),
+        (&["--request-rate", "nan"], "--request-rate"),
+        (&["--max-concurrency", "0"], "--max-concurrency"),
+        (&["--goodput", "ttft"], "--goodput"),
+        (&["--goodput", "itl:5"], "--goodput"),
+        (
+            &["--url", "https://127.0.0.1:1", "--tokenizer", s(&tiny)],
+            "https",
+        ),
+        (
+            &[
+                "--url",
+                "http://127.0.0.1:1",
+                "--no-batching",
+                "--tokenizer",
+                s(&tiny),
+            ],
+            "--no-batching",
+        ),
     ] {
         let mut a = vec!["loadtest", "--model", s(&tiny)];
         a.extend_from_slice(args);

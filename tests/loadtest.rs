@@ -151,3 +151,68 @@ async fn a_small_kv_budget_evicts_and_still_completes() {
     assert!(r.kv_peak_bytes <= 4 * 120 * per_token);
     assert!(r.evictions > 0 && r.recomputed_tokens > 0, "{r:?}");
 }
+
+/// A sequence whose sampling says `ignore_eos` keeps going where the
+/// end-of-generation token is the only choice; without it, that token ends it.
+#[test]
+fn ignore_eos_in_the_sampling_keeps_a_sequence_past_eos() {
+    use troupe::engine::{FinishReason, Sequence};
+    use troupe::sampling::{Sampler, SamplingParams};
+    let model = tiny(WeightsMode::Native);
+    let tok = model.tokenizer();
+    let eos = tok.eos_token_ids()[0];
+    let run = |ignore_eos: bool| {
+        let params = SamplingParams {
+            ignore_eos,
+            ..SamplingParams::greedy()
+        };
+        let mut seq = Sequence::new(vec![1], Sampler::new(params).unwrap(), None, &[], 5, false);
+        for step in 1.. {
+            let mut logits = vec![0.0f32; tok.vocab_size()];
+            logits[eos as usize] = 10.0;
+            let done = seq.sample(&mut logits).unwrap();
+            if let Some(f) = seq.advance(tok, done).unwrap().finish {
+                return (step, f);
+            }
+        }
+        unreachable!()
+    };
+    assert_eq!(run(false), (1, FinishReason::Stop));
+    assert_eq!(run(true), (5, FinishReason::Length));
+}
+
+/// `ignore_eos` in a load test: every reply has exactly `max_tokens` tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignore_eos_makes_every_reply_max_tokens_long() {
+    let model = Arc::new(tiny(WeightsMode::Native));
+    let max = 24;
+    let fixed = run(
+        model,
+        &LoadtestOptions {
+            max_tokens: max,
+            ignore_eos: true,
+            ..opts()
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (fixed.requests, fixed.errors),
+        (18, 0),
+        "{:?}",
+        fixed.first_error
+    );
+    assert!(fixed.ignore_eos);
+    for t in &fixed.turn_records {
+        assert_eq!(t.generated_tokens, max, "{t:?}");
+    }
+    assert_eq!(fixed.generated_tokens, (18 * max) as u64);
+    // The serving figures count the same requests and tokens.
+    let s = &fixed.serving;
+    assert_eq!((s.completed, s.failed), (18, 0));
+    assert_eq!(s.total_output_tokens, fixed.generated_tokens);
+    assert_eq!(s.total_input_tokens, fixed.prompt_tokens);
+    assert!(s.request_throughput > 0.0 && s.output_throughput > 0.0);
+    assert!(fixed.tpot_ms.p50 > 0.0 && fixed.e2el_ms.p50 >= fixed.ttft_ms.p50);
+    assert_eq!(fixed.ttft_by_turn_ms.len(), 3);
+}

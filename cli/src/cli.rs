@@ -5,6 +5,7 @@ pub mod bench;
 pub mod chat;
 pub mod generate;
 pub mod info;
+pub mod loadtest;
 pub mod run;
 pub mod serve;
 pub mod trace;

@@ -116,54 +116,9 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
-    /// Load-test agent concurrency: N agents in closed-loop multi-turn conversations.
-    Loadtest {
-        /// Agents (a comma-separated list runs a sweep).
-        #[arg(long, value_delimiter = ',', default_values_t = [4])]
-        agents: Vec<usize>,
-        /// Turns per agent.
-        #[arg(long, default_value_t = 4)]
-        turns: usize,
-        /// Tokens of the shared system prompt.
-        #[arg(long, default_value_t = 200)]
-        system_tokens: usize,
-        /// Tokens per user message.
-        #[arg(long, default_value_t = 30)]
-        user_tokens: usize,
-        /// Most tokens per reply.
-        #[arg(long, default_value_t = 64)]
-        max_tokens: usize,
-        /// Mean think time between turns, ms (exponential, seeded).
-        #[arg(long, default_value_t = 0.0)]
-        think_ms: f64,
-        /// A simulated tool call of this many ms inside each turn.
-        #[arg(long, default_value_t = 0.0)]
-        tool_ms: f64,
-        /// Output grammar of the replies.
-        #[arg(long, value_parser = cli::named::<troupe::loadtest::GrammarKind>(&["none", "json", "regex"]), default_value = "none")]
-        grammar: troupe::loadtest::GrammarKind,
-        /// KV memory budget in bytes.
-        #[arg(long, default_value_t = 4 << 30)]
-        kv_budget: usize,
-        /// Seed.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Stop after this many seconds and report what completed.
-        #[arg(long)]
-        duration: Option<f64>,
-        /// Every turn recomputes its whole history.
-        #[arg(long)]
-        no_cache_reuse: bool,
-        /// At most one sequence per step.
-        #[arg(long)]
-        no_batching: bool,
-        /// Write the report as JSON here.
-        #[arg(long)]
-        json: Option<PathBuf>,
-        /// Draw throughput and TTFT p95 against the number of agents (SVG).
-        #[arg(long)]
-        plot: Option<PathBuf>,
-    },
+    /// Load-test agent concurrency: N agents in multi-turn conversations (closed or
+    /// open loop), in process or over HTTP against an OpenAI-compatible server (--url).
+    Loadtest(cli::loadtest::LoadtestArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(cli::bench::BenchCommand),
@@ -385,68 +340,8 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             cli.weights,
             cli.kv_dtype.unwrap_or_default(),
         )?,
-        Command::Loadtest {
-            agents,
-            turns,
-            system_tokens,
-            user_tokens,
-            max_tokens,
-            think_ms,
-            tool_ms,
-            grammar,
-            kv_budget,
-            seed,
-            duration,
-            no_cache_reuse,
-            no_batching,
-            json,
-            plot,
-        } => {
-            let duration = duration
-                .map(|d| {
-                    std::time::Duration::try_from_secs_f64(d)
-                        .map_err(|e| anyhow::anyhow!("--duration {d}: {e}"))
-                })
-                .transpose()?;
-            let model = std::sync::Arc::new(load()?);
-            let rt = cli::runtime()?;
-            let mut runs = Vec::new();
-            for &n in agents {
-                let o = troupe::loadtest::LoadtestOptions {
-                    agents: n,
-                    turns: *turns,
-                    system_tokens: *system_tokens,
-                    user_tokens: *user_tokens,
-                    max_tokens: *max_tokens,
-                    think_ms: *think_ms,
-                    tool_ms: *tool_ms,
-                    grammar: *grammar,
-                    kv_budget: *kv_budget,
-                    spill: cli.spill.clone(),
-                    seed: *seed,
-                    duration,
-                    no_cache_reuse: *no_cache_reuse,
-                    no_batching: *no_batching,
-                    progress: true,
-                    kv_dtype: cli.kv_dtype.unwrap_or_default(),
-                    ..Default::default()
-                };
-                let r = rt.block_on(troupe::loadtest::run(model.clone(), &o))?;
-                troupe::loadtest::print_table(&r);
-                runs.push(r);
-            }
-            if let Some(j) = json {
-                let value = if runs.len() == 1 {
-                    serde_json::to_value(&runs[0])?
-                } else {
-                    serde_json::json!({ "runs": runs })
-                };
-                cli::write_json(j, &value)?;
-            }
-            if let Some(p) = plot {
-                troupe::loadtest::plot(&runs, p)?;
-                eprintln!("wrote {}", p.display());
-            }
+        Command::Loadtest(a) => {
+            cli::loadtest::run(a, cli.model.as_deref(), cli.weights, cli.kv_dtype)?
         }
     }
     Ok(())

@@ -45,7 +45,8 @@ pub struct Advance {
 
 impl Sequence {
     /// A sequence that will feed `prompt`, then generate up to `max_tokens` tokens
-    /// (at least one), stopping at end-of-generation tokens (unless `ignore_eos`),
+    /// (at least one), stopping at end-of-generation tokens (unless `ignore_eos`, or
+    /// the sampler's [`SamplingParams::ignore_eos`](crate::sampling::SamplingParams)),
     /// at any of `stop`, or where `constraint` completes.
     pub fn new(
         prompt: Vec<u32>,
@@ -56,6 +57,7 @@ impl Sequence {
         ignore_eos: bool,
     ) -> Self {
         sampler.observe_prompt(&prompt);
+        let ignore_eos = ignore_eos || sampler.ignores_eos();
         Self {
             feed: prompt,
             sampler,

@@ -60,6 +60,17 @@ pub struct LoadtestOptions {
     /// Most prefill tokens in a step while sequences decode (see
     /// [`SchedulerConfig::max_prefill_while_decoding`]).
     pub max_prefill_while_decoding: usize,
+    /// Replies do not end at end-of-generation tokens: each has exactly `max_tokens`
+    /// tokens (unless a grammar ends it), in-process and over HTTP (`ignore_eos`).
+    pub ignore_eos: bool,
+    /// Open loop: requests arrive as a Poisson process of this many per second, each
+    /// taken by an agent that is free (`None`: the closed loop, each agent sends its
+    /// next turn when the last one is over).
+    pub request_rate: Option<f64>,
+    /// Most requests in flight at once (`None`: one per agent).
+    pub max_concurrency: Option<usize>,
+    /// Service-level objectives a request must meet to count for goodput.
+    pub goodput: Option<Goodput>,
     /// The engine's test hooks (its step gate), for the tests only.
     #[doc(hidden)]
     pub engine_hooks: crate::engine::TestHooks,
@@ -85,6 +96,10 @@ impl Default for LoadtestOptions {
             progress: false,
             kv_dtype: crate::kv::KvDtype::default(),
             max_prefill_while_decoding: SchedulerConfig::default().max_prefill_while_decoding,
+            ignore_eos: false,
+            request_rate: None,
+            max_concurrency: None,
+            goodput: None,
             engine_hooks: Default::default(),
         }
     }
@@ -149,9 +164,75 @@ impl LoadtestOptions {
                 );
             }
         }
+        if let Some(rate) = self.request_rate {
+            if !(rate.is_finite() && rate > 0.0) {
+                return bad(
+                    "request-rate",
+                    format!("{rate} must be a number of requests per second > 0"),
+                );
+            }
+        }
+        if let Some(c) = self.max_concurrency {
+            count("max-concurrency", c, 1, LIMITS.agents)?;
+        }
         if self.duration.is_some_and(|d| d.is_zero()) {
             return bad("duration", "must be more than 0 seconds".into());
         }
         Ok(())
+    }
+}
+
+/// Service-level objectives of goodput (the `--goodput ttft:MS tpot:MS e2el:MS` of
+/// serving benchmarks): a request counts when it meets every one given.
+#[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
+pub struct Goodput {
+    /// Most time to first token, ms.
+    pub ttft_ms: Option<f64>,
+    /// Most time per output token after the first, ms.
+    pub tpot_ms: Option<f64>,
+    /// Most end-to-end latency, ms.
+    pub e2el_ms: Option<f64>,
+}
+
+impl Goodput {
+    /// Parses `KEY:MS` pairs (keys `ttft`, `tpot`, `e2el`), naming a bad one.
+    pub fn parse<S: AsRef<str>>(pairs: &[S]) -> Result<Self> {
+        let bad = |why: String| Error::Config {
+            what: format!("--goodput: {why}"),
+        };
+        let mut g = Self::default();
+        for pair in pairs {
+            let pair = pair.as_ref();
+            let (key, ms) = pair
+                .split_once(':')
+                .ok_or_else(|| bad(format!("{pair:?} is not KEY:MS (ttft:500)")))?;
+            let ms: f64 = ms
+                .trim()
+                .parse()
+                .ok()
+                .filter(|ms: &f64| ms.is_finite() && *ms > 0.0)
+                .ok_or_else(|| bad(format!("{pair:?}: {ms:?} is not a number of ms > 0")))?;
+            let slot = match key.trim() {
+                "ttft" => &mut g.ttft_ms,
+                "tpot" => &mut g.tpot_ms,
+                "e2el" => &mut g.e2el_ms,
+                other => {
+                    return Err(bad(format!(
+                        "unknown objective {other:?} (expected ttft, tpot or e2el)"
+                    )))
+                }
+            };
+            *slot = Some(ms);
+        }
+        if g == Self::default() {
+            return Err(bad("no objective given (ttft:MS tpot:MS e2el:MS)".into()));
+        }
+        Ok(g)
+    }
+
+    /// Whether a request with these times (ms) meets every objective.
+    pub fn met(&self, ttft_ms: f64, tpot_ms: f64, e2el_ms: f64) -> bool {
+        let ok = |slo: Option<f64>, v: f64| slo.is_none_or(|s| v <= s);
+        ok(self.ttft_ms, ttft_ms) && ok(self.tpot_ms, tpot_ms) && ok(self.e2el_ms, e2el_ms)
     }
 }

@@ -8,13 +8,17 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 
 use super::options::{GrammarKind, LoadtestOptions};
-use crate::agent::AgentReply;
+use super::serving::{dist, RequestSample, ServingMetrics, ServingSamples};
 use crate::engine::Stats;
 use crate::stats::Quantiles;
 
 /// The report of one run.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct RunReport {
+    /// The server driven over HTTP (`None`: the in-process engine).
+    pub url: Option<String>,
+    /// The model named in the requests over HTTP.
+    pub model: Option<String>,
     /// Agents.
     pub agents: usize,
     /// Turns per agent asked for.
@@ -25,10 +29,18 @@ pub struct RunReport {
     pub no_cache_reuse: bool,
     /// Whether batching was off.
     pub no_batching: bool,
+    /// Whether replies ignored end-of-generation tokens.
+    pub ignore_eos: bool,
+    /// Open-loop arrival rate, requests/s (`None`: closed loop).
+    pub request_rate: Option<f64>,
+    /// Most requests in flight.
+    pub max_concurrency: Option<usize>,
     /// Completed turns.
     pub requests: u64,
     /// Failed turns.
     pub errors: u64,
+    /// The first failure's message.
+    pub first_error: Option<String>,
     /// Completed turns per turn index.
     pub requests_by_turn: Vec<u64>,
     /// Wall time of the run.
@@ -37,15 +49,23 @@ pub struct RunReport {
     pub gen_tok_s: f64,
     /// Prompt plus generated tokens per second.
     pub total_tok_s: f64,
-    /// Time to first token of a turn.
+    /// Time to first token of a request.
     pub ttft_ms: Quantiles,
-    /// Time to first token of turns after the first.
+    /// Time to first token of the first request of turns after the first.
     pub ttft_later_ms: Quantiles,
-    /// Time between streamed tokens.
+    /// Time to first token by turn index (the first
+    /// [`TTFT_BY_TURN_MAX`](super::serving::TTFT_BY_TURN_MAX) turns).
+    pub ttft_by_turn_ms: Vec<Quantiles>,
+    /// Time per output token after the first, per request.
+    pub tpot_ms: Quantiles,
+    /// Time between streamed tokens (chunks, over HTTP).
     pub itl_ms: Quantiles,
-    /// Whole turn.
+    /// End-to-end latency of a request.
+    pub e2el_ms: Quantiles,
+    /// Whole turn (its requests and tool calls).
     pub turn_ms: Quantiles,
-    /// Wait for admission in the model actor.
+    /// Wait for admission: in the model actor in-process; over HTTP, from a request's
+    /// arrival (open loop) or a free slot (`--max-concurrency`) to its sending.
     pub queue_ms: Quantiles,
     /// Mean sequences per step.
     pub batch_mean: f64,
@@ -57,12 +77,16 @@ pub struct RunReport {
     pub timeline: Vec<crate::engine::StepSample>,
     /// Prompt tokens of all turns.
     pub prompt_tokens: u64,
-    /// Prompt tokens reused from caches.
+    /// Prompt tokens reused from caches (over HTTP: what servers reported).
     pub reused_tokens: u64,
     /// Prompt tokens computed (`prompt_tokens - reused_tokens`).
     pub computed_tokens: u64,
     /// `computed_tokens / prompt_tokens`.
     pub computed_ratio: f64,
+    /// Requests whose server reported the tokens it reused (all of them in-process;
+    /// over HTTP those with `usage.prompt_tokens_details.cached_tokens` or llama.cpp's
+    /// `timings.cache_n`).
+    pub cache_reported_requests: u64,
     /// Generated tokens.
     pub generated_tokens: u64,
     /// Peak KV bytes of live caches.
@@ -92,6 +116,9 @@ pub struct RunReport {
     pub mask_us: Quantiles,
     /// Peak resident memory of the process.
     pub rss_peak_bytes: u64,
+    /// The serving-benchmark figures, flat under their usual names.
+    #[serde(flatten)]
+    pub serving: ServingMetrics,
     /// Each completed turn's token counts, in completion order (kept out of the JSON
     /// report: one row per turn would dwarf it).
     #[serde(skip)]
@@ -105,7 +132,8 @@ pub struct TurnRecord {
     pub agent: usize,
     /// Index of the turn in the agent's conversation.
     pub turn: usize,
-    /// Tokens of context before generation (cached plus new).
+    /// Tokens of context before generation (cached plus new), summed over the turn's
+    /// model calls.
     pub prompt_tokens: usize,
     /// Of those, tokens already in the agent's cache.
     pub reused_tokens: usize,
@@ -113,12 +141,27 @@ pub struct TurnRecord {
     pub generated_tokens: usize,
 }
 
+/// One completed turn, as the workloads hand it to the [`Recorder`].
+pub(super) struct TurnDone {
+    /// Its token counts (the sums over its requests).
+    pub record: TurnRecord,
+    /// Its requests, in order.
+    pub requests: Vec<RequestSample>,
+    /// Wall time of the whole turn.
+    pub elapsed: Duration,
+    /// Time it waited for admission.
+    pub queue: Duration,
+    /// Tokens recomputed after an eviction.
+    pub recomputed: usize,
+    /// Tokens read back from spilled caches instead of recomputed.
+    pub restored: usize,
+}
+
 struct Samples {
-    ttft: Histogram<u64>,
     ttft_later: Histogram<u64>,
-    itl: Histogram<u64>,
     turn: Histogram<u64>,
     queue: Histogram<u64>,
+    serving: ServingSamples,
     report: RunReport,
 }
 
@@ -136,22 +179,7 @@ fn hist() -> Histogram<u64> {
 }
 
 fn us(d: Duration) -> u64 {
-    (d.as_micros() as u64).max(1)
-}
-
-fn q(h: &Histogram<u64>) -> Quantiles {
-    let at = |p: f64| {
-        if h.is_empty() {
-            0.0
-        } else {
-            h.value_at_quantile(p) as f64 / 1e3
-        }
-    };
-    Quantiles {
-        p50: at(0.50),
-        p95: at(0.95),
-        p99: at(0.99),
-    }
+    (d.as_micros() as u64).clamp(1, 3_600_000_000)
 }
 
 impl Recorder {
@@ -173,11 +201,10 @@ impl Recorder {
         };
         Self {
             samples: Mutex::new(Samples {
-                ttft: hist(),
                 ttft_later: hist(),
-                itl: hist(),
                 turn: hist(),
                 queue: hist(),
+                serving: ServingSamples::new(o.turns, o.goodput),
                 report: RunReport {
                     requests_by_turn: vec![0; o.turns],
                     ..RunReport::default()
@@ -192,41 +219,32 @@ impl Recorder {
         self.samples.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(super) fn turn(
-        &self,
-        (agent, turn): (usize, usize),
-        r: &AgentReply,
-        sent: Instant,
-        token_times: &[Instant],
-    ) {
+    /// Records a completed turn and its requests.
+    pub(super) fn turn(&self, t: TurnDone) {
         let mut s = self.lock();
-        let ttft = token_times.first().map_or(r.ttft, |t| *t - sent);
-        let _ = s.ttft.record(us(ttft));
-        if turn > 0 {
-            let _ = s.ttft_later.record(us(ttft));
+        let turn = t.record.turn;
+        for (i, r) in t.requests.iter().enumerate() {
+            let ttft = s.serving.add(turn, r);
+            if i == 0 && turn > 0 {
+                let _ = s.ttft_later.record(us(ttft));
+            }
+            if r.cached_tokens.is_some() {
+                s.report.cache_reported_requests += 1;
+            }
         }
-        for w in token_times.windows(2) {
-            let _ = s.itl.record(us(w[1] - w[0]));
-        }
-        let _ = s.turn.record(us(r.elapsed));
-        let _ = s.queue.record(us(r.queue));
+        let _ = s.turn.record(us(t.elapsed));
+        let _ = s.queue.record(us(t.queue));
         let rep = &mut s.report;
         rep.requests += 1;
         if let Some(c) = rep.requests_by_turn.get_mut(turn) {
             *c += 1;
         }
-        rep.prompt_tokens += r.usage.prompt_tokens as u64;
-        rep.reused_tokens += r.usage.cached_tokens as u64;
-        rep.generated_tokens += r.usage.generated_tokens as u64;
-        rep.recomputed_tokens += r.recomputed_tokens as u64;
-        rep.restored_tokens += r.restored_tokens as u64;
-        rep.turn_records.push(TurnRecord {
-            agent,
-            turn,
-            prompt_tokens: r.usage.prompt_tokens,
-            reused_tokens: r.usage.cached_tokens,
-            generated_tokens: r.usage.generated_tokens,
-        });
+        rep.prompt_tokens += t.record.prompt_tokens as u64;
+        rep.reused_tokens += t.record.reused_tokens as u64;
+        rep.generated_tokens += t.record.generated_tokens as u64;
+        rep.recomputed_tokens += t.recomputed as u64;
+        rep.restored_tokens += t.restored as u64;
+        rep.turn_records.push(t.record);
         let (done, errors, generated) = (rep.requests, rep.errors, rep.generated_tokens);
         drop(s);
         self.bar.inc(1);
@@ -237,12 +255,26 @@ impl Recorder {
         ));
     }
 
-    pub(super) fn error(&self) {
-        self.lock().report.errors += 1;
+    /// Records a failed turn (`requests` of its requests failed) and why.
+    pub(super) fn error(&self, requests: usize, what: String) {
+        let mut s = self.lock();
+        s.report.errors += 1;
+        s.report.first_error.get_or_insert(what);
+        for _ in 0..requests {
+            s.serving.fail();
+        }
+        drop(s);
         self.bar.inc(1);
     }
 
-    pub(super) fn report(&self, o: &LoadtestOptions, wall: Duration, stats: &Stats) -> RunReport {
+    /// The report of a run of `wall`, with the engine's counters when it ran in
+    /// process.
+    pub(super) fn report(
+        &self,
+        o: &LoadtestOptions,
+        wall: Duration,
+        stats: Option<&Stats>,
+    ) -> RunReport {
         self.bar.finish_and_clear();
         let s = self.lock();
         let mut r = s.report.clone();
@@ -251,8 +283,11 @@ impl Recorder {
         r.grammar = o.grammar;
         r.no_cache_reuse = o.no_cache_reuse;
         r.no_batching = o.no_batching;
+        r.ignore_eos = o.ignore_eos;
+        r.request_rate = o.request_rate;
+        r.max_concurrency = o.max_concurrency;
         r.wall_s = wall.as_secs_f64();
-        r.computed_tokens = r.prompt_tokens - r.reused_tokens;
+        r.computed_tokens = r.prompt_tokens.saturating_sub(r.reused_tokens);
         r.computed_ratio = if r.prompt_tokens == 0 {
             0.0
         } else {
@@ -260,25 +295,31 @@ impl Recorder {
         };
         r.gen_tok_s = r.generated_tokens as f64 / r.wall_s.max(1e-9);
         r.total_tok_s = (r.generated_tokens + r.prompt_tokens) as f64 / r.wall_s.max(1e-9);
-        r.ttft_ms = q(&s.ttft);
-        r.ttft_later_ms = q(&s.ttft_later);
-        r.itl_ms = q(&s.itl);
-        r.turn_ms = q(&s.turn);
-        r.queue_ms = q(&s.queue);
-        r.batch_mean = stats.mean_batch();
-        r.batch_max = stats.max_batch();
-        r.steps = stats.steps;
-        r.timeline = stats.timeline.clone();
-        r.kv_peak_bytes = stats.kv_peak_bytes;
-        r.evictions = stats.evictions_requested + stats.preempted;
-        r.mask_us = stats.mask_us;
+        r.serving = s.serving.metrics(wall);
+        r.ttft_ms = r.serving.ttft_ms.q;
+        r.tpot_ms = r.serving.tpot_ms.q;
+        r.itl_ms = r.serving.itl_ms.q;
+        r.e2el_ms = r.serving.e2el_ms.q;
+        r.ttft_by_turn_ms = s.serving.ttft_by_turn();
+        r.ttft_later_ms = dist(&s.ttft_later).q;
+        r.turn_ms = dist(&s.turn).q;
+        r.queue_ms = dist(&s.queue).q;
+        if let Some(stats) = stats {
+            r.batch_mean = stats.mean_batch();
+            r.batch_max = stats.max_batch();
+            r.steps = stats.steps;
+            r.timeline = stats.timeline.clone();
+            r.kv_peak_bytes = stats.kv_peak_bytes;
+            r.evictions = stats.evictions_requested + stats.preempted;
+            r.mask_us = stats.mask_us;
+            r.spills = stats.spills;
+            r.spilled_bytes = stats.spilled_bytes;
+            r.spill_failures = stats.spill_failures;
+            r.restores = stats.restores + stats.restores_in_memory;
+            r.restore_failures = stats.restore_failures;
+            r.restore_ms = stats.restore_ms;
+        }
         r.spill = o.spill.is_some();
-        r.spills = stats.spills;
-        r.spilled_bytes = stats.spilled_bytes;
-        r.spill_failures = stats.spill_failures;
-        r.restores = stats.restores + stats.restores_in_memory;
-        r.restore_failures = stats.restore_failures;
-        r.restore_ms = stats.restore_ms;
         r.rss_peak_bytes = rss_peak();
         r
     }
@@ -299,47 +340,103 @@ fn rss_peak() -> u64 {
 
 /// Prints one run as a table.
 pub fn print_table(r: &RunReport) {
-    let ql = |q: &Quantiles| format!("{:>8.0} {:>8.0} {:>8.0}", q.p50, q.p95, q.p99);
+    let ql = |q: &Quantiles| {
+        format!(
+            "{:>8.1} {:>8.1} {:>8.1} {:>8.1} {:>8.1}",
+            q.mean, q.p50, q.p90, q.p95, q.p99
+        )
+    };
+    let mut flags = String::new();
+    for (on, what) in [
+        (r.no_cache_reuse, ", no cache reuse"),
+        (r.no_batching, ", no batching"),
+        (r.ignore_eos, ", ignore eos"),
+    ] {
+        if on {
+            flags.push_str(what);
+        }
+    }
+    if let Some(rate) = r.request_rate {
+        flags.push_str(&format!(", open loop {rate} req/s"));
+    }
+    if let Some(c) = r.max_concurrency {
+        flags.push_str(&format!(", max concurrency {c}"));
+    }
+    match &r.url {
+        Some(url) => println!(
+            "{url} (model {}): agents {} x turns {} (grammar {:?}{flags})",
+            r.model.as_deref().unwrap_or("?"),
+            r.agents,
+            r.turns,
+            r.grammar
+        ),
+        None => println!(
+            "agents {} x turns {} (grammar {:?}{flags})",
+            r.agents, r.turns, r.grammar
+        ),
+    }
+    let sv = &r.serving;
     println!(
-        "agents {} x turns {} (grammar {:?}{}{})",
-        r.agents,
-        r.turns,
-        r.grammar,
-        if r.no_cache_reuse {
-            ", no cache reuse"
-        } else {
-            ""
-        },
-        if r.no_batching { ", no batching" } else { "" }
-    );
-    println!(
-        "  requests {} ({} errors) in {:.1} s: {:.1} generated tok/s, {:.1} total tok/s",
+        "  turns {} ({} errors) in {:.1} s: {:.1} generated tok/s, {:.1} total tok/s",
         r.requests, r.errors, r.wall_s, r.gen_tok_s, r.total_tok_s
     );
-    println!("  latency (ms)           p50      p95      p99");
+    if let Some(e) = &r.first_error {
+        println!("  first error: {e}");
+    }
+    println!(
+        "  requests {} ({} failed): request_throughput {:.2}/s, output_throughput {:.1} tok/s, total_token_throughput {:.1} tok/s{}",
+        sv.completed,
+        sv.failed,
+        sv.request_throughput,
+        sv.output_throughput,
+        sv.total_token_throughput,
+        sv.request_goodput
+            .map_or(String::new(), |g| format!(", request_goodput {g:.2}/s"))
+    );
+    println!("  latency (ms)           mean   median      p90      p95      p99");
     println!("  ttft              {}", ql(&r.ttft_ms));
     println!("  ttft, later turns {}", ql(&r.ttft_later_ms));
-    println!("  inter-token       {}", ql(&r.itl_ms));
+    println!("  tpot              {}", ql(&r.tpot_ms));
+    println!("  itl               {}", ql(&r.itl_ms));
+    println!("  e2el              {}", ql(&r.e2el_ms));
     println!("  turn              {}", ql(&r.turn_ms));
     println!("  queue             {}", ql(&r.queue_ms));
-    println!("  batch mean {:.1}, max {}", r.batch_mean, r.batch_max);
+    let by_turn: Vec<String> = r
+        .ttft_by_turn_ms
+        .iter()
+        .map(|q| format!("{:.0}", q.p50))
+        .collect();
+    println!("  ttft median by turn: {}", by_turn.join(" "));
+    if r.url.is_none() {
+        println!("  batch mean {:.1}, max {}", r.batch_mean, r.batch_max);
+    }
     println!(
-        "  prompt tokens {}: reused {}, computed {} ({:.0}%); generated {}",
+        "  prompt tokens {}: reused {}, computed {} ({:.0}%); generated {}{}",
         r.prompt_tokens,
         r.reused_tokens,
         r.computed_tokens,
         r.computed_ratio * 100.0,
-        r.generated_tokens
+        r.generated_tokens,
+        if r.url.is_some() {
+            format!(
+                " (reuse reported by the server for {} of {} requests)",
+                r.cache_reported_requests, sv.completed
+            )
+        } else {
+            String::new()
+        }
     );
-    println!(
-        "  KV peak {:.1} MiB, evictions {}, recomputed tokens {}, mask p50/p99 {:.0}/{:.0} µs, RSS peak {:.0} MiB",
-        r.kv_peak_bytes as f64 / (1 << 20) as f64,
-        r.evictions,
-        r.recomputed_tokens,
-        r.mask_us.p50,
-        r.mask_us.p99,
-        r.rss_peak_bytes as f64 / (1 << 20) as f64
-    );
+    if r.url.is_none() {
+        println!(
+            "  KV peak {:.1} MiB, evictions {}, recomputed tokens {}, mask p50/p99 {:.0}/{:.0} µs, RSS peak {:.0} MiB",
+            r.kv_peak_bytes as f64 / (1 << 20) as f64,
+            r.evictions,
+            r.recomputed_tokens,
+            r.mask_us.p50,
+            r.mask_us.p99,
+            r.rss_peak_bytes as f64 / (1 << 20) as f64
+        );
+    }
     if r.spill {
         println!(
             "  spilled {} caches ({:.1} MiB, {} failed), restored {} ({} tokens, {} failed), restore p50/p99 {:.1}/{:.1} ms",

@@ -1,6 +1,7 @@
-//! The closed-loop workload: agents with a shared system prompt, synthetic user
+//! The in-process workload: agents with a shared system prompt, synthetic user
 //! messages of a given length, exponential think time, an optional simulated tool call
-//! per turn, and the two ablations (no cache reuse, no batching).
+//! per turn, and the two ablations (no cache reuse, no batching), in the closed or
+//! the open loop. The same texts ([`texts`]) drive the HTTP workload.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -9,12 +10,14 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
 
+use super::arrivals::Arrivals;
 use super::options::{GrammarKind, LoadtestOptions, LIMITS};
-use super::report::{Recorder, RunReport};
+use super::report::{Recorder, RunReport, TurnDone, TurnRecord};
+use super::serving::RequestSample;
 use crate::agent::{ask_streaming, tool_fn, AgentConfig, AgentEvent, Ask, Evict, Tool, ToolChoice};
 use crate::engine::{Engine, EngineConfig, SchedulerConfig};
 use crate::grammar::Grammar;
-use crate::model::Model;
+use crate::model::{Model, Tokenizer};
 use crate::sampling::SamplingParams;
 use crate::Result;
 
@@ -25,9 +28,9 @@ const WORDS: &[&str] = &[
 ];
 
 /// Text of about `tokens` tokens (measured with the model's tokenizer).
-fn text_of(model: &Model, tokens: usize, rng: &mut StdRng) -> Result<String> {
+fn text_of(tokenizer: &Tokenizer, tokens: usize, rng: &mut StdRng) -> Result<String> {
     let mut s = String::new();
-    while model.tokenizer().encode(&s)?.len() < tokens {
+    while tokenizer.encode(&s)?.len() < tokens {
         if !s.is_empty() {
             s.push(' ');
         }
@@ -36,7 +39,49 @@ fn text_of(model: &Model, tokens: usize, rng: &mut StdRng) -> Result<String> {
     Ok(s)
 }
 
-fn grammar(kind: GrammarKind) -> Option<Grammar> {
+/// The texts of a run: the shared system prompt and each agent's user messages, the
+/// same for the same options and tokenizer, in process and over HTTP.
+pub(super) fn texts(
+    tokenizer: &Tokenizer,
+    o: &LoadtestOptions,
+) -> Result<(String, Vec<Vec<String>>)> {
+    let mut rng = StdRng::seed_from_u64(o.seed);
+    let system = text_of(tokenizer, o.system_tokens, &mut rng)?;
+    let mut all = Vec::with_capacity(o.agents);
+    for _ in 0..o.agents {
+        let mut msgs = Vec::with_capacity(o.turns);
+        for _ in 0..o.turns {
+            msgs.push(text_of(tokenizer, o.user_tokens, &mut rng)?);
+        }
+        all.push(msgs);
+    }
+    Ok((system, all))
+}
+
+/// Sleeps the exponential think time before a turn after the first.
+pub(super) async fn think(o: &LoadtestOptions, turn: usize, rng: &mut StdRng) {
+    if o.think_ms > 0.0 && turn > 0 {
+        let u: f64 = rng.random_range(f64::EPSILON..1.0);
+        let secs = (-u.ln() * o.think_ms / 1e3).clamp(0.0, LIMITS.millis / 1e3);
+        tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    }
+}
+
+/// The seed of agent `i`'s think times.
+pub(super) fn think_seed(o: &LoadtestOptions, i: usize) -> u64 {
+    o.seed ^ (0x9E37 + i as u64)
+}
+
+/// The sampling of agent `i`.
+pub(super) fn sampling(o: &LoadtestOptions, i: usize) -> SamplingParams {
+    SamplingParams {
+        ignore_eos: o.ignore_eos,
+        ..SamplingParams::with_temperature(0.7, o.seed.wrapping_add(i as u64))
+    }
+}
+
+/// The reply grammar of a grammar kind.
+pub(super) fn grammar(kind: GrammarKind) -> Option<Grammar> {
     match kind {
         GrammarKind::None => None,
         GrammarKind::Json => Some(Grammar::JsonSchema(json!({
@@ -51,6 +96,11 @@ fn grammar(kind: GrammarKind) -> Option<Grammar> {
 #[derive(serde::Deserialize, schemars::JsonSchema)]
 struct LookupArgs {
     query: String,
+}
+
+/// What the simulated tool answers.
+pub(super) fn lookup_result(query: &str) -> String {
+    format!("found {}", query.len())
 }
 
 /// Runs one load test.
@@ -70,8 +120,7 @@ pub async fn run(model: Arc<Model>, o: &LoadtestOptions) -> Result<RunReport> {
             test_hooks: o.engine_hooks.clone(),
         },
     )?;
-    let mut rng = StdRng::seed_from_u64(o.seed);
-    let system = text_of(&model, o.system_tokens, &mut rng)?;
+    let (system, texts) = texts(model.tokenizer(), o)?;
     let tools: Vec<Arc<dyn Tool>> = if o.tool_ms > 0.0 {
         let ms = o.tool_ms;
         vec![tool_fn(
@@ -79,43 +128,39 @@ pub async fn run(model: Arc<Model>, o: &LoadtestOptions) -> Result<RunReport> {
             "Looks something up.",
             move |a: LookupArgs| async move {
                 tokio::time::sleep(Duration::from_secs_f64(ms / 1e3)).await;
-                Ok(format!("found {}", a.query.len()))
+                Ok(lookup_result(&a.query))
             },
         )]
     } else {
         Vec::new()
     };
     let recorder = Arc::new(Recorder::new(o, o.progress));
+    let arrivals = Arc::new(Arrivals::new(o));
     let start = Instant::now();
     let deadline = o.duration.map(|d| start + d);
     let mut tasks = Vec::new();
-    for i in 0..o.agents {
+    for (i, msgs) in texts.into_iter().enumerate() {
         let config = AgentConfig {
             name: format!("agent-{i}"),
             system_prompt: system.clone(),
             grammar: grammar(o.grammar),
-            sampling: SamplingParams::with_temperature(0.7, o.seed.wrapping_add(i as u64)),
+            sampling: sampling(o, i),
             max_tokens: o.max_tokens,
             max_tool_steps: 1,
             ..AgentConfig::default()
         };
         let agent = engine.agent(config, tools.clone())?;
-        let mut msgs = Vec::new();
-        for _ in 0..o.turns {
-            msgs.push(text_of(&model, o.user_tokens, &mut rng)?);
-        }
-        let mut think_rng = StdRng::seed_from_u64(o.seed ^ (0x9E37 + i as u64));
-        let (recorder, o) = (recorder.clone(), o.clone());
+        let mut think_rng = StdRng::seed_from_u64(think_seed(o, i));
+        let (recorder, arrivals, o) = (recorder.clone(), arrivals.clone(), o.clone());
         tasks.push(tokio::spawn(async move {
             for (turn, text) in msgs.into_iter().enumerate() {
-                if o.think_ms > 0.0 && turn > 0 {
-                    let u: f64 = think_rng.random_range(f64::EPSILON..1.0);
-                    let secs = (-u.ln() * o.think_ms / 1e3).clamp(0.0, LIMITS.millis / 1e3);
-                    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
-                }
+                think(&o, turn, &mut think_rng).await;
                 if deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
                 }
+                let Some(admitted) = arrivals.admit().await else {
+                    break;
+                };
                 if o.no_cache_reuse {
                     let _ = agent.tell(Evict::ANY).await;
                 }
@@ -132,9 +177,36 @@ pub async fn run(model: Arc<Model>, o: &LoadtestOptions) -> Result<RunReport> {
                     }
                 })
                 .await;
+                let end = Instant::now();
                 match reply {
-                    Ok(reply) => recorder.turn((i, turn), &reply, sent, &token_times),
-                    Err(_) => recorder.error(),
+                    Ok(r) => {
+                        if token_times.is_empty() {
+                            token_times.push(sent + r.ttft);
+                        }
+                        let u = &r.usage;
+                        recorder.turn(TurnDone {
+                            record: TurnRecord {
+                                agent: i,
+                                turn,
+                                prompt_tokens: u.prompt_tokens,
+                                reused_tokens: u.cached_tokens,
+                                generated_tokens: u.generated_tokens,
+                            },
+                            requests: vec![RequestSample {
+                                sent,
+                                token_times,
+                                end,
+                                prompt_tokens: u.prompt_tokens,
+                                cached_tokens: Some(u.cached_tokens),
+                                generated_tokens: u.generated_tokens,
+                            }],
+                            elapsed: r.elapsed,
+                            queue: r.queue + sent.saturating_duration_since(admitted.arrived),
+                            recomputed: r.recomputed_tokens,
+                            restored: r.restored_tokens,
+                        });
+                    }
+                    Err(e) => recorder.error(1, e.to_string()),
                 }
             }
         }));
@@ -152,5 +224,5 @@ pub async fn run(model: Arc<Model>, o: &LoadtestOptions) -> Result<RunReport> {
     let wall = start.elapsed();
     let stats = engine.stats().await?;
     engine.stop().await;
-    Ok(recorder.report(o, wall, &stats))
+    Ok(recorder.report(o, wall, Some(&stats)))
 }

@@ -109,13 +109,41 @@ fn render(st: &State, stats: &crate::engine::Stats) -> prometheus::Result<String
             "engine threads restarted after a panic",
             stats.engine_restarts,
         ),
-        ("spills_total", "caches written to the spill folder", stats.spills),
-        ("spilled_bytes_total", "bytes written to the spill folder", stats.spilled_bytes),
-        ("spill_failures_total", "spill writes that failed (the cache was dropped)", stats.spill_failures),
-        ("restores_total", "spilled caches read back instead of recomputed", stats.restores),
-        ("restore_failures_total", "spilled caches that could not be read back (recomputed)", stats.restore_failures),
-        ("spill_files", "files in the spill folder now", stats.spill_files as u64),
-        ("spill_bytes", "bytes in the spill folder now", stats.spill_bytes),
+        (
+            "spills_total",
+            "caches written to the spill folder",
+            stats.spills,
+        ),
+        (
+            "spilled_bytes_total",
+            "bytes written to the spill folder",
+            stats.spilled_bytes,
+        ),
+        (
+            "spill_failures_total",
+            "spill writes that failed (the cache was dropped)",
+            stats.spill_failures,
+        ),
+        (
+            "restores_total",
+            "spilled caches read back instead of recomputed",
+            stats.restores,
+        ),
+        (
+            "restore_failures_total",
+            "spilled caches that could not be read back (recomputed)",
+            stats.restore_failures,
+        ),
+        (
+            "spill_files",
+            "files in the spill folder now",
+            stats.spill_files as u64,
+        ),
+        (
+            "spill_bytes",
+            "bytes in the spill folder now",
+            stats.spill_bytes,
+        ),
         ("sessions", "live sessions", st.sessions.len() as u64),
         ("requests_total", "chat completion requests", c(&k.requests)),
         (
