@@ -20,6 +20,7 @@ const FLOORS: &[(&str, u8)] = &[
     ("workflow", 4),
     ("loadtest", 4),
     ("bench", 4),
+    ("mcp", 4),
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {

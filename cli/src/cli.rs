@@ -5,6 +5,7 @@ pub mod bench;
 pub mod chat;
 pub mod generate;
 pub mod info;
+pub mod mcp;
 pub mod run;
 pub mod trace;
 pub mod workflow;
