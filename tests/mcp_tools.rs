@@ -34,6 +34,8 @@ fn agent_with(servers: Vec<McpServerConfig>, system: &str) -> AgentConfig {
         max_tokens: 64,
         max_tool_steps: 1,
         tool_timeout_secs: 20.0,
+        // A short final answer: the tests are about the calls (and stay quick).
+        grammar: Some(troupe::grammar::Grammar::Regex("Done\\.".into())),
         ..AgentConfig::new("mcp", system)
     }
 }
@@ -257,7 +259,8 @@ async fn misbehaving_tools_become_tool_messages_and_the_agent_carries_on() {
     let engine = real_engine();
     let config = AgentConfig {
         tool_timeout_secs: 3.0,
-        max_tool_result_bytes: 4096,
+        // Small enough that the capped megabyte stays a short prompt.
+        max_tool_result_bytes: 512,
         max_tokens: 64,
         ..agent_with(vec![server.clone()], "You are a test assistant.")
     };
@@ -300,7 +303,7 @@ async fn misbehaving_tools_become_tool_messages_and_the_agent_carries_on() {
 
     let big = call(&agent, "Run big.", "big").await;
     assert!(!big.failed);
-    assert!(big.result.len() <= 4096, "{}", big.result.len());
+    assert!(big.result.len() <= 512, "{}", big.result.len());
     assert!(big.result.starts_with("0123456789abcdef"));
     assert!(
         big.result.ends_with("bytes]"),
@@ -308,12 +311,17 @@ async fn misbehaving_tools_become_tool_messages_and_the_agent_carries_on() {
         &big.result[big.result.len() - 40..]
     );
 
+    // Each turn so far has been answered; the next ones start afresh (shorter
+    // prompts, quicker tests).
+    agent.ask(troupe::agent::Reset).await.unwrap();
+
     // A changed tool list is picked up before the next turn.
     let unlock = call(&agent, "Run unlock.", "unlock").await;
     assert_eq!(unlock.result, "unlocked");
     let secret = call(&agent, "What is the secret word?", "secret").await;
     assert_eq!(secret.result, "the secret word is pelican");
 
+    agent.ask(troupe::agent::Reset).await.unwrap();
     // The server exits mid-call: a tool error, then the server is restarted once.
     let crash = call(&agent, "Run crash.", "crash").await;
     assert!(crash.failed);
