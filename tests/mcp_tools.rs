@@ -429,8 +429,7 @@ async fn servers_that_do_not_start_are_named_errors_at_spawn() {
             engine
                 .spawn_agent(agent_with(vec![server], ""), vec![])
                 .await
-                .err()
-                .expect("spawned")
+                .expect_err("spawned")
                 .to_string()
         }
     };

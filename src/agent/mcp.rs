@@ -93,7 +93,7 @@ impl McpServerConfig {
             c.validate()?;
             return Ok(c);
         }
-        let words = split_words(rest).map_err(|w| bad(w))?;
+        let words = split_words(rest).map_err(bad)?;
         let (command, args) = words.split_first().ok_or_else(|| bad("no command"))?;
         let c = Self {
             name: name.into(),
