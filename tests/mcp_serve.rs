@@ -150,3 +150,33 @@ fn mcp_tools_prints_the_signatures_the_model_sees() {
         "{stderr}"
     );
 }
+
+#[test]
+fn run_gives_a_ready_made_agent_the_tools_of_an_mcp_server() {
+    let Some(bin) = mcp_server_bin("mcp-server-filesystem") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("lisbon.txt"), "Lisbon is in Portugal.\n").unwrap();
+    let root = dir.path().to_str().unwrap();
+    let out = Command::new(troupe_bin())
+        .args(["--model", real_model_path().to_str().unwrap()])
+        .args(["run", "files", "--root", root, "--max-tokens", "64"])
+        .args(["--mcp", &format!("fs={} {root}", bin.display())])
+        .arg("Read the file lisbon.txt")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with(
+            "agent files (tools: search_files, read_file, list_files, the tools of MCP server `fs`)"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("answer: "), "{stdout}");
+}
