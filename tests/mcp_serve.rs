@@ -180,3 +180,55 @@ fn run_gives_a_ready_made_agent_the_tools_of_an_mcp_server() {
     );
     assert!(stdout.contains("answer: "), "{stdout}");
 }
+
+/// troupe's own MCP client over streamable HTTP, against `troupe mcp serve --http`:
+/// an agent calls the calculator agent of another troupe process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_uses_another_troupes_agent_over_streamable_http() {
+    use std::sync::Arc;
+    use troupe::agent::{AgentConfig, Ask, McpServerConfig, ToolChoice};
+    let model = real_model_path();
+    let mut server = KillOnDrop(
+        Command::new(troupe_bin())
+            .args(["--model", model.to_str().unwrap()])
+            .args(["mcp", "serve", "--http", "0", "--agent", "calculator"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let stderr = server.0.stderr.take().unwrap();
+    let url = std::io::BufReader::new(stderr)
+        .lines()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.strip_prefix("troupe mcp serve: listening on ")
+                .map(str::to_string)
+        })
+        .expect("the server printed no address");
+    let engine = troupe::engine::Engine::serve(
+        Arc::new(real(troupe::model::WeightsMode::Native)),
+        Default::default(),
+    )
+    .unwrap();
+    let config = AgentConfig {
+        mcp_servers: vec![McpServerConfig::http("troupe", url)],
+        max_tokens: 64,
+        max_tool_steps: 1,
+        ..AgentConfig::new("asker", "You delegate arithmetic to the calculator.")
+    };
+    let agent = engine.spawn_agent(config, vec![]).await.unwrap();
+    let r = agent
+        .ask(
+            Ask::new("Ask the calculator: what is 17 * 23?")
+                .tool_choice(ToolChoice::Tool("ask_calculator".into())),
+        )
+        .await
+        .unwrap();
+    let run = &r.tool_runs[0];
+    assert!(!run.failed, "{run:?}");
+    assert!(
+        run.result.starts_with("The answer is ") || run.result.starts_with("I cannot compute"),
+        "{run:?}"
+    );
+}
