@@ -17,6 +17,7 @@
 mod complete;
 mod config;
 mod conversation;
+mod mcp;
 mod messages;
 mod snapshot;
 mod supervision;
@@ -36,6 +37,10 @@ pub use config::{
     AgentConfig, ContextPolicy, ToolChoice, MAX_REPLY_TOKENS, MAX_TOOL_STEPS, MAX_TOOL_TIMEOUT_SECS,
 };
 pub use conversation::{CacheSlot, Conversation, SyncWork, Undo};
+pub use mcp::{
+    server_tools, McpServerConfig, McpTool, McpToolbox, RemoteTool, SchemaMode, ServerLink,
+    DEFAULT_STARTUP_TIMEOUT_SECS,
+};
 pub(crate) use messages::{ask_error, unreachable, AskNested};
 pub use messages::{
     ask_streaming, Ask, CacheBytes, Fork, GetAgentStats, History, Reset, Save, TokenLog,
@@ -135,6 +140,8 @@ pub struct AgentActor {
     checkpoint: Option<supervision::CheckpointCell>,
     /// What the turn in progress may undo, and who asked it.
     turn_state: turn::TurnState,
+    /// Its MCP servers (shared with its forks), when its config names some.
+    mcp: Option<mcp::McpAttachment>,
 }
 
 impl std::fmt::Debug for AgentActor {
@@ -161,8 +168,22 @@ impl Engine {
 impl AgentActor {
     /// An agent on `engine`. Grammars (the answer grammar and the tool-call grammar)
     /// are compiled now: a bad one fails here, as does a config naming a tool that is
-    /// not in `tools`.
+    /// not in `tools`. A config with MCP servers needs [`AgentActor::connect`] (or
+    /// [`Engine::spawn_agent`]): connecting is async.
     pub fn new(config: AgentConfig, engine: Engine, tools: Vec<Arc<dyn Tool>>) -> Result<Self> {
+        if !config.mcp_servers.is_empty() {
+            return Err(Error::Config {
+                what: format!(
+                    "agent `{}` has MCP servers: spawn it with `Engine::spawn_agent` (or `AgentActor::connect`), which connects them",
+                    config.name
+                ),
+            });
+        }
+        Self::build(config, engine, tools)
+    }
+
+    /// [`AgentActor::new`] once the MCP servers' tools (if any) are in `tools`.
+    fn build(config: AgentConfig, engine: Engine, tools: Vec<Arc<dyn Tool>>) -> Result<Self> {
         config.validate()?;
         for name in &config.tools {
             if !tools.iter().any(|t| t.name() == name) {
@@ -173,14 +194,7 @@ impl AgentActor {
                 });
             }
         }
-        let tools: Vec<Arc<dyn Tool>> = if config.tools.is_empty() {
-            tools
-        } else {
-            tools
-                .into_iter()
-                .filter(|t| config.tools.iter().any(|n| n == t.name()))
-                .collect()
-        };
+        let tools = config.filter_tools(tools);
         let format = CallFormat::of(engine.model());
         let mut conv = Conversation::new(Self::initial_messages(&config, &tools, format));
         conv.set_tools(format.template_tools(&tools));
@@ -193,27 +207,33 @@ impl AgentActor {
             stats: AgentStats::default(),
             checkpoint: None,
             turn_state: turn::TurnState::default(),
+            mcp: None,
         };
-        // Compile every grammar the agent may use, so that errors surface now.
+        agent.check_grammars(&agent.tools)?;
+        Ok(agent)
+    }
+
+    /// Compiles every grammar an agent with `tools` may use, so that errors surface
+    /// now.
+    fn check_grammars(&self, tools: &[Arc<dyn Tool>]) -> Result<()> {
+        let format = CallFormat::of(self.engine.model());
         for choice in [ToolChoice::Auto, ToolChoice::Required, ToolChoice::None] {
-            if agent.tools.is_empty() && choice != ToolChoice::None {
+            if tools.is_empty() && choice != ToolChoice::None {
                 continue;
             }
-            if let Some(g) =
-                reply_grammar(&agent.tools, &choice, agent.config.grammar.as_ref(), format)?
-            {
-                agent.check_grammar(&g)?;
+            if let Some(g) = reply_grammar(tools, &choice, self.config.grammar.as_ref(), format)? {
+                self.check_grammar(&g)?;
             }
         }
-        if let ToolChoice::Tool(_) = &agent.config.tool_choice {
+        if let ToolChoice::Tool(_) = &self.config.tool_choice {
             reply_grammar(
-                &agent.tools,
-                &agent.config.tool_choice,
-                agent.config.grammar.as_ref(),
+                tools,
+                &self.config.tool_choice,
+                self.config.grammar.as_ref(),
                 format,
             )?;
         }
-        Ok(agent)
+        Ok(())
     }
 
     fn check_grammar(&self, g: &Grammar) -> Result<()> {

@@ -212,6 +212,16 @@ pub enum Error {
         /// The tools it has.
         known: String,
     },
+    /// An MCP server an agent uses that could not be started, spoke something other
+    /// than MCP (or a protocol version troupe does not know), or did not answer in
+    /// time.
+    #[error("MCP server `{server}`: {what}")]
+    Mcp {
+        /// The server's name in the agent's config.
+        server: String,
+        /// What went wrong.
+        what: String,
+    },
     /// An agent that cannot be reached (stopped, or its mailbox gone).
     #[error("agent unreachable: {what}")]
     AgentUnreachable {

@@ -19,7 +19,8 @@
 //!   lease and the one per-sequence decode state.
 //! - floor 3: [`agent`]: the [`AgentActor`](agent::AgentActor) around a plain
 //!   [`Conversation`](agent::Conversation).
-//! - floor 4: [`workflow`], [`loadtest`], [`bench`].
+//! - floor 4: [`workflow`], [`loadtest`], [`bench`], [`mcp`] (agents offered as
+//!   MCP tools).
 //!
 //! # Invariants
 //! - A [`KvCache`] is owned by exactly one agent or one in-flight request; the
@@ -41,6 +42,7 @@ pub mod grammar;
 pub mod kv;
 pub mod loadtest;
 pub mod math;
+pub mod mcp;
 pub mod model;
 pub mod sampling;
 pub mod serve;

@@ -21,6 +21,7 @@ const FLOORS: &[(&str, u8)] = &[
     ("loadtest", 4),
     ("bench", 4),
     ("serve", 4),
+    ("mcp", 4),
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {

@@ -6,6 +6,7 @@ pub mod chat;
 pub mod generate;
 pub mod info;
 pub mod loadtest;
+pub mod mcp;
 pub mod run;
 pub mod serve;
 pub mod trace;

@@ -115,6 +115,10 @@ enum Command {
         /// Sampling seed.
         #[arg(long)]
         seed: Option<u64>,
+        /// An MCP server whose tools the agent gets: `NAME=COMMAND ARGS...` (stdio)
+        /// or `NAME=URL` (streamable HTTP); repeatable.
+        #[arg(long, value_name = "NAME=COMMAND ARGS...")]
+        mcp: Vec<String>,
     },
     /// Load-test agent concurrency: N agents in multi-turn conversations (closed or
     /// open loop), in process or over HTTP against an OpenAI-compatible server (--url).
@@ -139,12 +143,20 @@ enum Command {
         /// Most tokens per model reply (default: the agent's own).
         #[arg(long)]
         max_tokens: Option<usize>,
+        /// An MCP server whose tools the agent gets too: `NAME=COMMAND ARGS...`
+        /// (stdio) or `NAME=URL` (streamable HTTP); repeatable.
+        #[arg(long, value_name = "NAME=COMMAND ARGS...")]
+        mcp: Vec<String>,
     },
     /// Serve the model over the OpenAI API (chat completions, streaming, tools,
     /// JSON Schema), each conversation a session whose agent keeps its KV cache.
     Serve(cli::serve::ServeArgs),
     /// List the ready-made agents.
     Agents,
+    /// Model Context Protocol: list a server's tools, or offer troupe's agents as
+    /// MCP tools.
+    #[command(subcommand)]
+    Mcp(McpCommand),
     /// Run a bundled demo workflow: pipeline, fan-out, router or group-chat (`list`
     /// lists them).
     Workflow {
@@ -156,6 +168,34 @@ enum Command {
         /// Most tokens per agent reply.
         #[arg(long, default_value_t = 64)]
         max_tokens: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum McpCommand {
+    /// List an MCP server's tools with their compact signatures (what an agent's
+    /// model sees): SERVER is `COMMAND ARGS...` (one argument, quoted) or a URL.
+    Tools {
+        /// The server: `'COMMAND ARGS...'` or `http://HOST:PORT/mcp`.
+        server: String,
+    },
+    /// Offer agents as MCP tools (`ask_<agent>` with a `task` string) on stdio, or
+    /// on streamable HTTP with --http.
+    Serve {
+        /// A ready-made agent's name or an agent config file (.toml/.json);
+        /// repeatable (default: every ready-made agent).
+        #[arg(long)]
+        agent: Vec<String>,
+        /// Serve streamable HTTP at http://127.0.0.1:PORT/mcp (0: a free port, printed
+        /// on stderr) instead of stdio.
+        #[arg(long, value_name = "PORT")]
+        http: Option<u16>,
+        /// Folder the files and researcher agents work on.
+        #[arg(long, default_value = ".")]
+        root: PathBuf,
+        /// JSON file of the notes agent (default: notes.json in the troupe home).
+        #[arg(long)]
+        notes: Option<PathBuf>,
     },
 }
 
@@ -281,9 +321,11 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             root,
             notes,
             max_tokens,
+            mcp,
         } => {
             let defaults = ready_made::Options::default();
             cli::run::run(cli::run::RunOptions {
+                mcp: cli::mcp::parse_servers(mcp)?,
                 model: cli.model.as_deref(),
                 weights: cli.weights,
                 agent,
@@ -297,6 +339,27 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Agents => cli::run::list(),
         Command::Serve(a) => cli::serve::run(&model_path()?, cli.weights, a)?,
+        Command::Mcp(McpCommand::Tools { server }) => {
+            cli::mcp::tools(&model_path()?, cli.weights, server)?
+        }
+        Command::Mcp(McpCommand::Serve {
+            agent,
+            http,
+            root,
+            notes,
+        }) => {
+            let defaults = ready_made::Options::default();
+            cli::mcp::serve(cli::mcp::ServeOptions {
+                model: &model_path()?,
+                weights: cli.weights,
+                agents: agent,
+                http: *http,
+                data: ready_made::Options {
+                    root: root.clone(),
+                    notes: notes.clone().unwrap_or(defaults.notes),
+                },
+            })?;
+        }
         Command::Workflow {
             name,
             input,
@@ -322,9 +385,11 @@ fn run_command(cli: Cli) -> anyhow::Result<()> {
             max_tokens,
             temperature,
             seed,
+            mcp,
         } => {
             let path = model_path()?;
             cli::chat::run(cli::chat::ChatOptions {
+                mcp: cli::mcp::parse_servers(mcp)?,
                 model: &path,
                 weights: cli.weights,
                 agent: agent.as_deref(),

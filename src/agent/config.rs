@@ -50,8 +50,15 @@ pub struct AgentConfig {
     /// reliably than it follows a description. They are part of the cached prefix and
     /// are never dropped by `DropOldest`.
     pub examples: Vec<crate::model::chat::Message>,
-    /// Names of the tools it may call (the tools themselves are given at spawn).
+    /// Names of the tools it may call (the tools themselves are given at spawn, or
+    /// come from its MCP servers); all of them when empty.
     pub tools: Vec<String>,
+    /// Names of tools it may not call (applied after `tools`), e.g. an MCP server's
+    /// tool the agent should not see.
+    pub exclude_tools: Vec<String>,
+    /// MCP servers whose tools the agent gets (connected by
+    /// [`Engine::spawn_agent`](crate::engine::Engine::spawn_agent)).
+    pub mcp_servers: Vec<super::McpServerConfig>,
     /// Which tools the model may call by default.
     pub tool_choice: ToolChoice,
     /// A grammar every final answer must follow.
@@ -88,6 +95,8 @@ impl Default for AgentConfig {
             system_prompt: String::new(),
             examples: Vec::new(),
             tools: Vec::new(),
+            exclude_tools: Vec::new(),
+            mcp_servers: Vec::new(),
             tool_choice: ToolChoice::Auto,
             grammar: None,
             sampling: SamplingParams::default(),
@@ -127,6 +136,19 @@ impl AgentConfig {
         Ok(config)
     }
 
+    /// `tools` narrowed to the names in [`tools`](Self::tools) (when any), less those
+    /// in [`exclude_tools`](Self::exclude_tools).
+    pub fn filter_tools(
+        &self,
+        tools: Vec<std::sync::Arc<dyn super::Tool>>,
+    ) -> Vec<std::sync::Arc<dyn super::Tool>> {
+        tools
+            .into_iter()
+            .filter(|t| self.tools.is_empty() || self.tools.iter().any(|n| n == t.name()))
+            .filter(|t| !self.exclude_tools.iter().any(|n| n == t.name()))
+            .collect()
+    }
+
     /// Rejects numbers out of their bounds, naming the field: `max_tokens` in
     /// `1..=2^20`, `max_tool_steps` at most 1000, `tool_timeout_secs` a finite number
     /// of seconds in `(0, 86400]`, `max_tool_result_bytes` at least 64; and the
@@ -155,6 +177,16 @@ impl AgentConfig {
                 "tool_timeout_secs",
                 format!("{t} must be a number of seconds in (0, {MAX_TOOL_TIMEOUT_SECS}]"),
             );
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for server in &self.mcp_servers {
+            server.validate()?;
+            if !names.insert(server.name.as_str()) {
+                return bad(
+                    "mcp_servers",
+                    format!("name `{}` is used twice", server.name),
+                );
+            }
         }
         if self.max_tool_result_bytes < 64 {
             return bad(

@@ -215,6 +215,8 @@ impl KameoMessage<Fork> for AgentActor {
             stats: AgentStats::default(),
             checkpoint: None,
             turn_state: Default::default(),
+            // The servers are shared: they stop when the last agent using them does.
+            mcp: self.mcp.clone(),
         };
         child.spawn_agent()
     }

@@ -49,8 +49,12 @@ impl AgentActor {
             log: self.conv.log().to_vec(),
         }));
         self.checkpoint = Some(checkpoint.clone());
-        let (config, engine, tools) =
-            (self.config.clone(), self.engine.clone(), self.tools.clone());
+        let (config, engine, tools, mcp) = (
+            self.config.clone(),
+            self.engine.clone(),
+            self.tools.clone(),
+            self.mcp.clone(),
+        );
         // The first incarnation is this agent (with its cache); later ones are rebuilt
         // from the checkpoint.
         let first = Mutex::new(Some(self));
@@ -75,6 +79,7 @@ impl AgentActor {
                 stats: AgentStats::default(),
                 checkpoint: Some(checkpoint.clone()),
                 turn_state: Default::default(),
+                mcp: mcp.clone(),
             }
         };
         AgentActor::supervise_with(supervisor, factory)

@@ -30,6 +30,12 @@ pub trait Tool: Send + Sync + 'static {
     fn description(&self) -> &str;
     /// JSON Schema of its arguments (an object).
     fn parameters(&self) -> serde_json::Value;
+    /// Whether its call grammar may ignore schema keywords llguidance does not
+    /// implement (a schema from elsewhere, such as an MCP server's); `false`: the
+    /// schema compiles exactly or the agent does not start.
+    fn lenient_schema(&self) -> bool {
+        false
+    }
     /// Runs it; `Err` is shown to the model as a tool error.
     fn call(
         &self,
@@ -287,8 +293,12 @@ pub fn reply_grammar(
     }
     // Compact JSON: no free whitespace for a small model to loop in, and the keys are
     // forced (fast-forwarded) rather than sampled.
+    let mut options = format.json_options();
+    if callable.iter().any(|t| t.lenient_schema()) {
+        options["lenient"] = true.into();
+    }
     let schema = serde_json::json!({
-        "x-guidance": format.json_options(),
+        "x-guidance": options,
         "anyOf": callable.iter().map(|t| serde_json::json!({
             "type": "object",
             "properties": {"name": {"const": t.name()}, "arguments": t.parameters()},

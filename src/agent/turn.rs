@@ -265,6 +265,8 @@ impl AgentActor {
     /// A whole turn, as a transaction: on any error the conversation, the log and
     /// the cache are put back as they were (see [`Self::turn_steps`]).
     pub(super) async fn turn(&mut self, user: String, opts: TurnOptions) -> Result<AgentReply> {
+        // A changed MCP tool list is picked up before the turn starts.
+        self.refresh_mcp_tools().await?;
         let mut undo = self.begin_turn();
         let span = tracing::info_span!(
             "turn",

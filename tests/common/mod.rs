@@ -235,3 +235,20 @@ pub fn compare_with_reference(
         theirs = run_reference(&[next], prompt.len() + step);
     }
 }
+
+/// An MCP server program installed by `.ci/setup-mcp` (`target/mcp-servers`, npm),
+/// or `None` with the reason printed. Under `CI` a missing one fails the test.
+pub fn mcp_server_bin(name: &str) -> Option<PathBuf> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let bin = root.join("target/mcp-servers/node_modules/.bin").join(name);
+    if bin.exists() {
+        return Some(bin);
+    }
+    let why = format!(
+        "this test needs the MCP server {} (npm): run `bash .ci/setup-mcp`",
+        bin.display()
+    );
+    assert!(std::env::var_os("CI").is_none(), "{why} (CI is set)");
+    eprintln!("skipped: {why}");
+    None
+}

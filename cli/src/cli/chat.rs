@@ -17,6 +17,8 @@ pub struct ChatOptions<'a> {
     pub max_tokens: Option<usize>,
     pub temperature: Option<f32>,
     pub seed: Option<u64>,
+    /// MCP servers whose tools the agent gets (`--mcp`).
+    pub mcp: Vec<troupe::agent::McpServerConfig>,
 }
 
 fn usage_line(r: &AgentReply) -> String {
@@ -45,10 +47,11 @@ pub fn run(o: ChatOptions<'_>) -> anyhow::Result<()> {
     if let Some(s) = o.seed {
         config.sampling.seed = s;
     }
+    super::mcp::add_servers(&mut config, o.mcp);
     super::runtime()?
         .block_on(async move {
             let engine = super::start_model(o.model, o.weights)?;
-            let agent = engine.agent(config, vec![])?;
+            let agent = engine.spawn_agent(config, vec![]).await?;
             let stdin = std::io::stdin();
             let interactive = stdin.is_terminal();
             let mut out = std::io::stdout();

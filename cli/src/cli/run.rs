@@ -26,6 +26,8 @@ pub struct RunOptions<'a> {
     pub data: Options,
     /// Most tokens per model reply, overriding the agent's.
     pub max_tokens: Option<usize>,
+    /// MCP servers whose tools the agent gets too (`--mcp`).
+    pub mcp: Vec<troupe::agent::McpServerConfig>,
 }
 
 /// Prints the catalog of ready-made agents.
@@ -45,10 +47,14 @@ pub fn run(o: RunOptions<'_>) -> anyhow::Result<()> {
     if let Some(n) = o.max_tokens {
         made.config.max_tokens = n;
     }
-    let tool_names = made.config.tools.join(", ");
+    let mut tool_names = made.config.tools.join(", ");
+    for s in &o.mcp {
+        tool_names.push_str(&format!(", the tools of MCP server `{}`", s.name));
+    }
+    super::mcp::add_servers(&mut made.config, o.mcp);
     super::runtime()?.block_on(async move {
         let engine = super::start_model(&model_path, o.weights)?;
-        let agent = made.spawn(&engine)?;
+        let agent = engine.spawn_agent(made.config, made.tools).await?;
         let mut out = std::io::stdout();
         writeln!(out, "agent {} (tools: {tool_names})", o.agent)?;
         for task in o.tasks {
