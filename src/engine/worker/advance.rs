@@ -85,8 +85,7 @@ impl Worker {
     }
 
     pub(super) fn finish(&mut self, id: SeqId, finish: FinishReason) {
-        self.sched.remove(id);
-        let Some(mut s) = self.seqs.remove(&id) else {
+        let Some(s) = self.seqs.get_mut(&id) else {
             return;
         };
         let tail = s.dec.release_tail();
@@ -97,16 +96,14 @@ impl Worker {
             if let Err(error) = s.dec.check_output() {
                 // The output broke what the grammar could not enforce: a failure, the
                 // cache rolled back as for any other.
-                s.cache.truncate(s.start_len);
-                let cache = self.hand_back(s.cache, s.holder);
-                let _ = s.tx.send(Event::Failed {
-                    error,
-                    cache: Box::new(cache),
-                });
-                self.note_kv();
+                self.fail(id, error);
                 return;
             }
         }
+        self.sched.remove(id);
+        let Some(s) = self.seqs.remove(&id) else {
+            return;
+        };
         if let Some(c) = s.dec.constraint() {
             self.mask_times.extend(c.mask_times());
             let excess = self.mask_times.len().saturating_sub(MASK_SAMPLES);
