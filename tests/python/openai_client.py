@@ -8,6 +8,7 @@ Each check prints one line; any failure raises (a non-zero exit).
 
 import json
 import os
+import urllib.error
 import urllib.request
 
 import jsonschema
@@ -125,7 +126,27 @@ cached = a2.usage.prompt_tokens_details.cached_tokens
 assert cached >= a1.usage.prompt_tokens, (a1.usage, a2.usage)
 print("second turn: cached", cached, "of", a2.usage.prompt_tokens, "prompt tokens")
 
-# 5. Errors: status and body.
+# 5. Session routes: show, fork (the fork continues from the shared prefix), delete.
+raw = client.chat.completions.with_raw_response.create(model=MODEL, messages=turn2, max_tokens=8)
+sid = raw.headers["x-session-id"]
+shown = json.load(urllib.request.urlopen(f"{URL}/v1/sessions/{sid}"))
+assert len(shown["messages"]) == len(turn2) + 1 and shown["cache_bytes"] > 0, shown
+req = urllib.request.Request(f"{URL}/v1/sessions/{sid}/fork", method="POST")
+fork = json.load(urllib.request.urlopen(req))["id"]
+later = turn2 + [{"role": "assistant", "content": raw.parse().choices[0].message.content},
+                 {"role": "user", "content": "And to Grace."}]
+f = client.chat.completions.create(model=MODEL, messages=later, max_tokens=8, extra_headers={"X-Session-Id": fork})
+assert f.usage.prompt_tokens_details.cached_tokens >= shown["cached_tokens"] > 0, (f.usage, shown)
+req = urllib.request.Request(f"{URL}/v1/sessions/{sid}", method="DELETE")
+assert json.load(urllib.request.urlopen(req))["deleted"] is True
+try:
+    urllib.request.urlopen(f"{URL}/v1/sessions/{sid}")
+    raise AssertionError("a deleted session is still there")
+except urllib.error.HTTPError as e:
+    assert e.code == 404, e
+print("sessions: shown, forked (cached", f.usage.prompt_tokens_details.cached_tokens, "), deleted")
+
+# 6. Errors: status and body.
 try:
     client.chat.completions.create(model="no-such-model", messages=msgs)
     raise AssertionError("an unknown model was accepted")
@@ -151,7 +172,7 @@ except openai.BadRequestError as e:
     assert e.status_code == 400 and e.body["code"] == "context_length_exceeded", e.body
     print("over-long streamed prompt: 400 before any event")
 
-# 6. The other routes.
+# 7. The other routes.
 models = client.models.list()
 assert [m.id for m in models.data] == [MODEL]
 health = json.load(urllib.request.urlopen(URL + "/health"))
