@@ -46,3 +46,18 @@ fn the_agents_sdk_runs_a_tool_agent_to_a_final_answer() {
         ],
     );
 }
+
+#[test]
+fn a_wrong_key_gets_401_and_a_request_past_the_in_flight_limit_503() {
+    let Some(py) = common::python() else { return };
+    let args = ["--api-key", "secret", "--max-in-flight", "1"];
+    let server = ServeProcess::start(&common::tiny_model_path(), &args);
+    run_python(
+        &py,
+        "limits.py",
+        &[
+            ("TROUPE_URL", &server.url),
+            ("TROUPE_MODEL_ID", &server.model_id),
+        ],
+    );
+}
