@@ -380,14 +380,7 @@ impl KvCache {
         layers: Vec<(Vec<f32>, Vec<f32>)>,
     ) -> Result<Self> {
         let per = layout.n_kv_heads * len * layout.head_dim;
-        if layers.len() != layout.n_layers
-            || layers.iter().any(|(k, v)| k.len() != per || v.len() != per)
-        {
-            return Err(Error::CacheMismatch {
-                expected: layout.to_string(),
-                found: format!("{} layers of other sizes", layers.len()),
-            });
-        }
+        check_layer_sizes(&layout, per, layers.iter().map(|(k, v)| (k.len(), v.len())))?;
         if len == 0 {
             return Ok(Self::new(layout, dtype));
         }
@@ -466,14 +459,7 @@ impl KvCache {
         layers: &[(&[u8], &[u8])],
     ) -> Result<Self> {
         let per = layout.n_kv_heads * len * layout.head_dim * stored.size();
-        if layers.len() != layout.n_layers
-            || layers.iter().any(|(k, v)| k.len() != per || v.len() != per)
-        {
-            return Err(Error::CacheMismatch {
-                expected: layout.to_string(),
-                found: format!("{} layers of other sizes", layers.len()),
-            });
-        }
+        check_layer_sizes(&layout, per, layers.iter().map(|(k, v)| (k.len(), v.len())))?;
         if len == 0 {
             return Ok(Self::new(layout, dtype));
         }
@@ -514,6 +500,24 @@ impl KvCache {
                 .collect(),
         })
     }
+}
+
+/// `Ok` when there is one (keys, values) pair per layer of `layout`, each of `per`
+/// elements; otherwise the mismatch, named.
+fn check_layer_sizes(
+    layout: &KvLayout,
+    per: usize,
+    lens: impl ExactSizeIterator<Item = (usize, usize)>,
+) -> Result<()> {
+    let n = lens.len();
+    let mut lens = lens;
+    if n != layout.n_layers || lens.any(|(k, v)| k != per || v != per) {
+        return Err(Error::CacheMismatch {
+            expected: layout.to_string(),
+            found: format!("{n} layers of other sizes"),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -27,7 +27,7 @@ use super::options::{GrammarKind, LoadtestOptions};
 use super::report::{Recorder, RunReport, TurnDone, TurnRecord};
 use super::serving::RequestSample;
 use super::sse::{SseParser, Streamed};
-use super::workload::{grammar, lookup_result, sampling, texts, think, think_seed};
+use super::workload::{grammar, join_until, lookup_result, sampling, texts, think, think_seed};
 use crate::grammar::Grammar;
 use crate::model::Tokenizer;
 use crate::{Error, Result};
@@ -362,21 +362,8 @@ pub async fn run_url(
             }
         }));
     }
-    let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
-    let all = futures::future::join_all(tasks);
-    match deadline {
-        Some(d) => {
-            let left = d.saturating_duration_since(Instant::now());
-            let _ = tokio::time::timeout(left, all).await;
-        }
-        None => {
-            all.await;
-        }
-    }
+    join_until(tasks, deadline).await;
     let wall = start.elapsed();
-    for a in aborts {
-        a.abort();
-    }
     let mut r = recorder.report(o, wall, None);
     r.url = Some(url);
     r.model = Some(shared.model.clone());

@@ -68,6 +68,25 @@ pub(super) async fn think(o: &LoadtestOptions, turn: usize, rng: &mut StdRng) {
 }
 
 /// The seed of agent `i`'s think times.
+/// Waits for the agents' tasks, or until `deadline`; those still running then are
+/// aborted.
+pub(super) async fn join_until(tasks: Vec<tokio::task::JoinHandle<()>>, deadline: Option<Instant>) {
+    let aborts: Vec<_> = tasks.iter().map(|t| t.abort_handle()).collect();
+    let all = futures::future::join_all(tasks);
+    match deadline {
+        Some(d) => {
+            let left = d.saturating_duration_since(Instant::now());
+            let _ = tokio::time::timeout(left, all).await;
+        }
+        None => {
+            all.await;
+        }
+    }
+    for a in aborts {
+        a.abort();
+    }
+}
+
 pub(super) fn think_seed(o: &LoadtestOptions, i: usize) -> u64 {
     o.seed ^ (0x9E37 + i as u64)
 }
@@ -211,16 +230,7 @@ pub async fn run(model: Arc<Model>, o: &LoadtestOptions) -> Result<RunReport> {
             }
         }));
     }
-    let all = futures::future::join_all(tasks);
-    match deadline {
-        Some(d) => {
-            let left = d.saturating_duration_since(Instant::now());
-            let _ = tokio::time::timeout(left, all).await;
-        }
-        None => {
-            all.await;
-        }
-    }
+    join_until(tasks, deadline).await;
     let wall = start.elapsed();
     let stats = engine.stats().await?;
     engine.stop().await;

@@ -17,11 +17,11 @@ use crate::engine::Engine;
 use crate::model::Message;
 use crate::Result;
 
-/// Hashes of a transcript's prefixes: `out[i]` covers `messages[..=i]`.
-pub fn prefix_hashes(messages: &[Message]) -> Vec<u64> {
+/// Hashes of a transcript's prefixes: `out[i]` covers the first `i + 1` messages.
+fn hashes<'a>(messages: impl IntoIterator<Item = &'a Message>) -> Vec<u64> {
     let mut h = DefaultHasher::new();
     messages
-        .iter()
+        .into_iter()
         .map(|m| {
             (m.role as u8).hash(&mut h);
             m.content.hash(&mut h);
@@ -30,11 +30,14 @@ pub fn prefix_hashes(messages: &[Message]) -> Vec<u64> {
         .collect()
 }
 
+/// Hashes of a transcript's prefixes: `out[i]` covers `messages[..=i]`.
+pub fn prefix_hashes(messages: &[Message]) -> Vec<u64> {
+    hashes(messages)
+}
+
 /// The hash of `messages` followed by `reply` (what the client will resend).
 pub fn hash_after(messages: &[Message], reply: &Message) -> u64 {
-    let mut all = messages.to_vec();
-    all.push(reply.clone());
-    *prefix_hashes(&all).last().unwrap_or(&0)
+    *hashes(messages.iter().chain([reply])).last().unwrap_or(&0)
 }
 
 struct Session {
