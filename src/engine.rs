@@ -385,6 +385,8 @@ pub struct Stats {
     pub tokens_generated: u64,
     /// KV bytes of live caches now (waiting, running, idle holders).
     pub kv_live_bytes: usize,
+    /// The KV budget the scheduler admits under.
+    pub kv_budget_bytes: usize,
     /// Highest `kv_live_bytes` seen.
     pub kv_peak_bytes: usize,
     /// Evictions requested from idle holders.

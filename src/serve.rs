@@ -41,8 +41,6 @@ pub struct ServeConfig {
     pub max_in_flight: usize,
     /// Token limit of a reply whose request names none.
     pub default_max_tokens: usize,
-    /// The KV budget, as `/metrics` reports it.
-    pub kv_budget_bytes: usize,
     /// Settings of the sessions' agents (name and messages come from each session).
     pub agent: AgentConfig,
 }
@@ -55,7 +53,6 @@ impl Default for ServeConfig {
             max_sessions: 1024,
             max_in_flight: 256,
             default_max_tokens: 1024,
-            kv_budget_bytes: 0,
             agent: AgentConfig::default(),
         }
     }

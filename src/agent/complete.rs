@@ -129,10 +129,8 @@ impl AgentActor {
         } else {
             parse_call(&done.text)
         };
-        if tool_call.is_none() && done.finish == FinishReason::Grammar {
-            if let Some(answer) = opts.grammar.as_ref().or(self.config.grammar.as_ref()) {
-                self.engine.grammars().check_output(answer, &done.text)?;
-            }
+        if tool_call.is_none() {
+            self.check_answer(&opts, done.finish, &done.text)?;
         }
         Ok(Completion {
             text: done.text,

@@ -408,10 +408,7 @@ impl AgentActor {
             self.conv
                 .record_reply(self.engine.model(), &done.tokens, reply.clone())?;
             let Some(call) = parse_call(&reply) else {
-                let answer = opts.grammar.as_ref().or(self.config.grammar.as_ref());
-                if let (Some(answer), FinishReason::Grammar) = (answer, done.finish) {
-                    self.engine.grammars().check_output(answer, &reply)?;
-                }
+                self.check_answer(&opts, done.finish, &reply)?;
                 break reply;
             };
             if runs.len() >= self.config.max_tool_steps {
@@ -451,6 +448,25 @@ impl AgentActor {
             queue,
             elapsed: start.elapsed(),
         })
+    }
+
+    /// Checks a final answer against what its grammar could not enforce where the
+    /// engine did not: an answer grammar inside the tools grammar. (Without tools the
+    /// request's grammar is the answer grammar itself, checked by the engine at its
+    /// end.)
+    pub(super) fn check_answer(
+        &self,
+        opts: &TurnOptions,
+        finish: FinishReason,
+        text: &str,
+    ) -> Result<()> {
+        if self.tools.is_empty() || finish != FinishReason::Grammar {
+            return Ok(());
+        }
+        match opts.grammar.as_ref().or(self.config.grammar.as_ref()) {
+            Some(answer) => self.engine.grammars().check_output(answer, text),
+            None => Ok(()),
+        }
     }
 
     /// Parks the cache with the engine (see [`Park`]); keeps it here when the engine

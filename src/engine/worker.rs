@@ -405,6 +405,7 @@ impl Worker {
             running,
             waiting,
             kv_live_bytes: self.sched.live_bytes(),
+            kv_budget_bytes: self.sched.config().kv_budget_bytes,
             mask_us: crate::stats::Quantiles::of(&masks),
             queue_ms: crate::stats::Quantiles::of(&queues),
             restore_ms: crate::stats::Quantiles::of(&restores),

@@ -79,11 +79,7 @@ fn render(st: &State, stats: &crate::engine::Stats) -> prometheus::Result<String
             "most bytes of live KV caches",
             stats.kv_peak_bytes as u64,
         ),
-        (
-            "kv_budget_bytes",
-            "KV budget",
-            st.config.kv_budget_bytes as u64,
-        ),
+        ("kv_budget_bytes", "KV budget", stats.kv_budget_bytes as u64),
         (
             "evictions_total",
             "caches the engine asked their holders to evict",

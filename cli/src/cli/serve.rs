@@ -68,7 +68,6 @@ pub fn run(path: &Path, weights: WeightsMode, a: &ServeArgs) -> anyhow::Result<(
             max_sessions: a.max_sessions,
             max_in_flight: a.max_in_flight,
             default_max_tokens: a.max_tokens,
-            kv_budget_bytes: a.kv_budget,
             ..ServeConfig::default()
         };
         let server = Server::start(engine.clone(), serve, listener)?;
